@@ -1,0 +1,23 @@
+"""Architecture adapters: one module per architecture, one registry for all."""
+
+from .base import (
+    UMMAdapter,
+    adapter_class_for,
+    get_adapter,
+    register_adapter,
+    registered_adapters,
+    supported_model_types,
+    unwrap_model,
+)
+from .janus import JanusAdapter
+
+__all__ = [
+    "JanusAdapter",
+    "UMMAdapter",
+    "adapter_class_for",
+    "get_adapter",
+    "register_adapter",
+    "registered_adapters",
+    "supported_model_types",
+    "unwrap_model",
+]

@@ -1,0 +1,245 @@
+"""The adapter contract every architecture implements, and the registry that finds them.
+
+An adapter is the only place that knows how one architecture lays out a RecA sample. It has two
+faces: a CPU face (:meth:`UMMAdapter.prepare`) that turns images and instructions into tensors in
+dataloader workers without touching the model, and a model face (:meth:`UMMAdapter.loss`,
+:meth:`UMMAdapter.reconstruct`) that runs the model.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+
+from ..images import ViewSpec
+
+AUTO = "auto"
+
+
+class UMMAdapter:
+    """Base class of the per-architecture RecA adapters.
+
+    Subclasses set every attribute below (checked when the subclass is defined) and implement
+    :meth:`prepare`, :meth:`loss` and :meth:`reconstruct`. Class-level resolutions describe the public
+    checkpoints; an instance derives the real values from the model config it was built for.
+    """
+
+    name: ClassVar[str]  # registry key, e.g. "janus"
+    model_types: ClassVar[tuple[str, ...]]  # transformers `config.model_type` values this adapter handles
+    model_class: ClassVar[str]  # transformers class that loads such checkpoints
+    condition_space: ClassVar[str]  # representation the understanding path reads, e.g. "siglip" or "vq"
+    generation_space: ClassVar[str]  # representation the generation loss predicts, e.g. "vq"
+    min_condition_resolution: ClassVar[int]  # smallest resolution the model was trained to understand at
+    native_generation_resolution: ClassVar[int]  # resolution the model generates at
+    parameter_sharing: ClassVar[str]  # "shared": one LLM understands and generates; "decoupled": separate
+    understanding_modules: ClassVar[tuple[str, ...]]  # modules only the understanding path uses
+    generation_modules: ClassVar[tuple[str, ...]]  # modules only the generation path uses
+    shared_modules: ClassVar[tuple[str, ...]]  # modules both paths use
+    tokenizer_modules: ClassVar[tuple[str, ...]]  # image tokenizers/autoencoders (always frozen)
+    default_freeze: ClassVar[tuple[str, ...]]  # what `freeze="auto"` freezes
+    null_prompt: ClassVar[str]  # the instruction used for prompt dropout (classifier-free guidance)
+
+    _REQUIRED: ClassVar[tuple[str, ...]] = (
+        "name",
+        "model_types",
+        "model_class",
+        "condition_space",
+        "generation_space",
+        "min_condition_resolution",
+        "native_generation_resolution",
+        "parameter_sharing",
+        "understanding_modules",
+        "generation_modules",
+        "shared_modules",
+        "tokenizer_modules",
+        "default_freeze",
+        "null_prompt",
+    )
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        missing = [attr for attr in cls._REQUIRED if not hasattr(cls, attr)]
+        if missing:
+            raise TypeError(f"adapter {cls.__name__} does not declare {', '.join(missing)}")
+        if cls.parameter_sharing not in ("shared", "decoupled"):
+            raise TypeError(f"adapter {cls.__name__}: parameter_sharing must be 'shared' or 'decoupled'")
+
+    def __init__(self, config, processor=None, model=None):
+        self.config = config
+        self.processor = processor
+        self.model = model
+
+    def __getstate__(self):
+        # Dataloader workers need the CPU face only: never pickle the model into them.
+        return {**self.__dict__, "model": None}
+
+    # ---- resolutions -------------------------------------------------------------------------
+
+    @property
+    def condition_resolution_floor(self) -> int:
+        """The minimum understanding resolution of *this* model (from its config)."""
+        return self.min_condition_resolution
+
+    @property
+    def generation_resolution_native(self) -> int:
+        """The generation resolution of *this* model (from its config)."""
+        return self.native_generation_resolution
+
+    def condition_resolution_errors(self, resolution: int) -> list[str]:
+        """Why ``resolution`` cannot be a condition resolution for this model (empty when it can)."""
+        return []
+
+    def generation_resolution_errors(self, resolution: int) -> list[str]:
+        """Why ``resolution`` cannot be a generation resolution for this model (empty when it can)."""
+        return []
+
+    def resolve_resolutions(self, condition_resolution: int | str, generation_resolution: int | str):
+        """Turn ``"auto"`` into this model's values and check both; returns ``(condition, generation)``."""
+        condition = (
+            self.condition_resolution_floor if condition_resolution == AUTO else int(condition_resolution)
+        )
+        generation = (
+            self.generation_resolution_native if generation_resolution == AUTO else int(generation_resolution)
+        )
+        errors = [
+            f"condition_resolution={condition_resolution!r}: {e}"
+            for e in self.condition_resolution_errors(condition)
+        ]
+        errors += [
+            f"generation_resolution={generation_resolution!r}: {e}"
+            for e in self.generation_resolution_errors(generation)
+        ]
+        if errors:
+            raise ValueError("\n".join(errors))
+        return condition, generation
+
+    def default_views(self) -> ViewSpec:
+        condition, generation = self.resolve_resolutions(AUTO, AUTO)
+        return ViewSpec(condition, generation, background=self.background_color)
+
+    @property
+    def background_color(self) -> tuple[int, int, int]:
+        """Colour used to pad images to a square (the model processor's, where it has one)."""
+        color = getattr(getattr(self.processor, "image_processor", None), "background_color", None)
+        return tuple(int(c) for c in color) if color is not None else (127, 127, 127)
+
+    # ---- module groups -----------------------------------------------------------------------
+
+    def module_groups(self) -> dict[str, tuple[str, ...]]:
+        return {
+            "understanding": self.understanding_modules,
+            "generation": self.generation_modules,
+            "shared": self.shared_modules,
+            "tokenizers": self.tokenizer_modules,
+        }
+
+    # ---- the two faces -----------------------------------------------------------------------
+
+    def prepare(
+        self,
+        condition_images: list[Image.Image],
+        target_images: list[Image.Image] | None,
+        instructions: list[str],
+    ) -> dict[str, torch.Tensor]:
+        """CPU face: build the model inputs of a batch (no model access; runs in dataloader workers)."""
+        raise NotImplementedError
+
+    def loss(self, model, batch: dict[str, Any]) -> torch.Tensor:
+        """Model face: the reconstruction loss of a prepared batch, in the model's native generation loss."""
+        raise NotImplementedError
+
+    def reconstruct(self, images, **kwargs) -> list[Image.Image]:
+        """Generate images conditioned on the understanding embeddings of ``images``."""
+        raise NotImplementedError
+
+    def round_trip(self, images, *, model=None, views: ViewSpec | None = None) -> list[Image.Image] | None:
+        """Target views encoded and decoded by the image tokenizer alone: the ceiling of any reconstruction.
+
+        Optional: adapters without a discrete or autoencoding target return None.
+        """
+        return None
+
+    def _bound_model(self, model):
+        model = model if model is not None else self.model
+        if model is None:
+            raise ValueError(
+                f"{type(self).__name__}.reconstruct needs a model: pass model=... or use get_adapter(model)."
+            )
+        return model
+
+
+def unwrap_model(model):
+    """The transformers model under PEFT / DDP / compile wrappers (LoRA layers stay injected in it)."""
+    while True:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+# ---- registry --------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, type[UMMAdapter]] = {}
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def register_adapter(cls: type[UMMAdapter] | None = None, *, override: bool = False):
+    """Register an adapter class (usable as a decorator). Names are lowercase identifiers, unique."""
+
+    def _register(adapter_cls: type[UMMAdapter]) -> type[UMMAdapter]:
+        if not (isinstance(adapter_cls, type) and issubclass(adapter_cls, UMMAdapter)):
+            raise TypeError(f"register_adapter expects a UMMAdapter subclass, got {adapter_cls!r}")
+        name = adapter_cls.name
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ValueError(f"adapter name {name!r} must be a lowercase identifier such as 'janus'")
+        if not adapter_cls.model_types:
+            raise ValueError(f"adapter {name!r} declares no model_types")
+        if name in _REGISTRY and _REGISTRY[name] is not adapter_cls and not override:
+            raise ValueError(f"an adapter named {name!r} is already registered ({_REGISTRY[name].__name__})")
+        _REGISTRY[name] = adapter_cls
+        return adapter_cls
+
+    return _register(cls) if cls is not None else _register
+
+
+def registered_adapters() -> dict[str, type[UMMAdapter]]:
+    """A copy of the registry: adapter name -> class."""
+    return dict(_REGISTRY)
+
+
+def supported_model_types() -> list[str]:
+    return sorted({t for cls in _REGISTRY.values() for t in cls.model_types})
+
+
+def adapter_class_for(model_type: str) -> type[UMMAdapter]:
+    """The adapter class handling ``model_type`` (first registered match) or a registry name."""
+    for cls in _REGISTRY.values():
+        if model_type in cls.model_types:
+            return cls
+    if model_type in _REGISTRY:
+        return _REGISTRY[model_type]
+    raise ValueError(
+        f"no RecA adapter handles model_type={model_type!r}. Supported model types: "
+        f"{', '.join(supported_model_types())}. Models outside this list need an adapter: "
+        "subclass reca_hf.adapters.UMMAdapter and call register_adapter."
+    )
+
+
+def get_adapter(model, processor=None) -> UMMAdapter:
+    """Build the adapter for ``model`` (a model instance or its config), detected from ``config.model_type``.
+
+    A model instance is bound to the adapter, so ``get_adapter(model, processor).reconstruct(images)`` works.
+    """
+    config = getattr(unwrap_model(model), "config", None) if isinstance(model, torch.nn.Module) else model
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        raise TypeError(f"get_adapter expects a transformers model or config, got {type(model).__name__}")
+    cls = adapter_class_for(model_type)
+    return cls(config, processor=processor, model=model if isinstance(model, torch.nn.Module) else None)

@@ -1,0 +1,281 @@
+"""Janus and Janus-Pro (`JanusForConditionalGeneration`): SigLIP features in, VQ codes out.
+
+Sequence of one RecA example (the condition sits where an image sits for understanding)::
+
+    <bos> <|User|>: <boi> [condition slots: SigLIP+aligner features] <eoi> \\n {instruction} \\n\\n <|Assistant|>: <boi>
+    [VQ codes of the target, teacher-forced through the generation embeddings] -> generation_head -> CE
+
+Janus' ``forward()`` only returns text logits, so the generation loss is assembled here. Condition
+(SigLIP) and target (VQ) live in different spaces: a natural bottleneck, so 384 px in and out is safe.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..images import ViewSpec, load_image, to_pil, to_tensor
+from .base import UMMAdapter, register_adapter, unwrap_model
+
+_VQ_MEAN = _VQ_STD = (0.5, 0.5, 0.5)  # Janus' VQ encoder reads pixels in [-1, 1]
+
+
+@register_adapter
+class JanusAdapter(UMMAdapter):
+    name = "janus"
+    model_types = ("janus",)
+    model_class = "JanusForConditionalGeneration"
+    condition_space = "siglip"
+    generation_space = "vq"
+    min_condition_resolution = 384
+    native_generation_resolution = 384
+    parameter_sharing = "shared"
+    understanding_modules = ("model.vision_model", "model.aligner", "lm_head")
+    generation_modules = ("model.generation_embeddings", "model.generation_aligner", "model.generation_head")
+    shared_modules = ("model.language_model",)
+    tokenizer_modules = ("model.vqmodel",)
+    # Trained by default: the language model (minus its token embeddings) and the generation modules.
+    default_freeze = (
+        "model.vision_model",
+        "model.aligner",
+        "model.vqmodel",
+        "lm_head",
+        "model.language_model.embed_tokens",
+    )
+    null_prompt = ""
+    default_instruction = "Describe the image in detail."
+    default_guidance_scale = 5.0
+
+    # ---- what this model's config says -------------------------------------------------------
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.config.vision_config.patch_size)
+
+    @property
+    def vq_downsample(self) -> int:
+        return 2 ** (len(self.config.vq_config.channel_multiplier) - 1)
+
+    @property
+    def condition_resolution_floor(self) -> int:
+        return int(self.config.vision_config.image_size)
+
+    @property
+    def generation_resolution_native(self) -> int:
+        return int(self.config.vq_config.num_patches) * self.vq_downsample
+
+    @property
+    def num_target_tokens(self) -> int:
+        return int(self.config.vq_config.num_patches) ** 2
+
+    def num_condition_tokens(self, resolution: int) -> int:
+        return (resolution // self.patch_size) ** 2
+
+    def condition_resolution_errors(self, resolution: int) -> list[str]:
+        if resolution < self.patch_size or resolution % self.patch_size:
+            return [
+                f"Janus' SigLIP encoder reads {self.patch_size}-px patches: use a positive multiple of "
+                f"{self.patch_size} (its native resolution is {self.condition_resolution_floor})."
+            ]
+        return []
+
+    def generation_resolution_errors(self, resolution: int) -> list[str]:
+        native = self.generation_resolution_native
+        if resolution != native:
+            grid = self.config.vq_config.num_patches
+            return [
+                f"Janus' VQ decoder has a fixed {grid}x{grid} grid ({native} px); set it to 'auto' or {native}."
+            ]
+        return []
+
+    # ---- CPU face ----------------------------------------------------------------------------
+
+    def _tokenizer(self):
+        tokenizer = getattr(self.processor, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError(
+                "the Janus adapter needs the model's processor: pass processing_class=JanusProcessor(...)"
+            )
+        return tokenizer
+
+    def _pixel_stats(self):
+        image_processor = getattr(self.processor, "image_processor", None)
+        mean = getattr(image_processor, "image_mean", None)
+        std = getattr(image_processor, "image_std", None)
+        if mean is None or std is None:
+            raise ValueError(
+                "the Janus processor's image processor has no image_mean/image_std to normalise with"
+            )
+        return mean, std
+
+    def format_prompt(self, instruction: str, num_condition_tokens: int) -> str:
+        """The chat prompt with ``num_condition_tokens`` condition slots, ending in the image-start token."""
+        tokenizer = self._tokenizer()
+        image, boi, eoi = tokenizer.image_token, tokenizer.boi_token, tokenizer.eoi_token
+        conversation = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}
+        ]
+        if getattr(self.processor, "chat_template", None):
+            text = self.processor.apply_chat_template(
+                conversation, add_generation_prompt=True, tokenize=False
+            )
+        else:  # Janus' own conversation format
+            text = f"<|User|>: {image}\n{instruction}\n\n<|Assistant|>:"
+        if text.count(image) != 1:
+            raise ValueError(
+                f"the chat template must place exactly one {image!r} in a one-image prompt; got: {text!r}"
+            )
+        return text.replace(image, boi + image * num_condition_tokens + eoi) + boi
+
+    def prepare(self, condition_images, target_images, instructions) -> dict[str, torch.Tensor]:
+        tokenizer = self._tokenizer()
+        resolution = condition_images[0].size[0]
+        num_slots = self.num_condition_tokens(resolution)
+        texts = [self.format_prompt(instruction, num_slots) for instruction in instructions]
+        encoded = tokenizer(texts, padding="longest", padding_side="left", return_tensors="pt")
+        input_ids = encoded["input_ids"]
+        condition_mask = input_ids == tokenizer.convert_tokens_to_ids(tokenizer.image_token)
+        counts = condition_mask.sum(-1)
+        if not bool((counts == num_slots).all()):
+            raise ValueError(
+                f"the tokenizer turned the prompt into {counts.tolist()} image slots, expected {num_slots} each: "
+                f"{tokenizer.image_token!r} must be a single special token"
+            )
+        mean, std = self._pixel_stats()
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": encoded["attention_mask"],
+            "condition_mask": condition_mask,
+            "condition_pixel_values": to_tensor(condition_images, mean, std),
+        }
+        if target_images is not None:
+            batch["target_pixel_values"] = to_tensor(target_images, _VQ_MEAN, _VQ_STD)
+        return batch
+
+    # ---- model face --------------------------------------------------------------------------
+
+    def _condition_embeddings(self, janus, batch) -> torch.Tensor:
+        """Prompt embeddings with the understanding features scattered into the condition slots."""
+        pixels = batch["condition_pixel_values"]
+        native = pixels.shape[-1] == self.condition_resolution_floor
+        features = janus.model.get_image_features(
+            pixel_values=pixels.to(janus.model.vision_model.dtype), interpolate_pos_encoding=not native
+        ).pooler_output
+        embeddings = janus.model.language_model.get_input_embeddings()(batch["input_ids"])
+        mask = batch["condition_mask"].to(embeddings.device)
+        if int(mask.sum()) != features.shape[0] * features.shape[1]:
+            raise ValueError(
+                f"{int(mask.sum())} condition slots in the prompt but {features.shape[0] * features.shape[1]} "
+                "understanding features: the collator's condition_resolution and the batch disagree"
+            )
+        return embeddings.masked_scatter(mask.unsqueeze(-1), features.to(embeddings.dtype))
+
+    @torch.no_grad()
+    def target_codes(self, janus, target_pixel_values: torch.Tensor) -> torch.Tensor:
+        vq = janus.model.vqmodel
+        codes = vq.encode(target_pixel_values.to(vq.dtype)).image_tokens
+        return codes.view(target_pixel_values.shape[0], -1)
+
+    def loss(self, model, batch: dict[str, Any]) -> torch.Tensor:
+        janus = unwrap_model(model)
+        codes = self.target_codes(janus, batch["target_pixel_values"])
+        prompt = self._condition_embeddings(janus, batch)
+        teacher = janus.prepare_embeddings_for_image_generation(codes[:, :-1]).to(prompt.dtype)
+        embeddings = torch.cat([prompt, teacher], dim=1)
+        attention_mask = torch.cat([batch["attention_mask"], torch.ones_like(codes[:, :-1])], dim=1)
+        # Prompts are left-padded, so positions must skip the padding explicitly.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = janus.model.language_model(
+            inputs_embeds=embeddings, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
+        # The hidden state at the prompt's last token (<boi>) predicts the first code, and so on.
+        logits = janus.model.generation_head(hidden[:, prompt.shape[1] - 1 :])
+        return F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
+
+    @torch.no_grad()
+    def round_trip(self, images, *, model=None, views: ViewSpec | None = None) -> list[Image.Image]:
+        janus = unwrap_model(self._bound_model(model))
+        views = views or self.default_views()
+        targets = to_tensor([views.target_view(load_image(image)) for image in images], _VQ_MEAN, _VQ_STD)
+        codes = self.target_codes(janus, targets.to(janus.device))
+        return to_pil(janus.decode_image_tokens(codes), _VQ_MEAN, _VQ_STD)
+
+    @torch.no_grad()
+    def reconstruct(
+        self,
+        images,
+        *,
+        model=None,
+        views: ViewSpec | None = None,
+        instruction: str | None = None,
+        guidance_scale: float | None = None,
+        do_sample: bool = True,
+        temperature: float = 1.0,
+        seed: int | None = None,
+    ) -> list[Image.Image]:
+        """Sample VQ codes conditioned on the understanding embeddings of ``images`` (with CFG), decode them.
+
+        The unconditional branch of classifier-free guidance is Janus' own: every prompt token except
+        <bos> and <boi> becomes padding, and no condition features are inserted.
+        """
+        janus = unwrap_model(self._bound_model(model))
+        views = views or self.default_views()
+        pictures = [load_image(image) for image in images]
+        instruction = self.default_instruction if instruction is None else instruction
+        batch = self.prepare([views.condition_view(p) for p in pictures], None, [instruction] * len(pictures))
+        device = janus.device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        guidance = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+
+        embeddings = self._condition_embeddings(janus, batch)
+        attention_mask = batch["attention_mask"]
+        if guidance != 1.0:
+            tokenizer = self._tokenizer()
+            keep = torch.isin(
+                batch["input_ids"],
+                torch.tensor(
+                    [tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids(tokenizer.boi_token)],
+                    device=device,
+                ),
+            )
+            unconditional = batch["input_ids"].masked_fill(~keep, tokenizer.pad_token_id)
+            embeddings = torch.cat(
+                [embeddings, janus.model.language_model.get_input_embeddings()(unconditional)]
+            )
+            attention_mask = torch.cat([attention_mask, attention_mask])
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+        codes = []
+        cache = None
+        step_input = embeddings
+        for _ in range(self.num_target_tokens):
+            out = janus.model.language_model(
+                inputs_embeds=step_input,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=True,
+            )
+            cache = out.cache
+            logits = janus.model.generation_head(out.last_hidden_state[:, -1]).float()
+            if guidance != 1.0:
+                conditional, unconditional_logits = logits.chunk(2)
+                logits = unconditional_logits + guidance * (conditional - unconditional_logits)
+            if do_sample:
+                probs = torch.softmax(logits / max(temperature, 1e-5), dim=-1)
+                token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            else:
+                token = logits.argmax(-1)
+            codes.append(token)
+            token = torch.cat([token, token]) if guidance != 1.0 else token
+            step_input = janus.prepare_embeddings_for_image_generation(token[:, None]).to(embeddings.dtype)
+            attention_mask = torch.cat(
+                [attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1
+            )
+            position_ids = position_ids[:, -1:] + 1
+        pixels = janus.decode_image_tokens(torch.stack(codes, dim=1))
+        return to_pil(pixels, _VQ_MEAN, _VQ_STD)

@@ -1,0 +1,70 @@
+"""Applying a freeze policy, and the table of trainable and frozen parameters per module group."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from torch import nn
+
+from .adapters.base import UMMAdapter, unwrap_model
+
+
+def matches(name: str, patterns: Iterable[str]) -> bool:
+    """True when a pattern fully matches ``name`` or one of its dotted prefixes (module paths).
+
+    Full matching keeps a pattern like ``model.aligner`` from catching ``model.generation_aligner``.
+    """
+    parts = name.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(re.fullmatch(pattern, prefix) for pattern in patterns for prefix in prefixes)
+
+
+def resolve_freeze(adapter: UMMAdapter, freeze: str | list[str]) -> tuple[str, ...]:
+    if freeze == "auto":
+        return tuple(adapter.default_freeze)
+    if freeze == "none":
+        return ()
+    return tuple([freeze] if isinstance(freeze, str) else freeze)
+
+
+def apply_freeze(model: nn.Module, adapter: UMMAdapter, freeze: str | list[str] = "auto") -> list[str]:
+    """Set ``requires_grad`` from the policy: frozen where a pattern matches, trainable elsewhere.
+
+    Returns the names of the frozen parameters. An explicit pattern that matches nothing is an error.
+    """
+    patterns = resolve_freeze(adapter, freeze)
+    named = list(unwrap_model(model).named_parameters())
+    if freeze not in ("auto", "none"):
+        unused = [p for p in patterns if not any(matches(name, [p]) for name, _ in named)]
+        if unused:
+            raise ValueError(
+                f"freeze patterns {unused} match no parameter of the model (names look like {named[0][0]!r})"
+            )
+    frozen = []
+    for name, parameter in named:
+        parameter.requires_grad_(not matches(name, patterns))
+        if not parameter.requires_grad:
+            frozen.append(name)
+    return frozen
+
+
+def parameter_table(model: nn.Module, adapter: UMMAdapter) -> dict[str, dict[str, int]]:
+    """Trainable and frozen parameter counts per module group (first matching group wins; else "other")."""
+    groups = adapter.module_groups()
+    table = {group: {"trainable": 0, "frozen": 0} for group in [*groups, "other"]}
+    for name, parameter in unwrap_model(model).named_parameters():
+        group = next((g for g, patterns in groups.items() if matches(name, patterns)), "other")
+        table[group]["trainable" if parameter.requires_grad else "frozen"] += parameter.numel()
+    if not any(table["other"].values()):
+        del table["other"]
+    return table
+
+
+def format_table(table: dict[str, dict[str, int]], title: str) -> str:
+    rows = [(group, counts["trainable"], counts["frozen"]) for group, counts in table.items()]
+    rows.append(("total", sum(r[1] for r in rows), sum(r[2] for r in rows)))
+    width = max(len(r[0]) for r in rows)
+    lines = [title, f"{'group':<{width}}  {'trainable':>14}  {'frozen':>14}"]
+    lines += [f"{group:<{width}}  {trainable:>14,}  {frozen:>14,}" for group, trainable, frozen in rows]
+    return "\n".join(lines)

@@ -1,0 +1,123 @@
+"""Pure image functions: decoding, mode normalisation, and the two views RecA needs.
+
+The *condition view* is what the understanding encoder sees. It goes through the information
+bottleneck: the smallest resolution the model understands at (``"resize"``), or a downscale followed
+by an upscale back (``"blur"``: same token count, less information). Without it, a model whose
+condition and target share one representation learns to copy pixels instead of semantics.
+The *target view* is what the generation loss reconstructs, at the generation resolution.
+
+Aspect policy (both views): the longer side is resized to the view's resolution and the image is
+padded to a square with the model processor's background colour, which is what the Janus image
+processor does for understanding. Nothing is cropped away.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+BOTTLENECKS = ("resize", "blur", "none")
+_HIGH_BIT_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0}
+
+
+def load_image(value: Any) -> Image.Image:
+    """Decode one dataset value (a PIL image, a file path, or a ``datasets`` Image dict) to an RGB image."""
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, (str, os.PathLike)):
+        image = Image.open(value)
+    elif isinstance(value, dict) and (value.get("bytes") is not None or value.get("path") is not None):
+        source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
+        image = Image.open(source)
+    elif isinstance(value, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(value))
+    else:
+        raise TypeError(
+            f"expected a PIL image, a file path or a datasets Image dict with 'bytes' or 'path', "
+            f"got {type(value).__name__}"
+        )
+    image.load()  # decode now, so a truncated or corrupt file fails here and not later
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB; transparency is composited on white, high bit depths are rescaled."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in _HIGH_BIT_MODES or image.mode in ("I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        scale = _HIGH_BIT_MODES.get(image.mode) or max(float(array.max()), 1.0)
+        array = np.clip(array / scale * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(array, mode="L").convert("RGB")
+    return image.convert("RGB")
+
+
+def pad_to_square(image: Image.Image, resolution: int, background: tuple[int, int, int]) -> Image.Image:
+    """Resize the longer side to ``resolution`` and centre the image on a square background."""
+    width, height = image.size
+    scale = resolution / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    if size == (resolution, resolution):
+        return image
+    canvas = Image.new("RGB", (resolution, resolution), tuple(background))
+    canvas.paste(image, ((resolution - size[0]) // 2, (resolution - size[1]) // 2))
+    return canvas
+
+
+def blur(image: Image.Image, factor: int) -> Image.Image:
+    """Downscale by ``factor`` and upscale back: same size and token count, less information."""
+    width, height = image.size
+    small = image.resize((max(1, width // factor), max(1, height // factor)), Image.Resampling.BICUBIC)
+    return small.resize((width, height), Image.Resampling.BICUBIC)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """How one image becomes its condition view and its target view."""
+
+    condition_resolution: int
+    generation_resolution: int
+    bottleneck: str = "resize"
+    blur_factor: int = 4
+    background: tuple[int, int, int] = (127, 127, 127)
+
+    def __post_init__(self):
+        if self.bottleneck not in BOTTLENECKS:
+            raise ValueError(f"condition_bottleneck={self.bottleneck!r}: choose one of {BOTTLENECKS}.")
+
+    def condition_view(self, image: Image.Image) -> Image.Image:
+        view = pad_to_square(image, self.condition_resolution, self.background)
+        return blur(view, self.blur_factor) if self.bottleneck == "blur" else view
+
+    def target_view(self, image: Image.Image) -> Image.Image:
+        return pad_to_square(image, self.generation_resolution, self.background)
+
+
+def to_tensor(images: list[Image.Image], mean, std) -> torch.Tensor:
+    """Stack RGB images into a float tensor ``(B, 3, H, W)`` normalised as ``(x / 255 - mean) / std``."""
+    array = np.stack([np.asarray(image, dtype=np.float32) for image in images]) / 255.0
+    array = (array - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def to_pil(pixels: torch.Tensor, mean, std) -> list[Image.Image]:
+    """Invert :func:`to_tensor` for ``(B, 3, H, W)`` or ``(B, H, W, 3)`` tensors."""
+    if pixels.shape[1] == 3 and pixels.shape[-1] != 3:
+        pixels = pixels.permute(0, 2, 3, 1)
+    array = pixels.detach().float().cpu().numpy() * np.asarray(std) + np.asarray(mean)
+    array = np.clip(array * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return [Image.fromarray(a) for a in array]
