@@ -33,9 +33,7 @@ class ReconstructionGridCallback(TrainerCallback):
     generator can do with these codes) | reconstruction at the start | reconstruction at the end.
     """
 
-    def __init__(
-        self, adapter: UMMAdapter, views: ViewSpec, images: list, seed: int = 0, **generation_kwargs
-    ):
+    def __init__(self, adapter: UMMAdapter, views: ViewSpec, images: list, seed: int = 0, **generation_kwargs):
         self.adapter = adapter
         self.views = views
         self.images = [load_image(image) for image in images]
@@ -46,9 +44,7 @@ class ReconstructionGridCallback(TrainerCallback):
         was_training = model.training
         model.eval()
         try:
-            return self.adapter.reconstruct(
-                self.images, model=model, views=self.views, **self.generation_kwargs
-            )
+            return self.adapter.reconstruct(self.images, model=model, views=self.views, **self.generation_kwargs)
         finally:
             model.train(was_training)
 

@@ -41,9 +41,7 @@ class RecACollator:
     ):
         self.adapter = adapter
         condition, generation = adapter.resolve_resolutions(condition_resolution, generation_resolution)
-        self.views = ViewSpec(
-            condition, generation, condition_bottleneck, blur_factor, adapter.background_color
-        )
+        self.views = ViewSpec(condition, generation, condition_bottleneck, blur_factor, adapter.background_color)
         templates = prompts if isinstance(prompts, list) else load_prompts(prompts)
         self.sampler = PromptSampler(templates, adapter.null_prompt, cond_dropout_prob, seed)
         self.image_column = image_column

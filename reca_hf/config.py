@@ -189,15 +189,11 @@ class RecAConfig(TrainingArguments):
     # ---- TrainingArguments defaults that differ ----
     remove_unused_columns: bool = field(
         default=False,
-        metadata={
-            "help": "Kept False: the RecA collator reads the image column, which the model's forward lacks."
-        },
+        metadata={"help": "Kept False: the RecA collator reads the image column, which the model's forward lacks."},
     )
     learning_rate: float = field(default=1e-5, metadata={"help": "The initial learning rate for AdamW."})
     adam_beta2: float = field(default=0.95, metadata={"help": "Beta2 for the AdamW optimizer."})
-    logging_steps: float = field(
-        default=10, metadata={"help": "Log every X update steps (or a ratio of the run)."}
-    )
+    logging_steps: float = field(default=10, metadata={"help": "Log every X update steps (or a ratio of the run)."})
 
     def __post_init__(self):
         errors = self.reca_errors()
@@ -228,9 +224,7 @@ class RecAConfig(TrainingArguments):
         if not isinstance(self.blur_factor, int) or self.blur_factor < 2:
             errors.append(f"blur_factor={self.blur_factor!r}: use an integer of at least 2 (e.g. 4 or 8).")
         if not 0.0 <= self.cond_dropout_prob < 1.0:
-            errors.append(
-                f"cond_dropout_prob={self.cond_dropout_prob!r}: use a probability in [0, 1), e.g. 0.1."
-            )
+            errors.append(f"cond_dropout_prob={self.cond_dropout_prob!r}: use a probability in [0, 1), e.g. 0.1.")
         if self.prompt_templates != "default" and not Path(self.prompt_templates).expanduser().is_file():
             errors.append(
                 f"prompt_templates={self.prompt_templates!r}: no such file; give a file with one instruction per "
@@ -240,24 +234,16 @@ class RecAConfig(TrainingArguments):
         if self.model_dtype not in _DTYPES:
             errors.append(f"model_dtype={self.model_dtype!r}: choose one of {', '.join(_DTYPES)}.")
         if not isinstance(self.num_reconstruction_images, int) or self.num_reconstruction_images < 0:
-            errors.append(
-                f"num_reconstruction_images={self.num_reconstruction_images!r}: use 0 or a positive integer."
-            )
+            errors.append(f"num_reconstruction_images={self.num_reconstruction_images!r}: use 0 or a positive integer.")
         if isinstance(self.reconstruction_kwargs, str):
             try:
                 self.reconstruction_kwargs = json.loads(self.reconstruction_kwargs)
             except json.JSONDecodeError as error:
-                errors.append(
-                    f"reconstruction_kwargs={self.reconstruction_kwargs!r}: not valid JSON ({error})."
-                )
+                errors.append(f"reconstruction_kwargs={self.reconstruction_kwargs!r}: not valid JSON ({error}).")
         if self.reconstruction_kwargs is not None and not isinstance(self.reconstruction_kwargs, dict):
-            errors.append(
-                f"reconstruction_kwargs={self.reconstruction_kwargs!r}: use a mapping such as {{}}."
-            )
+            errors.append(f"reconstruction_kwargs={self.reconstruction_kwargs!r}: use a mapping such as {{}}.")
         if self.max_train_samples is not None and self.max_train_samples < 1:
-            errors.append(
-                f"max_train_samples={self.max_train_samples!r}: use a positive integer or leave it unset."
-            )
+            errors.append(f"max_train_samples={self.max_train_samples!r}: use a positive integer or leave it unset.")
         return errors
 
     def _normalise_freeze(self) -> list[str]:

@@ -95,12 +95,7 @@ def load_image_dataset(
         dataset = datasets.load_from_disk(str(path))
         if isinstance(dataset, datasets.DatasetDict):
             dataset = dataset[split]
-    elif (
-        path.is_dir()
-        and not any(path.glob("*.py"))
-        and not (path / "README.md").is_file()
-        and _has_images(path)
-    ):
+    elif path.is_dir() and not any(path.glob("*.py")) and not (path / "README.md").is_file() and _has_images(path):
         dataset = datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
     else:
         dataset = datasets.load_dataset(name, config_name, split=split)

@@ -40,9 +40,7 @@ def load_prompts(path: str | Path | None = None) -> list[str]:
     if path.suffix.lower() == ".json":
         prompts = json.loads(text)
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(
-                f"prompt_templates={str(path)!r}: a JSON prompt file must hold a list of strings."
-            )
+            raise ValueError(f"prompt_templates={str(path)!r}: a JSON prompt file must hold a list of strings.")
     else:
         prompts = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
     prompts = [p.strip() for p in prompts if p.strip()]

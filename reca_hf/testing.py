@@ -130,9 +130,7 @@ def _tiny_janus(seed: int):
     model = JanusForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.generation_kwargs = {
-        "boi_token_id": tokenizer.convert_tokens_to_ids(_SPECIALS["boi"])
-    }
+    model.generation_config.generation_kwargs = {"boi_token_id": tokenizer.convert_tokens_to_ids(_SPECIALS["boi"])}
     image_processor = JanusImageProcessorPil(
         size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
     )

@@ -139,16 +139,10 @@ class RecATrainer(Trainer):
             self.add_callback(PromptEpochCallback(data_collator))
             self._add_grid_callback(data_collator, train_dataset)
         if self.is_world_process_zero():
-            print(
-                format_table(
-                    self.parameter_table, f"RecA parameters ({self.adapter.name}, freeze={args.freeze!r})"
-                )
-            )
+            print(format_table(self.parameter_table, f"RecA parameters ({self.adapter.name}, freeze={args.freeze!r})"))
 
     def _add_grid_callback(self, collator: RecACollator, train_dataset) -> None:
-        count = min(
-            self.args.num_reconstruction_images, len(train_dataset) if train_dataset is not None else 0
-        )
+        count = min(self.args.num_reconstruction_images, len(train_dataset) if train_dataset is not None else 0)
         if count == 0:
             return
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
@@ -172,9 +166,7 @@ class RecATrainer(Trainer):
             self._signature_columns = [self.args.image_column, INDEX_KEY]
 
     def _get_dataloader(self, dataset, *args, **kwargs):
-        if not isinstance(dataset, torch.utils.data.IterableDataset) and not isinstance(
-            dataset, IndexedDataset
-        ):
+        if not isinstance(dataset, torch.utils.data.IterableDataset) and not isinstance(dataset, IndexedDataset):
             dataset = IndexedDataset(dataset)
         return super()._get_dataloader(dataset, *args, **kwargs)
 
@@ -244,9 +236,7 @@ class RecATrainer(Trainer):
             settings["wall time"] = f"{time.time() - self._train_start_time:.0f} s"
         return settings
 
-    def create_model_card(
-        self, model_name: str | None = None, dataset_name: str | None = None, tags=None, **kwargs
-    ):
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None, **kwargs):
         """Write README.md (the model card) into the output dir."""
         if not self.is_world_process_zero():
             return

@@ -98,15 +98,10 @@ class UMMAdapter:
 
     def resolve_resolutions(self, condition_resolution: int | str, generation_resolution: int | str):
         """Turn ``"auto"`` into this model's values and check both; returns ``(condition, generation)``."""
-        condition = (
-            self.condition_resolution_floor if condition_resolution == AUTO else int(condition_resolution)
-        )
-        generation = (
-            self.generation_resolution_native if generation_resolution == AUTO else int(generation_resolution)
-        )
+        condition = self.condition_resolution_floor if condition_resolution == AUTO else int(condition_resolution)
+        generation = self.generation_resolution_native if generation_resolution == AUTO else int(generation_resolution)
         errors = [
-            f"condition_resolution={condition_resolution!r}: {e}"
-            for e in self.condition_resolution_errors(condition)
+            f"condition_resolution={condition_resolution!r}: {e}" for e in self.condition_resolution_errors(condition)
         ]
         errors += [
             f"generation_resolution={generation_resolution!r}: {e}"

@@ -86,9 +86,7 @@ class JanusAdapter(UMMAdapter):
         native = self.generation_resolution_native
         if resolution != native:
             grid = self.config.vq_config.num_patches
-            return [
-                f"Janus' VQ decoder has a fixed {grid}x{grid} grid ({native} px); set it to 'auto' or {native}."
-            ]
+            return [f"Janus' VQ decoder has a fixed {grid}x{grid} grid ({native} px); set it to 'auto' or {native}."]
         return []
 
     # ---- CPU face ----------------------------------------------------------------------------
@@ -96,9 +94,7 @@ class JanusAdapter(UMMAdapter):
     def _tokenizer(self):
         tokenizer = getattr(self.processor, "tokenizer", None)
         if tokenizer is None:
-            raise ValueError(
-                "the Janus adapter needs the model's processor: pass processing_class=JanusProcessor(...)"
-            )
+            raise ValueError("the Janus adapter needs the model's processor: pass processing_class=JanusProcessor(...)")
         return tokenizer
 
     def _pixel_stats(self):
@@ -106,28 +102,20 @@ class JanusAdapter(UMMAdapter):
         mean = getattr(image_processor, "image_mean", None)
         std = getattr(image_processor, "image_std", None)
         if mean is None or std is None:
-            raise ValueError(
-                "the Janus processor's image processor has no image_mean/image_std to normalise with"
-            )
+            raise ValueError("the Janus processor's image processor has no image_mean/image_std to normalise with")
         return mean, std
 
     def format_prompt(self, instruction: str, num_condition_tokens: int) -> str:
         """The chat prompt with ``num_condition_tokens`` condition slots, ending in the image-start token."""
         tokenizer = self._tokenizer()
         image, boi, eoi = tokenizer.image_token, tokenizer.boi_token, tokenizer.eoi_token
-        conversation = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}
-        ]
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
         if getattr(self.processor, "chat_template", None):
-            text = self.processor.apply_chat_template(
-                conversation, add_generation_prompt=True, tokenize=False
-            )
+            text = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         else:  # Janus' own conversation format
             text = f"<|User|>: {image}\n{instruction}\n\n<|Assistant|>:"
         if text.count(image) != 1:
-            raise ValueError(
-                f"the chat template must place exactly one {image!r} in a one-image prompt; got: {text!r}"
-            )
+            raise ValueError(f"the chat template must place exactly one {image!r} in a one-image prompt; got: {text!r}")
         return text.replace(image, boi + image * num_condition_tokens + eoi) + boi
 
     def prepare(self, condition_images, target_images, instructions) -> dict[str, torch.Tensor]:
@@ -243,9 +231,7 @@ class JanusAdapter(UMMAdapter):
                 ),
             )
             unconditional = batch["input_ids"].masked_fill(~keep, tokenizer.pad_token_id)
-            embeddings = torch.cat(
-                [embeddings, janus.model.language_model.get_input_embeddings()(unconditional)]
-            )
+            embeddings = torch.cat([embeddings, janus.model.language_model.get_input_embeddings()(unconditional)])
             attention_mask = torch.cat([attention_mask, attention_mask])
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
@@ -273,9 +259,7 @@ class JanusAdapter(UMMAdapter):
             codes.append(token)
             token = torch.cat([token, token]) if guidance != 1.0 else token
             step_input = janus.prepare_embeddings_for_image_generation(token[:, None]).to(embeddings.dtype)
-            attention_mask = torch.cat(
-                [attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1
-            )
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
             position_ids = position_ids[:, -1:] + 1
         pixels = janus.decode_image_tokens(torch.stack(codes, dim=1))
         return to_pil(pixels, _VQ_MEAN, _VQ_STD)

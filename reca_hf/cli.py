@@ -1,0 +1,166 @@
+"""The `reca` command: `reca train RECIPE [--field value ...]` and `reca validate RECIPE`.
+
+Recipes are YAML files whose keys are `RecAConfig` fields (plus an optional `env:` block). Parsing
+goes through trl's `TrlParser`, so command-line flags override the recipe and unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import yaml
+
+from ._resources import resource_dir
+
+
+def _recipe_path(recipe: str) -> Path:
+    """A recipe path as given, or relative to the recipes shipped with reca_hf (e.g. 'janus/tiny_demo.yaml')."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    shipped = resource_dir("recipes") / recipe.removeprefix("recipes/")
+    if shipped.is_file():
+        return shipped
+    raise SystemExit(f"reca: recipe {recipe!r} not found (also looked in {resource_dir('recipes')})")
+
+
+def parse_recipe(recipe: str, overrides: list[str] | None = None):
+    """Parse a recipe plus command-line overrides into a `RecAConfig` with trl's `TrlParser`."""
+    from trl import TrlParser
+
+    from .config import RecAConfig
+
+    parser = TrlParser([RecAConfig], prog="reca train")
+    path = _recipe_path(recipe)
+    try:
+        (config,) = parser.parse_args_and_config(["--config", str(path), *(overrides or [])])
+    except ValueError as error:
+        if str(error).startswith("Unknown arguments from config file"):
+            unknown = _unknown_keys(yaml.safe_load(path.read_text()) or {})
+            raise SystemExit(
+                f"reca: {path}: unknown key(s) {', '.join(map(repr, unknown))}: not RecAConfig fields "
+                "(see `reca train --help`)"
+            ) from None
+        raise SystemExit(f"reca: {path}: {error}") from None
+    return config
+
+
+def _unknown_keys(recipe: dict) -> list[str]:
+    from .config import RecAConfig
+
+    known = {f.name for f in dataclasses.fields(RecAConfig)} | {"env"}
+    return [key for key in recipe if key not in known]
+
+
+def train(recipe: str, overrides: list[str]) -> None:
+    from .data import load_image_dataset
+    from .trainer import RecATrainer
+
+    config = parse_recipe(recipe, overrides)
+    if not config.model_name_or_path or not config.dataset_name:
+        raise SystemExit("reca train: the recipe must set model_name_or_path and dataset_name")
+    dataset = load_image_dataset(
+        config.dataset_name,
+        config.dataset_config,
+        config.dataset_split,
+        config.image_column,
+        config.max_train_samples,
+        seed=config.seed,
+    )
+    trainer = RecATrainer(config.model_name_or_path, args=config, train_dataset=dataset)
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.save_model()
+    trainer.save_state()
+    trainer.create_model_card()
+    losses = [log["reconstruction_loss"] for log in trainer.state.log_history if "reconstruction_loss" in log]
+    if losses:
+        print(f"reconstruction_loss: {losses[0]:.4f} (first log) -> {losses[-1]:.4f} (last log)")
+    print(f"Saved to {config.output_dir}")
+
+
+def validate(recipe: str) -> list[str]:
+    """Every problem of a recipe, found without loading weights (empty when the recipe is valid)."""
+    from .config import RecAConfig
+
+    path = _recipe_path(recipe)
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        return [f"{path}: a recipe must be a YAML mapping of RecAConfig fields"]
+    errors = [f"unknown key {key!r}: not a RecAConfig field" for key in _unknown_keys(values)]
+    known = {k: v for k, v in values.items() if k != "env" and k not in _unknown_keys(values)}
+    try:
+        config = RecAConfig(**known)
+    except (ValueError, TypeError) as error:
+        errors += [line.removeprefix("- ") for line in str(error).splitlines() if line != "Invalid RecAConfig:"]
+        return errors
+    errors += _model_errors(config) + _dataset_errors(config)
+    return errors
+
+
+def _model_errors(config) -> list[str]:
+    from .adapters import adapter_class_for
+    from .loading import TINY_PREFIX
+
+    name = config.model_name_or_path
+    if not name:
+        return ["model_name_or_path is not set: give a hub id, a local folder or 'tiny:janus'"]
+    try:
+        if name.startswith(TINY_PREFIX):
+            from .testing import tiny_umm
+
+            model, processor = tiny_umm(name[len(TINY_PREFIX) :])
+            model_config = model.config
+        else:
+            from transformers import AutoConfig
+
+            model_config = AutoConfig.from_pretrained(name)
+        adapter = adapter_class_for(model_config.model_type)(model_config)
+        adapter.resolve_resolutions(config.condition_resolution, config.generation_resolution)
+    except ValueError as error:
+        return [str(line) for line in str(error).splitlines()]
+    except OSError as error:
+        return [f"model_name_or_path={name!r}: its config could not be read ({error})"]
+    return []
+
+
+def _dataset_errors(config) -> list[str]:
+    from .data import SYNTHETIC
+
+    name = config.dataset_name
+    if not name:
+        return ["dataset_name is not set: give a datasets hub id, a local folder or 'synthetic_shapes'"]
+    looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
+    if name != SYNTHETIC and looks_local and not Path(name).expanduser().exists():
+        return [f"dataset_name={name!r}: no such folder"]
+    return []
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="reca", description="RecA post-training for unified multimodal models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train_parser = commands.add_parser(
+        "train", help="train from a recipe", description="Train from a recipe; --field value flags override it."
+    )
+    train_parser.add_argument("recipe", help="a recipe YAML file, e.g. recipes/janus/tiny_demo.yaml")
+    validate_parser = commands.add_parser("validate", help="check a recipe without loading weights")
+    validate_parser.add_argument("recipe")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        train(args.recipe, rest)
+    else:
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        errors = validate(args.recipe)
+        if errors:
+            print(f"{args.recipe}: {len(errors)} problem(s)", file=sys.stderr)
+            for error in errors:
+                print(f"  - {error}", file=sys.stderr)
+            raise SystemExit(1)
+        print(f"{args.recipe}: OK")
+
+
+if __name__ == "__main__":
+    main()
