@@ -1,0 +1,110 @@
+"""The shared adapter battery, parametrised over the registry, plus Janus specifics."""
+
+import pytest
+import torch
+from PIL import Image
+
+from reca_hf import RecACollator
+from reca_hf.adapters import UMMAdapter, get_adapter, register_adapter, registered_adapters
+from reca_hf.freeze import apply_freeze, parameter_table
+from reca_hf.testing import tiny_umm
+
+ARCHS = sorted(registered_adapters())
+
+
+def _batch(arch, shapes, n=4):
+    model, processor = tiny_umm(arch)
+    adapter = get_adapter(model, processor)
+    batch = RecACollator(adapter, cond_dropout_prob=0.0)([shapes[i] for i in range(n)])
+    return model, processor, adapter, {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_loss_is_a_finite_scalar(arch, shapes):
+    model, _, adapter, batch = _batch(arch, shapes)
+    loss = adapter.loss(model, batch)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_one_step_changes_only_trainable_parameters(arch, shapes):
+    model, _, adapter, batch = _batch(arch, shapes)
+    frozen = set(apply_freeze(model, adapter, "auto"))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    adapter.loss(model, batch).backward()
+    optimizer.step()
+    for name, parameter in model.named_parameters():
+        if name in frozen:
+            assert parameter.grad is None and torch.equal(parameter, before[name]), name
+        elif parameter.grad is not None and parameter.grad.abs().sum() > 0:
+            assert not torch.equal(parameter, before[name]), name
+    groups = parameter_table(model, adapter)
+    assert groups["generation"]["trainable"] > 0 and groups["tokenizers"]["trainable"] == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_gives_the_same_loss(arch, shapes, tmp_path):
+    model, processor, adapter, batch = _batch(arch, shapes)
+    model.eval()
+    expected = adapter.loss(model, batch)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    assert torch.allclose(get_adapter(reloaded).loss(reloaded, batch), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_reconstruct_returns_images_at_the_generation_resolution(arch, shapes):
+    model, processor = tiny_umm(arch)
+    adapter = get_adapter(model, processor)
+    images = adapter.reconstruct([shapes[0]["image"], shapes[1]["image"]], seed=0)
+    size = adapter.generation_resolution_native
+    assert [im.size for im in images] == [(size, size)] * 2
+    low = adapter.reconstruct([shapes[0]["image"]], views=RecACollator(adapter, condition_resolution=16).views)
+    assert low[0].size == (size, size)
+
+
+def test_registry_refuses_bad_adapters_and_lists_supported_types():
+    with pytest.raises(ValueError, match="already registered"):
+
+        @register_adapter
+        class Duplicate(registered_adapters()["janus"]):
+            pass
+
+    with pytest.raises(TypeError, match="does not declare"):
+
+        class Incomplete(UMMAdapter):
+            name = "incomplete"
+
+    class Config:
+        model_type = "chameleon"
+
+    with pytest.raises(ValueError, match="Supported model types: janus"):
+        get_adapter(Config())
+
+
+def test_janus_pro_1b_dimensions_from_the_config_alone():
+    from transformers import JanusConfig, JanusForConditionalGeneration
+
+    config = JanusConfig(
+        text_config={"model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24,
+                     "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 102400},
+        vision_config={"hidden_size": 1024, "image_size": 384, "patch_size": 16, "projection_dim": 2048},
+        vq_config={"projection_dim": 2048, "image_token_embed_dim": 2048},
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = JanusForConditionalGeneration(config)
+    _, processor = tiny_umm("janus")
+    processor.image_processor.background_color = (127, 127, 127)
+    adapter = get_adapter(model, processor)
+    assert adapter.resolve_resolutions("auto", "auto") == (384, 384)
+    assert adapter.num_condition_tokens(384) == 576 and adapter.num_target_tokens == 576
+    batch = RecACollator(adapter)([{"image": Image.new("RGB", (1024, 768), (10, 20, 30))}])
+    assert batch["condition_pixel_values"].shape == (1, 3, 384, 384)
+    assert batch["target_pixel_values"].shape == (1, 3, 384, 384)
+    assert int(batch["condition_mask"].sum()) == 576
+    with pytest.raises(ValueError, match=r"generation_resolution=512.*384"):
+        adapter.resolve_resolutions("auto", 512)
+    with pytest.raises(ValueError, match=r"condition_resolution=200.*multiple of 16"):
+        adapter.resolve_resolutions(200, "auto")

@@ -1,0 +1,104 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from reca_hf import RecACollator
+from reca_hf.adapters import get_adapter
+from reca_hf.images import ViewSpec, blur, load_image
+
+
+@pytest.fixture
+def adapter(tiny_janus):
+    model, processor = tiny_janus
+    return get_adapter(model, processor)
+
+
+def _modes():
+    rgb = Image.new("RGB", (20, 12), (200, 30, 40))
+    images = {mode: rgb.convert(mode) for mode in ("L", "LA", "P", "RGBA", "CMYK", "RGB")}
+    images["RGBA-transparent"] = Image.new("RGBA", (10, 10), (0, 0, 0, 0))
+    images["I;16"] = Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))
+    return images
+
+
+@pytest.mark.parametrize("mode", list(_modes()))
+def test_every_pil_mode_becomes_rgb(mode):
+    image = load_image(_modes()[mode])
+    assert image.mode == "RGB"
+    if mode == "RGBA-transparent":
+        assert image.getpixel((0, 0)) == (255, 255, 255)  # composited on white
+    if mode == "I;16":
+        assert image.getpixel((0, 0)) == (255, 255, 255)  # 16-bit white stays white
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (30, 10), (255, 0, 0))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    assert load_image({"bytes": buffer.getvalue(), "path": None}).size == (10, 30)
+
+
+def test_paths_and_dataset_dicts(tmp_path):
+    path = tmp_path / "a.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(path)
+    assert load_image(str(path)).getpixel((0, 0)) == (1, 2, 3)
+    assert load_image({"bytes": None, "path": str(path)}).getpixel((0, 0)) == (1, 2, 3)
+
+
+def test_views_keep_aspect_and_blur_keeps_token_count():
+    views = ViewSpec(16, 32, "blur", 4, (0, 0, 0))
+    wide = Image.new("RGB", (64, 32), (255, 255, 255))
+    target = views.target_view(wide)
+    assert target.size == (32, 32)
+    assert target.getpixel((0, 0)) == (0, 0, 0) and target.getpixel((16, 16)) == (255, 255, 255)
+    condition = views.condition_view(wide)
+    assert condition.size == (16, 16)
+    checker = Image.fromarray((np.indices((16, 16)).sum(0) % 2 * 255).astype(np.uint8)).convert("RGB")
+    assert np.asarray(blur(checker, 4)).std() < np.asarray(checker).std() / 4
+
+
+def test_batch_shapes_and_slots(adapter, shapes):
+    collator = RecACollator(adapter, cond_dropout_prob=0.0)
+    batch = collator([shapes[i] for i in range(3)])
+    assert batch["condition_pixel_values"].shape == (3, 3, 32, 32)
+    assert batch["target_pixel_values"].shape == (3, 3, 32, 32)
+    assert batch["target_pixel_values"].min() >= -1 and batch["target_pixel_values"].max() <= 1
+    assert (batch["condition_mask"].sum(-1) == 16).all()
+    assert batch["input_ids"].shape == batch["attention_mask"].shape
+    low = RecACollator(adapter, condition_resolution=16)([shapes[0]])
+    assert low["condition_pixel_values"].shape[-1] == 16 and int(low["condition_mask"].sum()) == 4
+
+
+def test_determinism_and_resume_by_index(adapter, shapes):
+    rows = [{**shapes[i], "__reca_index__": i} for i in range(8)]
+    first = RecACollator(adapter, seed=5)(rows)
+    again = RecACollator(adapter, seed=5)(rows[4:])
+    assert first["instructions"][4:] == again["instructions"]
+    assert torch.equal(first["input_ids"][4:][:, -again["input_ids"].shape[1] :], again["input_ids"][:, -again["input_ids"].shape[1] :])
+    other = RecACollator(adapter, seed=6)(rows)
+    assert other["instructions"] != first["instructions"]
+
+
+def test_dropout_rate_over_many_draws(adapter):
+    collator = RecACollator(adapter, cond_dropout_prob=0.25)
+    draws = [collator.sampler.draw(i) for i in range(4000)]
+    rate = np.mean([dropped for _, dropped in draws])
+    assert 0.22 < rate < 0.28
+    assert all(instruction == adapter.null_prompt for instruction, dropped in draws if dropped)
+
+
+def test_undecodable_image_names_the_row(adapter):
+    collator = RecACollator(adapter)
+    rows = [{"image": Image.new("RGB", (8, 8)), "__reca_index__": 0}, {"image": {"bytes": b"not an image", "path": None}, "__reca_index__": 41}]
+    with pytest.raises(ValueError, match=r"dataset row 41: column 'image'"):
+        collator(rows)
+
+
+def test_missing_column_names_the_column(adapter):
+    with pytest.raises(KeyError, match="picture"):
+        RecACollator(adapter, image_column="picture")([{"image": Image.new("RGB", (8, 8))}])
