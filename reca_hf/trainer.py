@@ -194,7 +194,8 @@ class RecATrainer(Trainer):
         metrics = {name: sum(values) / len(values) for name, values in self._metrics[mode].items() if values}
         if mode == "eval":
             metrics = {f"eval_{name}": value for name, value in metrics.items()}
-        super().log({**logs, **metrics}, start_time)
+        logs.update(metrics)  # in place, so evaluate() returns these metrics too
+        super().log(logs, start_time)
         self._metrics[mode].clear()
 
     def train(self, *args, **kwargs):

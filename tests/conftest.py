@@ -33,3 +33,9 @@ def reca_args(tmp_path, **overrides):
     )
     values.update(overrides)
     return RecAConfig(**values)
+
+
+@pytest.fixture
+def make_args(tmp_path):
+    """``make_args(**overrides)``: a small, quiet RecAConfig writing under ``tmp_path / "run"``."""
+    return lambda **overrides: reca_args(tmp_path, **overrides)
