@@ -161,7 +161,7 @@ class RecAConfig(TrainingArguments):
             "condition is kept), which trains the branch classifier-free guidance contrasts against."
         },
     )
-    freeze: list[str] | str = field(
+    freeze: str = field(  # or a list of patterns (from Python or YAML); a comma-separated string on the CLI
         default="auto",
         metadata={
             "help": "Parameters to freeze: 'auto' (the adapter's default: understanding-only modules and image "

@@ -79,7 +79,9 @@ def test_determinism_and_resume_by_index(adapter, shapes):
     first = RecACollator(adapter, seed=5)(rows)
     again = RecACollator(adapter, seed=5)(rows[4:])
     assert first["instructions"][4:] == again["instructions"]
-    assert torch.equal(first["input_ids"][4:][:, -again["input_ids"].shape[1] :], again["input_ids"][:, -again["input_ids"].shape[1] :])
+    assert torch.equal(
+        first["input_ids"][4:][:, -again["input_ids"].shape[1] :], again["input_ids"][:, -again["input_ids"].shape[1] :]
+    )
     other = RecACollator(adapter, seed=6)(rows)
     assert other["instructions"] != first["instructions"]
 
@@ -94,7 +96,10 @@ def test_dropout_rate_over_many_draws(adapter):
 
 def test_undecodable_image_names_the_row(adapter):
     collator = RecACollator(adapter)
-    rows = [{"image": Image.new("RGB", (8, 8)), "__reca_index__": 0}, {"image": {"bytes": b"not an image", "path": None}, "__reca_index__": 41}]
+    rows = [
+        {"image": Image.new("RGB", (8, 8)), "__reca_index__": 0},
+        {"image": {"bytes": b"not an image", "path": None}, "__reca_index__": 41},
+    ]
     with pytest.raises(ValueError, match=r"dataset row 41: column 'image'"):
         collator(rows)
 

@@ -6,7 +6,9 @@ from transformers import TrainingArguments
 
 from reca_hf import RecAConfig
 
-OWN_FIELDS = [f for f in dataclasses.fields(RecAConfig) if f.name not in {g.name for g in dataclasses.fields(TrainingArguments)}]
+OWN_FIELDS = [
+    f for f in dataclasses.fields(RecAConfig) if f.name not in {g.name for g in dataclasses.fields(TrainingArguments)}
+]
 
 
 def _squash(text):

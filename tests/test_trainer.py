@@ -28,11 +28,15 @@ def test_training_changes_only_what_the_freeze_policy_leaves_trainable(make_args
     trainer = RecATrainer(model, args=make_args(), train_dataset=shapes, processing_class=processor)
     trainer.train()
     for name, parameter in model.named_parameters():
-        frozen = name.startswith(("model.vision_model", "model.aligner", "model.vqmodel", "model.language_model.embed_tokens"))
+        frozen = name.startswith(
+            ("model.vision_model", "model.aligner", "model.vqmodel", "model.language_model.embed_tokens")
+        )
         assert parameter.requires_grad is not frozen, name
         if frozen:
             assert torch.equal(parameter, before[name]), name
-    assert not torch.equal(model.model.generation_head.vision_head.weight, before["model.generation_head.vision_head.weight"])
+    assert not torch.equal(
+        model.model.generation_head.vision_head.weight, before["model.generation_head.vision_head.weight"]
+    )
 
 
 def test_resume_continues_the_same_losses_and_prompt_draws(make_args, shapes, tmp_path):

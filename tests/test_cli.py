@@ -1,0 +1,68 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from reca_hf import RecAConfig
+from reca_hf.cli import main, parse_recipe, validate
+
+RECIPES = sorted((Path(__file__).parents[1] / "recipes").rglob("*.yaml"))
+
+
+def test_there_are_recipes():
+    names = {p.relative_to(p.parents[1]).as_posix() for p in RECIPES}
+    assert {"janus/tiny_demo.yaml", "janus/pro_1b.yaml", "janus/pro_7b.yaml"} <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.parent.name + "/" + p.name)
+def test_every_recipe_loads_into_the_config(recipe):
+    values = yaml.safe_load(recipe.read_text())
+    values.pop("env", None)
+    config = RecAConfig(**values)
+    assert config.model_name_or_path and config.dataset_name
+    assert recipe.read_text().startswith("#"), "recipes open with a comment header"
+    parsed = parse_recipe(str(recipe), ["--max_steps", "7"])
+    assert parsed.max_steps == 7 and parsed.model_name_or_path == config.model_name_or_path
+
+
+def test_demo_recipe_trains_two_steps(tmp_path, capsys):
+    out = tmp_path / "demo"
+    main(
+        ["train", "recipes/janus/tiny_demo.yaml", "--max_steps", "2", "--output_dir", str(out), "--logging_steps", "1"]
+    )
+    for name in ("model.safetensors", "config.json", "trainer_state.json", "README.md", "reconstructions.png"):
+        assert (out / name).is_file(), name
+    assert "reconstruction_loss:" in capsys.readouterr().out
+
+
+def test_unknown_recipe_key_is_named(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("model_name_or_path: tiny:janus\ndataset_name: synthetic_shapes\nlearning_rat: 0.1\n")
+    with pytest.raises(SystemExit, match="learning_rat"):
+        main(["train", str(recipe)])
+
+
+def test_unknown_flag_is_named():
+    with pytest.raises(SystemExit, match="--not_a_field"):
+        main(["train", "recipes/janus/tiny_demo.yaml", "--not_a_field", "3"])
+
+
+def test_validate_reports_every_error_at_once(tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(
+        "model_name_or_path: tiny:janus\ndataset_name: ./no/such/folder\ncondition_resolution: 30\n"
+        "condition_bottleneck: crop\ncond_dropout_prob: 2\nsome_typo: 1\n"
+    )
+    errors = validate(str(recipe))
+    text = "\n".join(errors)
+    for expected in ("some_typo", "condition_bottleneck='crop'", "cond_dropout_prob=2"):
+        assert expected in text
+    with pytest.raises(SystemExit):
+        main(["validate", str(recipe)])
+    assert "problem(s)" in capsys.readouterr().err
+    recipe.write_text("model_name_or_path: tiny:janus\ndataset_name: ./no/such/folder\ncondition_resolution: 30\n")
+    assert any("multiple of 8" in e for e in validate(str(recipe))) and any(
+        "no such folder" in e for e in validate(str(recipe))
+    )
+    main(["validate", "recipes/janus/tiny_demo.yaml"])
+    assert "OK" in capsys.readouterr().out
