@@ -42,7 +42,7 @@ def parse_recipe(recipe: str, overrides: list[str] | None = None):
             unknown = _unknown_keys(yaml.safe_load(path.read_text()) or {})
             raise SystemExit(
                 f"reca: {path}: unknown key(s) {', '.join(map(repr, unknown))}: not RecAConfig fields "
-                "(see `reca train --help`)"
+                "(only RecAConfig and TrainingArguments fields are allowed; check the spelling)"
             ) from None
         raise SystemExit(f"reca: {path}: {error}") from None
     return config

@@ -99,6 +99,9 @@ def test_janus_pro_1b_dimensions_from_the_config_alone():
     processor.image_processor.background_color = (127, 127, 127)
     adapter = get_adapter(model, processor)
     assert adapter.resolve_resolutions("auto", "auto") == (384, 384)
+    assert (adapter.min_condition_resolution, adapter.native_generation_resolution) == (384, 384)
+    tiny = get_adapter(tiny_umm("janus")[0])
+    assert (tiny.min_condition_resolution, tiny.native_generation_resolution) == (32, 32)
     assert adapter.num_condition_tokens(384) == 576 and adapter.num_target_tokens == 576
     batch = RecACollator(adapter)([{"image": Image.new("RGB", (1024, 768), (10, 20, 30))}])
     assert batch["condition_pixel_values"].shape == (1, 3, 384, 384)

@@ -71,6 +71,9 @@ class UMMAdapter:
         self.config = config
         self.processor = processor
         self.model = model
+        # On an instance, the resolutions are this model's (from its config), not the public checkpoints'.
+        self.min_condition_resolution = self.condition_resolution_floor
+        self.native_generation_resolution = self.generation_resolution_native
 
     def __getstate__(self):
         # Dataloader workers need the CPU face only: never pickle the model into them.
