@@ -89,8 +89,9 @@ def validate(recipe: str) -> list[str]:
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, dict):
         return [f"{path}: a recipe must be a YAML mapping of RecAConfig fields"]
-    errors = [f"unknown key {key!r}: not a RecAConfig field" for key in _unknown_keys(values)]
-    known = {k: v for k, v in values.items() if k != "env" and k not in _unknown_keys(values)}
+    unknown = _unknown_keys(values)
+    errors = [f"unknown key {key!r}: not a RecAConfig field" for key in unknown]
+    known = {k: v for k, v in values.items() if k != "env" and k not in unknown}
     try:
         config = RecAConfig(**known)
     except (ValueError, TypeError) as error:
@@ -101,7 +102,7 @@ def validate(recipe: str) -> list[str]:
 
 
 def _model_errors(config) -> list[str]:
-    from .adapters import adapter_class_for
+    from .adapters import get_adapter
     from .loading import TINY_PREFIX
 
     name = config.model_name_or_path
@@ -117,8 +118,7 @@ def _model_errors(config) -> list[str]:
             from transformers import AutoConfig
 
             model_config = AutoConfig.from_pretrained(name)
-        adapter = adapter_class_for(model_config.model_type)(model_config)
-        adapter.resolve_resolutions(config.condition_resolution, config.generation_resolution)
+        get_adapter(model_config).resolve_resolutions(config.condition_resolution, config.generation_resolution)
     except ValueError as error:
         return [str(line) for line in str(error).splitlines()]
     except OSError as error:

@@ -67,7 +67,6 @@ class _Recorder:
 
     def __init__(self, collator, drawn):
         self.collator, self.drawn = collator, drawn
-        self.views = collator.views
 
     def __call__(self, rows):
         batch = self.collator(rows)
