@@ -2,6 +2,7 @@ import pytest
 
 from reca_hf.data import synthetic_shapes
 from reca_hf.testing import tiny_umm
+from tests.hub_server import hub, hub_server, instant_retries  # noqa: F401 - fixtures: a loopback Hub for push tests
 
 
 @pytest.fixture
