@@ -1,10 +1,12 @@
-"""Trainer callbacks of a RecA run: keeping prompt draws in step with epochs, and the reconstruction grid."""
+"""Trainer callbacks of a RecA run: prompt draws in step with epochs, the reconstruction grid, collapse detection."""
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw
 from transformers import TrainerCallback
 
@@ -17,13 +19,18 @@ GRID_FILE = "reconstructions.png"
 
 
 class PromptEpochCallback(TrainerCallback):
-    """Tells the collator which epoch starts, so each epoch draws fresh instructions (also after a resume)."""
+    """Tells the collator (and a task mix) which epoch starts, so each epoch draws fresh instructions and
+    rows, also after a resume."""
 
-    def __init__(self, collator):
+    def __init__(self, collator, dataset=None):
         self.collator = collator
+        self.dataset = dataset
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.collator.epoch = int(state.epoch or 0)
+        epoch = int(state.epoch or 0)
+        self.collator.epoch = epoch
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
 
 
 class ReconstructionGridCallback(TrainerCallback):
@@ -85,3 +92,184 @@ def image_grid(columns: dict[str, list[Image.Image]], cell: int = 96) -> Image.I
                 (c * cell, header + r * cell),
             )
     return grid
+
+
+# ---- collapse --------------------------------------------------------------------------------
+
+PLATEAU_RATIO = 0.25  # loss signal: the logged loss falls below this fraction of its earlier plateau...
+FLOOR_RATIO = 0.1  # ...or below this fraction of the uniform-guess loss, ln(codebook size)
+COPY_THRESHOLD = 0.5  # probe signal: at least this share of the predictions follows the swapped-in condition
+_PLATEAU_WINDOW = 3  # the plateau is the highest median of this many consecutive logged losses
+
+
+@torch.no_grad()
+def swap_probe(adapter: UMMAdapter, model, images: list, views: ViewSpec, instruction: str | None = None):
+    """The condition-swap probe: does the model reconstruct its target, or copy its condition?
+
+    Image ``j = i + 1`` (cyclically) lends its condition view to image ``i``, whose target stays
+    teacher-forced. Where the two images' target tokens differ, the argmax predictions are counted as
+    following ``j`` (``swap_copy_rate``: the model copies whatever condition it gets) or ``i``
+    (``swap_target_rate``: it predicts from the target's own prefix). Returns both rates and the
+    teacher-forced accuracy with the right conditions (``own_accuracy``).
+    """
+    pictures = [load_image(image) for image in images]
+    if len(pictures) < 2:
+        raise ValueError("the condition-swap probe needs at least two images")
+    instruction = instruction if instruction is not None else getattr(adapter, "default_instruction", "")
+    conditions = [views.condition_view(p) for p in pictures]
+    targets = [views.target_view(p) for p in pictures]
+    partner = [(i + 1) % len(pictures) for i in range(len(pictures))]
+    device = next(model.parameters()).device
+
+    def predictions(condition_views):
+        batch = adapter.prepare(condition_views, targets, [instruction] * len(targets))
+        batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        logits, codes = adapter.target_logits(model, batch)
+        return logits.argmax(-1), codes
+
+    was_training = model.training
+    model.eval()
+    try:
+        own_predictions, codes = predictions(conditions)
+        swapped_predictions, _ = predictions([conditions[j] for j in partner])
+    finally:
+        model.train(was_training)
+    partner_codes = codes[partner]
+    differ = codes != partner_codes
+    counted = max(int(differ.sum()), 1)
+    return {
+        "swap_copy_rate": float(((swapped_predictions == partner_codes) & differ).sum()) / counted,
+        "swap_target_rate": float(((swapped_predictions == codes) & differ).sum()) / counted,
+        "own_accuracy": float((own_predictions == codes).float().mean()),
+    }
+
+
+class CollapseDetector(TrainerCallback):
+    """Detects the copy-and-paste collapse of RecA while training (on by default in `RecATrainer`).
+
+    A falling loss alone is ambiguous: a model that memorises a small dataset drives it down too. So two
+    signals must agree:
+
+    * **loss**: a logged ``reconstruction_loss`` below ``plateau_ratio`` (0.25) times its earlier plateau
+      (the highest median of three consecutive logged losses so far), or below ``floor_ratio`` (0.1) times
+      the uniform-guess loss ``ln(codebook size)``;
+    * **condition-swap probe** (:func:`swap_probe`, on a few held-out images, every ``probe_steps`` steps
+      and at the first log where the loss signal appears): at least ``copy_threshold`` (0.5) of the
+      predictions follow the swapped-in condition, and more of them than follow the target. A memorising
+      model has nothing to copy on images it has never seen; a copying one copies them all.
+
+    Logged with the training logs: ``collapse_score`` (the probe's copy rate, 0 healthy .. 1 copying),
+    ``swap_copy_rate`` and ``swap_target_rate``. On detection it logs a warning naming the cause and
+    the fix; with ``action="stop"`` it also saves a checkpoint and ends training.
+
+    Args:
+        adapter, views, probe_images: what the default probe runs on (``views`` as the collator's).
+        action: "warn" or "stop".
+        probe: a replacement probe, ``probe(model) -> {"swap_copy_rate": ..., "swap_target_rate": ...}``.
+        uniform_loss: the uniform-guess loss; by default ``ln(adapter.codebook_size)`` when known.
+    """
+
+    def __init__(
+        self,
+        adapter: UMMAdapter | None = None,
+        views: ViewSpec | None = None,
+        probe_images: list | None = None,
+        action: str = "warn",
+        probe_steps: int = 200,
+        plateau_ratio: float = PLATEAU_RATIO,
+        floor_ratio: float = FLOOR_RATIO,
+        copy_threshold: float = COPY_THRESHOLD,
+        probe=None,
+        uniform_loss: float | None = None,
+    ):
+        if action not in ("warn", "stop"):
+            raise ValueError(f"CollapseDetector action={action!r}: choose 'warn' or 'stop'")
+        if probe is None:
+            if adapter is None or views is None or not probe_images or len(probe_images) < 2:
+                raise ValueError("CollapseDetector needs a probe, or an adapter, views and two or more probe_images")
+            probe_images = [load_image(image) for image in probe_images]
+            probe = lambda model: swap_probe(adapter, model, probe_images, views)  # noqa: E731
+        if uniform_loss is None and adapter is not None and adapter.codebook_size:
+            uniform_loss = math.log(adapter.codebook_size)
+        self.probe = probe
+        self.action = action
+        self.probe_steps = probe_steps
+        self.plateau_ratio = plateau_ratio
+        self.floor_ratio = floor_ratio
+        self.copy_threshold = copy_threshold
+        self.uniform_loss = uniform_loss
+        self.losses: list[tuple[int, float]] = []
+        self.plateau: float | None = None
+        self.loss_signal = False
+        self.history: list[dict[str, float]] = []  # one entry per probe run, with its step
+        self.fired_at_step: int | None = None
+        self._probe_due = False
+        self._pending: dict[str, float] = {}
+
+    # ---- the rule, as plain functions of what was observed ----
+
+    def observe_loss(self, step: int, loss: float) -> bool:
+        """Record a logged reconstruction loss; returns whether the loss signal is on."""
+        self.losses.append((step, float(loss)))
+        recent = sorted(value for _, value in self.losses[-_PLATEAU_WINDOW:])
+        if len(recent) == _PLATEAU_WINDOW:
+            median = recent[_PLATEAU_WINDOW // 2]
+            self.plateau = median if self.plateau is None else max(self.plateau, median)
+        below_plateau = self.plateau is not None and loss < self.plateau_ratio * self.plateau
+        below_floor = self.uniform_loss is not None and loss < self.floor_ratio * self.uniform_loss
+        signal = bool(below_plateau or below_floor)
+        if signal and not self.loss_signal:
+            self._probe_due = True  # probe at once rather than waiting for the next scheduled probe
+        self.loss_signal = signal
+        return signal
+
+    def observe_probe(self, step: int, result: dict[str, float]) -> bool:
+        """Record a probe result; returns whether collapse is detected (both signals agree)."""
+        copy_rate, target_rate = float(result["swap_copy_rate"]), float(result["swap_target_rate"])
+        metrics = {"collapse_score": copy_rate, "swap_copy_rate": copy_rate, "swap_target_rate": target_rate}
+        self.history.append({"step": step, **metrics, "loss_signal": float(self.loss_signal)})
+        self._pending.update(metrics)
+        copying = copy_rate >= self.copy_threshold and copy_rate > target_rate
+        detected = self.loss_signal and copying
+        if detected and self.fired_at_step is None:
+            self.fired_at_step = step
+        return detected
+
+    def pop_metrics(self) -> dict[str, float]:
+        """The probe metrics not yet logged (the trainer adds them to its next training log)."""
+        metrics, self._pending = self._pending, {}
+        return metrics
+
+    # ---- Trainer events ----
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "reconstruction_loss" in logs:
+            self.observe_loss(state.global_step, logs["reconstruction_loss"])
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is None or not (self._probe_due or state.global_step % self.probe_steps == 0):
+            return
+        self._probe_due = False
+        first = self.fired_at_step is None
+        detected = self.observe_probe(state.global_step, self.probe(model))
+        control.should_log = True  # log the probe's numbers at the step they were measured
+        if not detected:
+            return
+        if first and state.is_world_process_zero:
+            last = self.history[-1]
+            logger.warning(
+                "RecA collapse detected at step %d: the reconstruction loss fell to %.3g (plateau %.3g), and "
+                "given another image's condition the model predicts that image's tokens %.0f%% of the time: it "
+                "copies its condition instead of understanding it. Cause: the condition view carries the target "
+                "token for token (same representation, no information bottleneck). Fix: lower "
+                "condition_resolution (e.g. 'auto', at most half the generation resolution) with "
+                "condition_bottleneck='resize', or use condition_bottleneck='blur'; do not set allow_shortcut.%s",
+                state.global_step,
+                self.losses[-1][1] if self.losses else float("nan"),
+                self.plateau or float("nan"),
+                100 * last["swap_copy_rate"],
+                " Stopping after a checkpoint (collapse_action='stop')." if self.action == "stop" else "",
+            )
+        if self.action == "stop":
+            control.should_save = True
+            control.should_training_stop = True

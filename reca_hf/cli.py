@@ -70,7 +70,19 @@ def train(recipe: str, overrides: list[str]) -> None:
         config.max_train_samples,
         seed=config.seed,
     )
-    trainer = RecATrainer(config.model_name_or_path, args=config, train_dataset=dataset)
+    extra = {}
+    for task in ("i2t", "t2i"):
+        name = getattr(config, f"{task}_dataset_name")
+        if name:
+            extra[f"{task}_dataset"] = load_image_dataset(
+                name,
+                getattr(config, f"{task}_dataset_config"),
+                getattr(config, f"{task}_dataset_split"),
+                config.image_column,
+                seed=config.seed + 1,  # synthetic shapes: other images than the reconstruction set's
+                text_column=config.caption_column,
+            )
+    trainer = RecATrainer(config.model_name_or_path, args=config, train_dataset=dataset, **extra)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model()
     trainer.save_state()
@@ -118,7 +130,17 @@ def _model_errors(config) -> list[str]:
             from transformers import AutoConfig
 
             model_config = AutoConfig.from_pretrained(name)
-        get_adapter(model_config).resolve_resolutions(config.condition_resolution, config.generation_resolution)
+        adapter = get_adapter(model_config)
+        condition, generation = adapter.resolve_resolutions(config.condition_resolution, config.generation_resolution)
+        problem = adapter.shortcut_problem(condition, generation, config.condition_bottleneck)
+        if problem and not config.allow_shortcut:
+            raise ValueError(
+                f"condition_resolution={condition}, condition_bottleneck={config.condition_bottleneck!r}: {problem}"
+            )
+        if config.use_peft:
+            from .lora import resolve_target_modules
+
+            resolve_target_modules(adapter, config.lora_target_modules)
     except ValueError as error:
         return [str(line) for line in str(error).splitlines()]
     except OSError as error:
@@ -129,13 +151,15 @@ def _model_errors(config) -> list[str]:
 def _dataset_errors(config) -> list[str]:
     from .data import SYNTHETIC
 
-    name = config.dataset_name
-    if not name:
+    if not config.dataset_name:
         return ["dataset_name is not set: give a datasets hub id, a local folder or 'synthetic_shapes'"]
-    looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
-    if name != SYNTHETIC and looks_local and not Path(name).expanduser().exists():
-        return [f"dataset_name={name!r}: no such folder"]
-    return []
+    errors = []
+    for field in ("dataset_name", "i2t_dataset_name", "t2i_dataset_name"):
+        name = getattr(config, field)
+        looks_local = name is not None and (name.startswith((".", "/", "~")) or Path(name).exists())
+        if looks_local and name != SYNTHETIC and not Path(name).expanduser().exists():
+            errors.append(f"{field}={name!r}: no such folder")
+    return errors
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,10 +8,9 @@ from typing import Any
 import torch
 
 from .adapters.base import AUTO, UMMAdapter
-from .images import ViewSpec, load_image
+from .images import ViewSpec, load_image, pad_to_square
 from .prompts import PromptSampler, load_prompts
-
-INDEX_KEY = "__reca_index__"
+from .tasks import IMAGE_TO_TEXT, INDEX_KEY, RECONSTRUCTION, TASK_KEY, TASKS, TEXT_TO_IMAGE
 
 
 class RecACollator:
@@ -22,6 +21,16 @@ class RecACollator:
     ``generation_resolution``, draws one instruction from ``(seed, epoch, row index)`` and, with
     probability ``cond_dropout_prob``, replaces it with the adapter's null prompt. The adapter then
     tokenises and normalises (:meth:`UMMAdapter.prepare`).
+
+    For adapters whose condition and target share one representation (Emu3: both VQ ids), a condition
+    view the model could copy (not smaller than the target and not blurred) is refused unless
+    ``allow_shortcut=True`` (a deliberate ablation; it warns).
+
+    Rows tagged with another task (``__reca_task__``, added by the trainer's task mix) become
+    image-to-text examples (the image at the understanding resolution, a drawn question, the caption
+    as the answer) or text-to-image examples (the caption as the prompt, the target view); their
+    inputs go under ``batch["image_to_text"]`` / ``batch["text_to_image"]``. ``caption_column`` holds
+    a caption string or chat-style messages.
 
     The row index comes from the ``__reca_index__`` key that :class:`~reca_hf.RecATrainer` adds to
     every row; rows without it are numbered in the order this collator sees them.
@@ -38,13 +47,17 @@ class RecACollator:
         cond_dropout_prob: float = 0.1,
         image_column: str = "image",
         seed: int = 0,
+        allow_shortcut: bool = False,
+        caption_column: str = "caption",
     ):
         self.adapter = adapter
         condition, generation = adapter.resolve_resolutions(condition_resolution, generation_resolution)
         self.views = ViewSpec(condition, generation, condition_bottleneck, blur_factor, adapter.background_color)
+        adapter.check_shortcut(self.views, allow_shortcut)
         templates = prompts if isinstance(prompts, list) else load_prompts(prompts)
         self.sampler = PromptSampler(templates, adapter.null_prompt, cond_dropout_prob, seed)
         self.image_column = image_column
+        self.caption_column = caption_column
         self.epoch = 0
         self._rows_seen = 0
 
@@ -68,7 +81,32 @@ class RecACollator:
                 f"({type(error).__name__}: {error}); fix or remove that row"
             ) from error
 
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+    def _text(self, example: dict[str, Any], index: int, task: str):
+        """``(question, answer)`` of an image-to-text row, or ``(caption, None)`` of a text-to-image row.
+
+        The caption column holds a string, or chat-style messages (a list of ``{"role", "content"}``), whose
+        last assistant turn is the answer and whose user text before it is the question.
+        """
+        if self.caption_column not in example:
+            raise KeyError(
+                f"{task} row {index} has no column {self.caption_column!r} (columns: "
+                f"{sorted(k for k in example if not k.startswith('__reca'))}); set caption_column to the column "
+                "that holds the captions or chat messages"
+            )
+        value = example[self.caption_column]
+        if isinstance(value, str) and value.strip():
+            return None, value.strip()
+        if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
+            answers = [i for i, m in enumerate(value) if m["role"] == "assistant"]
+            if answers:
+                question = " ".join(_message_text(m) for m in value[: answers[-1]] if m["role"] == "user").strip()
+                return question or None, _message_text(value[answers[-1]]).strip()
+        raise ValueError(
+            f"{task} row {index}: column {self.caption_column!r} holds {type(value).__name__} {str(value)[:80]!r}; "
+            "expected a non-empty caption string or chat messages with an assistant turn; fix or remove that row"
+        )
+
+    def _reconstruction(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         indices = [self._row_index(example) for example in examples]
         images = [self._image(example, index) for example, index in zip(examples, indices)]
         draws = [self.sampler.draw(index, self.epoch) for index in indices]
@@ -82,3 +120,52 @@ class RecACollator:
         batch["prompt_dropped"] = torch.tensor([dropped for _, dropped in draws])
         batch["instructions"] = instructions
         return batch
+
+    def _image_to_text(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        """The image at the understanding resolution (no bottleneck), a question, and the caption as answer."""
+        indices = [self._row_index(example) for example in examples]
+        resolution = self.adapter.understanding_resolution
+        images = [
+            pad_to_square(self._image(e, i), resolution, self.views.background) for e, i in zip(examples, indices)
+        ]
+        texts = [self._text(example, index, IMAGE_TO_TEXT) for example, index in zip(examples, indices)]
+        questions = [q if q is not None else self.sampler.template(i, self.epoch) for (q, _), i in zip(texts, indices)]
+        batch = self.adapter.prepare_image_to_text(images, questions, [answer for _, answer in texts])
+        batch["dataset_index"] = torch.tensor(indices)
+        return batch
+
+    def _text_to_image(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        """The caption as the generation prompt (dropped to the null prompt like instructions are) and the target."""
+        indices = [self._row_index(example) for example in examples]
+        targets = [self.views.target_view(self._image(e, i)) for e, i in zip(examples, indices)]
+        dropped = [self.sampler.draw(index, self.epoch)[1] for index in indices]
+        captions = [
+            self.adapter.null_prompt if drop else self._text(example, index, TEXT_TO_IMAGE)[1]
+            for example, index, drop in zip(examples, indices, dropped)
+        ]
+        batch = self.adapter.prepare_text_to_image(captions, targets)
+        batch["dataset_index"] = torch.tensor(indices)
+        batch["prompt_dropped"] = torch.tensor(dropped)
+        return batch
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        """A RecA batch: reconstruction inputs at the top level, other tasks' inputs under their task name."""
+        by_task: dict[str, list[dict[str, Any]]] = {}
+        for example in examples:
+            task = example.get(TASK_KEY, RECONSTRUCTION)
+            if task not in TASKS:
+                raise ValueError(f"unknown task {task!r} in a batch row; tasks are {', '.join(TASKS)}")
+            by_task.setdefault(task, []).append(example)
+        batch = self._reconstruction(by_task[RECONSTRUCTION]) if RECONSTRUCTION in by_task else {}
+        if IMAGE_TO_TEXT in by_task:
+            batch[IMAGE_TO_TEXT] = self._image_to_text(by_task[IMAGE_TO_TEXT])
+        if TEXT_TO_IMAGE in by_task:
+            batch[TEXT_TO_IMAGE] = self._text_to_image(by_task[TEXT_TO_IMAGE])
+        return batch
+
+
+def _message_text(message: dict[str, Any]) -> str:
+    content = message.get("content", "")
+    if isinstance(content, str):
+        return content
+    return " ".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")

@@ -15,6 +15,7 @@ from .images import BOTTLENECKS
 logger = logging.getLogger(__name__)
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+COLLAPSE_ACTIONS = ("warn", "stop", "off")
 
 
 @dataclass
@@ -43,12 +44,33 @@ class RecAConfig(TrainingArguments):
             Column holding the images (PIL images, file paths, or datasets Image values).
         max_train_samples (`int` or `None`, *optional*, defaults to `None`):
             Use at most this many training images (for 'synthetic_shapes': how many to make; default 256).
+        i2t_dataset_name (`str` or `None`, *optional*, defaults to `None`):
+            Image-to-text data (images with captions or chat messages) mixed into the run: a datasets hub id, a local
+            dataset folder, or 'synthetic_shapes' (shapes with captions saying what is where).
+        i2t_dataset_config (`str` or `None`, *optional*, defaults to `None`):
+            Configuration name of the image-to-text dataset.
+        i2t_dataset_split (`str`, *optional*, defaults to `"train"`):
+            Split of the image-to-text dataset.
+        t2i_dataset_name (`str` or `None`, *optional*, defaults to `None`):
+            Text-to-image data (images with captions) mixed into the run: a datasets hub id, a local dataset folder,
+            or 'synthetic_shapes'.
+        t2i_dataset_config (`str` or `None`, *optional*, defaults to `None`):
+            Configuration name of the text-to-image dataset.
+        t2i_dataset_split (`str`, *optional*, defaults to `"train"`):
+            Split of the text-to-image dataset.
+        caption_column (`str`, *optional*, defaults to `"caption"`):
+            Column of the image-to-text, text-to-image and eval datasets holding a caption string or chat-style
+            messages (a list of {"role", "content"}; the last assistant turn is the answer).
 
         > RecA: the reconstruction task
 
         condition_resolution (`int` or `str`, *optional*, defaults to `"auto"`):
             Resolution of the condition view the understanding encoder sees. 'auto' is the adapter's minimum
-            understanding resolution (the information bottleneck of the guide); an integer sets it in pixels.
+            understanding resolution (the information bottleneck of the guide), and for adapters whose condition and
+            target share one representation (Emu3) at most half the generation resolution; an integer sets it in
+            pixels. Lower than 'auto' also works (Janus at 224 px reads 196 SigLIP tokens instead of 576): fewer
+            condition tokens, a tighter bottleneck; the RecA authors found 224-px understanding features better
+            than 512 px for BAGEL (GenEval 82.4 vs 79.2).
         generation_resolution (`int` or `str`, *optional*, defaults to `"auto"`):
             Resolution of the target view the generation loss reconstructs. 'auto' is the model's native one.
         condition_bottleneck (`str`, *optional*, defaults to `"resize"`):
@@ -65,8 +87,61 @@ class RecAConfig(TrainingArguments):
         freeze (`str` or `list[str]`, *optional*, defaults to `"auto"`):
             Parameters to freeze: 'auto' (the adapter's default: understanding-only modules and image tokenizers),
             'none', or module-name patterns (full regular expressions on dotted names, e.g. 'model.vision_model').
+        allow_shortcut (`bool`, *optional*, defaults to `False`):
+            Allow a condition view the model can copy: for adapters whose condition and target share one
+            representation (Emu3), a condition at or above the generation resolution that is not blurred is
+            refused, because the model learns to copy it and collapses. Set True only for a deliberate ablation.
+
+        > LoRA (an explicit `peft_config` passed to `RecATrainer` wins over these fields)
+
+        use_peft (`bool`, *optional*, defaults to `False`):
+            Train a LoRA adapter instead of the model's weights: every base parameter stays frozen, and the run
+            saves adapter_model.safetensors, adapter_config.json and reca_adapter.json (load them with
+            reca_hf.load_reca_adapter).
+        lora_r (`int`, *optional*, defaults to `16`):
+            Rank of the LoRA update matrices.
+        lora_alpha (`int`, *optional*, defaults to `32`):
+            LoRA scaling numerator: the update is scaled by lora_alpha / lora_r.
+        lora_dropout (`float`, *optional*, defaults to `0.05`):
+            Dropout probability on the input of the LoRA update.
+        lora_target_modules (`str` or `list[str]`, *optional*, defaults to `"generation"`):
+            Where LoRA goes: 'generation' (the adapter's generation-only Linear layers; for Janus the generation
+            aligner and head), 'generation+llm' (also the shared LLM's attention and MLP projections, active on the
+            generation path only, so text outputs stay exactly the base model's), a full regular expression on
+            module names, or a list of module names (from Python or YAML). The vision tower, the image tokenizer and
+            the other understanding-only modules never get LoRA.
+        base_model_id (`str` or `None`, *optional*, defaults to `None`):
+            Hub id of the base model (e.g. 'deepseek-community/Janus-Pro-7B'), written into adapter_config.json as
+            base_model_name_or_path so anyone can apply the adapter. Needed when the model was loaded from a local
+            folder: an adapter whose base is only a local path is refused at push time.
+
+        > The task mix
+
+        task_ratios (`dict`, `str` or `None`, *optional*, defaults to `None`):
+            Share of the training samples per task, e.g. {"reconstruction": 1, "image_to_text": 1,
+            "text_to_image": 0}; unset gives 1 to every task that has a dataset. A JSON string on the command line.
+        task_weights (`dict`, `str` or `None`, *optional*, defaults to `None`):
+            Loss weight per task (default 1 each); the loss is the per-sample weighted mean over the batch.
+        require_understanding_data (`bool`, *optional*, defaults to `False`):
+            Make it an error (instead of a warning) to train a shared-parameter model's language model without
+            image-to-text data.
 
         > Monitoring
+
+        collapse_action (`str`, *optional*, defaults to `"warn"`):
+            What the collapse detector does when it finds the model copying its condition: 'warn' (log a warning
+            naming the cause and the fix), 'stop' (also save a checkpoint and end training) or 'off' (no detector).
+            The rule: the logged reconstruction loss falls below 0.25 x its earlier plateau or below 0.1 x
+            ln(codebook size), AND the condition-swap probe finds at least half of the predictions following
+            the swapped-in condition instead of the target.
+        collapse_probe_steps (`int`, *optional*, defaults to `200`):
+            Run the condition-swap probe every this many steps (and at the first log where the loss signal
+            appears). The probe pairs image j's condition with image i's teacher-forced target and measures
+            whether the predictions follow j (copying) or i; it logs collapse_score, swap_copy_rate and
+            swap_target_rate.
+        collapse_probe_images (`int`, *optional*, defaults to `8`):
+            Number of held-out images the probe uses: the first ones of eval_dataset when there is one, else
+            synthetic shapes the model has never seen (0 disables the probe, and so the detector).
 
         num_reconstruction_images (`int`, *optional*, defaults to `4`):
             Number of training images reconstructed before and after training into reconstructions.png in
@@ -80,7 +155,7 @@ class RecAConfig(TrainingArguments):
     With `bf16=True` on a machine without a bf16-capable accelerator, `use_cpu` is set (CPU autocast).
     """
 
-    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "reconstruction_kwargs"]
+    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "reconstruction_kwargs", "task_ratios", "task_weights"]
 
     # ---- model and data ----
     model_name_or_path: str | None = field(
@@ -119,12 +194,46 @@ class RecAConfig(TrainingArguments):
         },
     )
 
+    i2t_dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Image-to-text data (images with captions or chat messages) mixed into the run: a datasets hub "
+            "id, a local dataset folder, or 'synthetic_shapes' (shapes with captions saying what is where)."
+        },
+    )
+    i2t_dataset_config: str | None = field(
+        default=None, metadata={"help": "Configuration name of the image-to-text dataset."}
+    )
+    i2t_dataset_split: str = field(default="train", metadata={"help": "Split of the image-to-text dataset."})
+    t2i_dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Text-to-image data (images with captions) mixed into the run: a datasets hub id, a local "
+            "dataset folder, or 'synthetic_shapes'."
+        },
+    )
+    t2i_dataset_config: str | None = field(
+        default=None, metadata={"help": "Configuration name of the text-to-image dataset."}
+    )
+    t2i_dataset_split: str = field(default="train", metadata={"help": "Split of the text-to-image dataset."})
+    caption_column: str = field(
+        default="caption",
+        metadata={
+            "help": "Column of the image-to-text, text-to-image and eval datasets holding a caption string or "
+            'chat-style messages (a list of {"role", "content"}; the last assistant turn is the answer).'
+        },
+    )
+
     # ---- RecA ----
     condition_resolution: str = field(
         default="auto",
         metadata={
             "help": "Resolution of the condition view the understanding encoder sees. 'auto' is the adapter's "
-            "minimum understanding resolution (the information bottleneck of the guide); an integer sets it in pixels."
+            "minimum understanding resolution (the information bottleneck of the guide), and for adapters whose "
+            "condition and target share one representation (Emu3) at most half the generation resolution; an "
+            "integer sets it in pixels. Lower than 'auto' also works (Janus at 224 px reads 196 SigLIP tokens "
+            "instead of 576): fewer condition tokens, a tighter bottleneck; the RecA authors found 224-px "
+            "understanding features better than 512 px for BAGEL (GenEval 82.4 vs 79.2)."
         },
     )
     generation_resolution: str = field(
@@ -170,7 +279,98 @@ class RecAConfig(TrainingArguments):
         },
     )
 
+    allow_shortcut: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow a condition view the model can copy: for adapters whose condition and target share one "
+            "representation (Emu3), a condition at or above the generation resolution that is not blurred is "
+            "refused, because the model learns to copy it and collapses. Set True only for a deliberate ablation."
+        },
+    )
+
+    # ---- LoRA ----
+    use_peft: bool = field(
+        default=False,
+        metadata={
+            "help": "Train a LoRA adapter instead of the model's weights: every base parameter stays frozen, and the "
+            "run saves adapter_model.safetensors, adapter_config.json and reca_adapter.json (load them with "
+            "reca_hf.load_reca_adapter)."
+        },
+    )
+    lora_r: int = field(default=16, metadata={"help": "Rank of the LoRA update matrices."})
+    lora_alpha: int = field(
+        default=32, metadata={"help": "LoRA scaling numerator: the update is scaled by lora_alpha / lora_r."}
+    )
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout probability on the input of the LoRA update."})
+    lora_target_modules: str = field(  # or a list of module names (from Python or YAML)
+        default="generation",
+        metadata={
+            "help": "Where LoRA goes: 'generation' (the adapter's generation-only Linear layers; for Janus the "
+            "generation aligner and head), 'generation+llm' (also the shared LLM's attention and MLP projections, "
+            "active on the generation path only, so text outputs stay exactly the base model's), a full regular "
+            "expression on module names, or a list of module names (from Python or YAML). The vision tower, the "
+            "image tokenizer and the other understanding-only modules never get LoRA."
+        },
+    )
+    base_model_id: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id of the base model (e.g. 'deepseek-community/Janus-Pro-7B'), written into "
+            "adapter_config.json as base_model_name_or_path so anyone can apply the adapter. Needed when the model "
+            "was loaded from a local folder: an adapter whose base is only a local path is refused at push time."
+        },
+    )
+
+    # ---- the task mix ----
+    task_ratios: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": 'Share of the training samples per task, e.g. {"reconstruction": 1, "image_to_text": 1, '
+            '"text_to_image": 0}; unset gives 1 to every task that has a dataset. A JSON string on the command line.'
+        },
+    )
+    task_weights: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Loss weight per task (default 1 each); the loss is the per-sample weighted mean over the batch."
+        },
+    )
+    require_understanding_data: bool = field(
+        default=False,
+        metadata={
+            "help": "Make it an error (instead of a warning) to train a shared-parameter model's language model "
+            "without image-to-text data."
+        },
+    )
+
     # ---- monitoring ----
+    collapse_action: str = field(
+        default="warn",
+        metadata={
+            "help": "What the collapse detector does when it finds the model copying its condition: 'warn' (log a "
+            "warning naming the cause and the fix), 'stop' (also save a checkpoint and end training) or 'off' (no "
+            "detector). The rule: the logged reconstruction loss falls below 0.25 x its earlier plateau or below "
+            "0.1 x ln(codebook size), AND the condition-swap probe finds at least half of the predictions "
+            "following the swapped-in condition instead of the target.",
+            "choices": ["warn", "stop", "off"],
+        },
+    )
+    collapse_probe_steps: int = field(
+        default=200,
+        metadata={
+            "help": "Run the condition-swap probe every this many steps (and at the first log where the loss "
+            "signal appears). The probe pairs image j's condition with image i's teacher-forced target and "
+            "measures whether the predictions follow j (copying) or i; it logs collapse_score, swap_copy_rate "
+            "and swap_target_rate."
+        },
+    )
+    collapse_probe_images: int = field(
+        default=8,
+        metadata={
+            "help": "Number of held-out images the probe uses: the first ones of eval_dataset when there is one, "
+            "else synthetic shapes the model has never seen (0 disables the probe, and so the detector)."
+        },
+    )
     num_reconstruction_images: int = field(
         default=4,
         metadata={
@@ -242,9 +442,95 @@ class RecAConfig(TrainingArguments):
                 errors.append(f"reconstruction_kwargs={self.reconstruction_kwargs!r}: not valid JSON ({error}).")
         if self.reconstruction_kwargs is not None and not isinstance(self.reconstruction_kwargs, dict):
             errors.append(f"reconstruction_kwargs={self.reconstruction_kwargs!r}: use a mapping such as {{}}.")
+        if self.collapse_action not in COLLAPSE_ACTIONS:
+            errors.append(f"collapse_action={self.collapse_action!r}: choose one of {', '.join(COLLAPSE_ACTIONS)}.")
+        if not isinstance(self.collapse_probe_steps, int) or self.collapse_probe_steps < 1:
+            errors.append(f"collapse_probe_steps={self.collapse_probe_steps!r}: use a positive integer.")
+        if not isinstance(self.collapse_probe_images, int) or self.collapse_probe_images < 0:
+            errors.append(f"collapse_probe_images={self.collapse_probe_images!r}: use 0 (off) or a positive integer.")
+        errors += self._shortcut_errors()
+        for name in ("task_ratios", "task_weights"):
+            errors += self._normalise_task_dict(name)
         if self.max_train_samples is not None and self.max_train_samples < 1:
             errors.append(f"max_train_samples={self.max_train_samples!r}: use a positive integer or leave it unset.")
+        errors += self._lora_errors()
         return errors
+
+    def _lora_errors(self) -> list[str]:
+        from .loading import is_hub_id
+        from .lora import TARGET_MODES
+
+        errors = []
+        if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 1:
+            errors.append(f"lora_r={self.lora_r!r}: use a positive integer such as 16.")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, int | float) or self.lora_alpha <= 0:
+            errors.append(f"lora_alpha={self.lora_alpha!r}: use a positive number such as 32 (often 2 x lora_r).")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            errors.append(f"lora_dropout={self.lora_dropout!r}: use a probability in [0, 1), e.g. 0.05.")
+        targets = self.lora_target_modules
+        if isinstance(targets, list | tuple):
+            self.lora_target_modules = targets = list(targets)
+            if not targets or not all(isinstance(t, str) and t for t in targets):
+                errors.append(f"lora_target_modules={targets!r}: a list must hold one or more module names.")
+        elif not isinstance(targets, str) or not targets:
+            errors.append(
+                f"lora_target_modules={targets!r}: use {' or '.join(map(repr, TARGET_MODES))}, a regular expression "
+                "or a list of module names."
+            )
+        elif targets not in TARGET_MODES:
+            try:
+                re.compile(targets)
+            except re.error as error:
+                errors.append(f"lora_target_modules={targets!r} is not a valid regular expression ({error}).")
+        if self.base_model_id is not None and not is_hub_id(self.base_model_id):
+            errors.append(
+                f"base_model_id={self.base_model_id!r}: give the base model's Hub id such as "
+                "'deepseek-community/Janus-Pro-7B' (not a local path)."
+            )
+        return errors
+
+    def _normalise_task_dict(self, name: str) -> list[str]:
+        from .tasks import TASKS
+
+        value = getattr(self, name)
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as error:
+                return [f"{name}={value!r}: not valid JSON ({error})."]
+        if value is None:
+            setattr(self, name, None)
+            return []
+        example = '{"reconstruction": 1, "image_to_text": 1}'
+        if not isinstance(value, dict):
+            return [f"{name}={value!r}: use a mapping of task to number such as {example}."]
+        errors = [f"{name}: unknown task {key!r}; tasks are {', '.join(TASKS)}." for key in value if key not in TASKS]
+        for key, number in value.items():
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or number < 0:
+                errors.append(f"{name}[{key!r}]={number!r}: use a non-negative number.")
+        if not errors and name == "task_ratios" and not any(value.values()):
+            errors.append(f"task_ratios={value!r}: at least one task needs a positive share, e.g. {example}.")
+        setattr(self, name, {key: float(number) for key, number in value.items()} if not errors else value)
+        return errors
+
+    def _shortcut_errors(self) -> list[str]:
+        """The shortcut guard, when the model's adapter and both resolutions are known without loading anything.
+
+        Otherwise the same check runs when the trainer (or ``reca validate``) meets the model.
+        """
+        resolutions = (self.condition_resolution, self.generation_resolution)
+        if self.allow_shortcut or not all(isinstance(r, int) for r in resolutions):
+            return []
+        adapter_cls = _adapter_class_of(self.model_name_or_path)
+        if adapter_cls is None:
+            return []
+        problem = adapter_cls.shortcut_problem(*resolutions, self.condition_bottleneck)
+        if problem is None:
+            return []
+        return [
+            f"condition_resolution={self.condition_resolution}, condition_bottleneck={self.condition_bottleneck!r}: "
+            + problem
+        ]
 
     def _normalise_freeze(self) -> list[str]:
         freeze = self.freeze
@@ -266,6 +552,26 @@ class RecAConfig(TrainingArguments):
                 errors.append(f"freeze pattern {pattern!r} is not a valid regular expression ({error}).")
         self.freeze = freeze
         return errors
+
+
+def _adapter_class_of(model_name_or_path: str | None):
+    """The adapter class of a 'tiny:<arch>' spec or a local checkpoint folder; None when that needs a download."""
+    from .adapters import adapter_class_for
+
+    if not model_name_or_path:
+        return None
+    if model_name_or_path.startswith("tiny:"):
+        model_type = model_name_or_path[len("tiny:") :]
+    else:
+        config_file = Path(model_name_or_path).expanduser() / "config.json"
+        try:
+            model_type = json.loads(config_file.read_text()).get("model_type")
+        except (OSError, json.JSONDecodeError):
+            return None
+    try:
+        return adapter_class_for(str(model_type))
+    except ValueError:
+        return None
 
 
 def _parse_resolution(value) -> int | str | None:

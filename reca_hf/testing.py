@@ -33,7 +33,7 @@ _JANUS_CHAT_TEMPLATE = (
 _EXTRA_WORDS = (
     "a an the of on in at and with image picture photo left right top bottom middle centre center "
     "red green blue yellow purple orange white black grey gray cyan magenta circle square triangle "
-    "small large big background shape shapes one two three four"
+    "small large big background shape shapes one two three four beige"
 ).split()
 
 
@@ -47,31 +47,62 @@ def _vocabulary() -> tuple[str, ...]:
 
 def tiny_tokenizer():
     """A word-level tokenizer over the project's prompts, with Janus-style special tokens."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = list(_SPECIALS.values()) + _CHAT_WORDS
-    vocab = {token: i for i, token in enumerate(specials + list(_vocabulary()))}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=_SPECIALS["unk"]))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.add_special_tokens(specials)
-    bos = _SPECIALS["bos"]
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=bos,
-        eos_token=_SPECIALS["eos"],
-        pad_token=_SPECIALS["pad"],
-        unk_token=_SPECIALS["unk"],
-        padding_side="left",
+    return _word_level_tokenizer(
+        list(_SPECIALS.values()) + _CHAT_WORDS,
+        list(_vocabulary()),
+        bos=_SPECIALS["bos"],
+        eos=_SPECIALS["eos"],
+        pad=_SPECIALS["pad"],
+        unk=_SPECIALS["unk"],
         extra_special_tokens={
             "image_token": _SPECIALS["image"],
             "boi_token": _SPECIALS["boi"],
             "eoi_token": _SPECIALS["eoi"],
         },
+    )
+
+
+def _word_level_tokenizer(
+    specials: list[str],
+    words: list[str],
+    *,
+    bos: str,
+    eos: str,
+    pad: str,
+    unk: str,
+    extra_special_tokens: dict[str, str],
+    add_bos: bool = True,
+    split_digits: bool = False,
+):
+    """A lowercasing word-level fast tokenizer: ``specials`` first (never split), then ``words``.
+
+    ``add_bos=False`` leaves the begin-of-sequence token to the processor (Emu3's processor writes it);
+    ``split_digits`` makes every digit its own word, so size text such as ``"16*16"`` needs only ten.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(specials + words)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+        if split_digits
+        else pre_tokenizers.Whitespace()
+    )
+    backend.add_special_tokens(specials)
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        unk_token=unk,
+        padding_side="left",
+        extra_special_tokens=extra_special_tokens,
     )
 
 
@@ -143,7 +174,102 @@ def _tiny_janus(seed: int):
     return model, processor
 
 
-_BUILDERS = {"janus": _tiny_janus}
+# Emu3's reserved tokens, under the names its processor and `Emu3ImageVocabularyMapping` look up.
+_EMU3_SPECIALS = {
+    "pad": "<|endoftext|>",
+    "bos": "<|extra_203|>",
+    "eos": "<|extra_204|>",
+    "unk": "<unk>",  # a word-level vocabulary needs one; Emu3's byte-level BPE has none
+    "image": "<image>",
+    "boi": "<|image start|>",
+    "eoi": "<|image end|>",
+    "image_wrapper": "<|image token|>",
+    "eol": "<|extra_200|>",  # row end, after every row of VQ ids
+    "eof": "<|extra_201|>",  # end of the last frame
+}
+# Emu3-Chat's conversation layout (LLaVA-1.5 style), as a chat template of our own.
+_EMU3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'] | upper }}: {% endif %}"
+    "{% for content in message['content'] if content['type'] == 'image' %}<image>{% endfor %}"
+    "{% for content in message['content'] if content['type'] == 'text' %}{{ content['text'] }} {% endfor %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def _tiny_emu3(seed: int):
+    """A tiny Emu3: 32-px images become 4x4 grids of VQ ids from a 64-entry codebook (three 2x downsamples)."""
+    from transformers import Emu3Config, Emu3ForConditionalGeneration, Emu3ImageProcessor, Emu3Processor
+
+    image_size, codebook_size = 32, 64
+    visual_tokens = [f"<|visual token {code:06d}|>" for code in range(codebook_size)]  # the name Emu3 parses
+    specials = list(_EMU3_SPECIALS.values()) + visual_tokens
+    words = sorted({*_vocabulary(), "user", "assistant", "you", "are", "a", "helpful", "*", *"0123456789"})
+    tokenizer = _word_level_tokenizer(
+        specials,
+        words,
+        bos=_EMU3_SPECIALS["bos"],
+        eos=_EMU3_SPECIALS["eos"],
+        pad=_EMU3_SPECIALS["pad"],
+        unk=_EMU3_SPECIALS["unk"],
+        extra_special_tokens={
+            "image_token": _EMU3_SPECIALS["image"],
+            "boi_token": _EMU3_SPECIALS["boi"],
+            "eoi_token": _EMU3_SPECIALS["eoi"],
+            "image_wrapper_token": _EMU3_SPECIALS["image_wrapper"],
+            "eof_token": _EMU3_SPECIALS["eof"],
+        },
+        add_bos=False,
+        split_digits=True,
+    )
+    config = Emu3Config(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 512,
+            "attention_dropout": 0.0,  # Emu3's default is 0.1: off here, so train-mode losses are reproducible
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+        vq_config={
+            "codebook_size": codebook_size,
+            "embed_dim": 4,
+            "latent_channels": 4,
+            "base_channels": 32,  # GroupNorm(32 groups) everywhere: a multiple of 32
+            "channel_multiplier": [1, 1, 1, 1],  # three 2x downsamples: 32 px -> 4x4 ids, Emu3's spatial factor 8
+            "num_res_blocks": 1,
+            "attn_resolutions": [3],
+            "hidden_size": 32,  # the attention width must equal the last level's channels
+            "num_attention_heads": 1,
+            "temporal_downsample_factor": 1,  # Emu3's 4 repeats every image 4 times in the VQ: 10x slower here
+        },
+        vocabulary_map=tokenizer.get_vocab(),
+        # The original Emu3 checkpoints' generation size knob (saved with the config; the processor's is not).
+        image_area=image_size * image_size,
+    )
+    torch.manual_seed(seed)
+    model = Emu3ForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    image_processor = Emu3ImageProcessor(
+        min_pixels=image_size * image_size,
+        max_pixels=image_size * image_size,
+        spatial_factor=8,
+        image_mean=[0.5] * 3,  # Emu3's VQ reads pixels in [-1, 1]
+        image_std=[0.5] * 3,
+    )
+    processor = Emu3Processor(image_processor=image_processor, tokenizer=tokenizer, chat_template=_EMU3_CHAT_TEMPLATE)
+    return model, processor
+
+
+_BUILDERS = {"emu3": _tiny_emu3, "janus": _tiny_janus}
 
 
 def tiny_umm(arch: str, seed: int = 0):

@@ -40,7 +40,10 @@ def test_one_step_changes_only_trainable_parameters(arch, shapes):
         elif parameter.grad is not None and parameter.grad.abs().sum() > 0:
             assert not torch.equal(parameter, before[name]), name
     groups = parameter_table(model, adapter)
-    assert groups["generation"]["trainable"] > 0 and groups["tokenizers"]["trainable"] == 0
+    # The generation path trains: its own modules, or the shared ones where it has none (Emu3's image
+    # tokens live in the shared embedding table and head).
+    trained = "generation" if adapter.generation_modules else "shared"
+    assert groups[trained]["trainable"] > 0 and groups["tokenizers"]["trainable"] == 0
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -80,7 +83,7 @@ def test_registry_refuses_bad_adapters_and_lists_supported_types():
     class Config:
         model_type = "chameleon"
 
-    with pytest.raises(ValueError, match="Supported model types: janus"):
+    with pytest.raises(ValueError, match=r"Supported model types: .*janus"):
         get_adapter(Config())
 
 

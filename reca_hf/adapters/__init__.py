@@ -9,9 +9,11 @@ from .base import (
     supported_model_types,
     unwrap_model,
 )
+from .emu3 import Emu3Adapter
 from .janus import JanusAdapter
 
 __all__ = [
+    "Emu3Adapter",
     "JanusAdapter",
     "UMMAdapter",
     "adapter_class_for",

@@ -8,7 +8,9 @@ dataloader workers without touching the model, and a model face (:meth:`UMMAdapt
 
 from __future__ import annotations
 
+import logging
 import re
+import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -17,6 +19,8 @@ from PIL import Image
 from ..images import ViewSpec
 
 AUTO = "auto"
+
+logger = logging.getLogger(__name__)
 
 
 class UMMAdapter:
@@ -41,6 +45,11 @@ class UMMAdapter:
     tokenizer_modules: ClassVar[tuple[str, ...]]  # image tokenizers/autoencoders (always frozen)
     default_freeze: ClassVar[tuple[str, ...]]  # what `freeze="auto"` freezes
     null_prompt: ClassVar[str]  # the instruction used for prompt dropout (classifier-free guidance)
+
+    # LoRA (optional; full-name regular expressions of Linear layers, see reca_hf.lora)
+    lora_generation_targets: ClassVar[tuple[str, ...]] = ()  # generation-only Linear layers
+    lora_llm_targets: ClassVar[tuple[str, ...]] = ()  # the shared LLM's attention and MLP projections
+    understanding_entry: ClassVar[str | None] = None  # module whose forward() is the text path (LoRA scoping)
 
     _REQUIRED: ClassVar[tuple[str, ...]] = (
         "name",
@@ -99,10 +108,63 @@ class UMMAdapter:
         """Why ``resolution`` cannot be a generation resolution for this model (empty when it can)."""
         return []
 
+    @classmethod
+    def shares_representation(cls) -> bool:
+        """True when the condition and the target live in one representation space (e.g. both VQ ids)."""
+        return cls.condition_space == cls.generation_space
+
+    @classmethod
+    def shortcut_problem(cls, condition: int, generation: int, bottleneck: str) -> str | None:
+        """Why this view setting lets the model copy its condition into its target (None when it does not).
+
+        Only same-space adapters can copy: their condition is the target's own tokens. A condition view
+        at or above the generation resolution that is not blurred carries every target token.
+        """
+        if not cls.shares_representation() or bottleneck == "blur" or condition < generation:
+            return None
+        return (
+            f"the {cls.name} adapter reads its condition in the same representation it generates "
+            f"({cls.condition_space!r}), and a condition view at {condition} px with condition_bottleneck="
+            f"{bottleneck!r} carries the target ({generation} px) token for token. The model then learns to copy "
+            "its input instead of understanding it: the reconstruction loss collapses toward zero within a few "
+            "thousand steps and generation ends up worse than before RecA. Fix: set condition_resolution to at "
+            f"most {generation // 2} (or 'auto') with condition_bottleneck='resize' (preferred), or keep the "
+            "resolution and set condition_bottleneck='blur' with blur_factor >= 4. For a deliberate ablation, "
+            "set allow_shortcut=True."
+        )
+
+    def check_shortcut(self, views: ViewSpec, allow_shortcut: bool = False) -> None:
+        """Refuse (or, with ``allow_shortcut``, warn about) condition views the model could simply copy."""
+        problem = self.shortcut_problem(views.condition_resolution, views.generation_resolution, views.bottleneck)
+        if problem is None:
+            return
+        if not allow_shortcut:
+            raise ValueError(
+                f"condition_resolution={views.condition_resolution}, condition_bottleneck={views.bottleneck!r}: "
+                + problem
+            )
+        message = "allow_shortcut=True: training without an information bottleneck on purpose; " + problem
+        warnings.warn(message, UserWarning, stacklevel=3)
+        logger.warning(message)
+
+    def round_condition_resolution(self, resolution: int) -> int:
+        """The largest valid condition resolution not above ``resolution`` (override when sizes are quantised)."""
+        return resolution
+
+    def auto_condition_resolution(self, generation: int) -> int:
+        """What ``condition_resolution="auto"`` means: the minimum understanding resolution, and for
+        same-space adapters at most half the generation resolution per side (the guide's 512 -> 256)."""
+        floor = self.condition_resolution_floor
+        if self.shares_representation():
+            return min(floor, self.round_condition_resolution(generation // 2))
+        return floor
+
     def resolve_resolutions(self, condition_resolution: int | str, generation_resolution: int | str):
         """Turn ``"auto"`` into this model's values and check both; returns ``(condition, generation)``."""
-        condition = self.condition_resolution_floor if condition_resolution == AUTO else int(condition_resolution)
         generation = self.generation_resolution_native if generation_resolution == AUTO else int(generation_resolution)
+        condition = (
+            self.auto_condition_resolution(generation) if condition_resolution == AUTO else int(condition_resolution)
+        )
         errors = [
             f"condition_resolution={condition_resolution!r}: {e}" for e in self.condition_resolution_errors(condition)
         ]
@@ -149,6 +211,49 @@ class UMMAdapter:
         """Model face: the reconstruction loss of a prepared batch, in the model's native generation loss."""
         raise NotImplementedError
 
+    # ---- the other tasks of a mixed run (optional: adapters without them train reconstruction only) ----
+
+    @property
+    def understanding_resolution(self) -> int:
+        """Resolution images are shown at for image-to-text (no bottleneck there)."""
+        return self.condition_resolution_floor
+
+    def prepare_image_to_text(
+        self, images: list[Image.Image], questions: list[str], answers: list[str]
+    ) -> dict[str, torch.Tensor]:
+        """CPU face of image-to-text: the image in an understanding prompt with ``questions``; ``labels``
+        hold the ``answers`` (-100 elsewhere)."""
+        raise NotImplementedError(f"the {self.name} adapter has no image-to-text task")
+
+    def image_to_text_loss(self, model, batch: dict[str, Any]) -> torch.Tensor:
+        """Caption cross-entropy of the text head (mean over answer tokens)."""
+        raise NotImplementedError(f"the {self.name} adapter has no image-to-text task")
+
+    def prepare_text_to_image(self, captions: list[str], target_images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """CPU face of text-to-image: a generation prompt from ``captions`` and the target images."""
+        raise NotImplementedError(f"the {self.name} adapter has no text-to-image task")
+
+    def text_to_image_loss(self, model, batch: dict[str, Any]) -> torch.Tensor:
+        """The ordinary generation loss, conditioned on the caption instead of understanding embeddings."""
+        raise NotImplementedError(f"the {self.name} adapter has no text-to-image task")
+
+    def supports(self, task: str) -> bool:
+        """Whether this adapter implements ``task`` ("reconstruction", "image_to_text", "text_to_image")."""
+        method = {"image_to_text": "image_to_text_loss", "text_to_image": "text_to_image_loss"}.get(task, "loss")
+        return getattr(type(self), method) is not getattr(UMMAdapter, method)
+
+    def target_logits(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced logits over the target tokens ``(B, T, V)`` and the target token ids ``(B, T)``.
+
+        The collapse detector's condition-swap probe reads the argmax of these logits.
+        """
+        raise NotImplementedError
+
+    @property
+    def codebook_size(self) -> int | None:
+        """Number of entries of the generation codebook (the uniform-guess loss is its log), if discrete."""
+        return None
+
     def reconstruct(self, images, **kwargs) -> list[Image.Image]:
         """Generate images conditioned on the understanding embeddings of ``images``."""
         raise NotImplementedError
@@ -167,6 +272,33 @@ class UMMAdapter:
                 f"{type(self).__name__}.reconstruct needs a model: pass model=... or use get_adapter(model)."
             )
         return model
+
+
+def next_code(
+    logits: torch.Tensor, guidance: float, do_sample: bool, temperature: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One decoding step over a codebook: classifier-free guidance (``logits`` holds the conditional rows, then
+    the unconditional ones, when ``guidance != 1``), then sampling at ``temperature`` or the argmax."""
+    logits = logits.float()
+    if guidance != 1.0:
+        conditional, unconditional = logits.chunk(2)
+        logits = unconditional + guidance * (conditional - unconditional)
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / max(temperature, 1e-5), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def left_pad(sequences: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into ``(ids, attention_mask)`` tensors (prompts end where generation starts)."""
+    width = max(len(sequence) for sequence in sequences)
+    ids = torch.full((len(sequences), width), value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        if sequence:
+            ids[row, -len(sequence) :] = torch.tensor(sequence)
+            mask[row, -len(sequence) :] = 1
+    return ids, mask
 
 
 def unwrap_model(model):

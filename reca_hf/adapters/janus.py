@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..images import ViewSpec, load_image, to_pil, to_tensor
-from .base import UMMAdapter, register_adapter, unwrap_model
+from .base import UMMAdapter, left_pad, next_code, register_adapter, unwrap_model
 
 _VQ_MEAN = _VQ_STD = (0.5, 0.5, 0.5)  # Janus' VQ encoder reads pixels in [-1, 1]
 
@@ -46,6 +46,17 @@ class JanusAdapter(UMMAdapter):
         "model.language_model.embed_tokens",
     )
     null_prompt = ""
+    lora_generation_targets = (
+        r"model\.generation_aligner\.(fc1|hidden_layers\.\d+)",
+        r"model\.generation_head\.(proj_out|vision_head)",
+    )
+    lora_llm_targets = (
+        r"model\.language_model\.layers\.\d+\.self_attn\.[qkvo]_proj",
+        r"model\.language_model\.layers\.\d+\.mlp\.(gate|up|down)_proj",
+    )
+    # Text goes through JanusModel.forward; the RecA loss, reconstruct() and generate(generation_mode="image")
+    # call model.language_model and model.generation_head directly.
+    understanding_entry = "model"
     default_instruction = "Describe the image in detail."
     default_guidance_scale = 5.0
 
@@ -73,6 +84,9 @@ class JanusAdapter(UMMAdapter):
 
     def num_condition_tokens(self, resolution: int) -> int:
         return (resolution // self.patch_size) ** 2
+
+    def round_condition_resolution(self, resolution: int) -> int:
+        return max(self.patch_size, resolution - resolution % self.patch_size)
 
     def condition_resolution_errors(self, resolution: int) -> list[str]:
         if resolution < self.patch_size or resolution % self.patch_size:
@@ -105,18 +119,25 @@ class JanusAdapter(UMMAdapter):
             raise ValueError("the Janus processor's image processor has no image_mean/image_std to normalise with")
         return mean, std
 
-    def format_prompt(self, instruction: str, num_condition_tokens: int) -> str:
-        """The chat prompt with ``num_condition_tokens`` condition slots, ending in the image-start token."""
+    def _chat(self, text: str, with_image: bool) -> str:
+        """One user turn (an optional image, then ``text``) in the processor's chat format, ready for the answer."""
+        tokenizer = self._tokenizer()
+        image = tokenizer.image_token
+        content = [{"type": "image"}] if with_image else []
+        conversation = [{"role": "user", "content": [*content, {"type": "text", "text": text}]}]
+        if getattr(self.processor, "chat_template", None):
+            return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        image_line = f"{image}\n" if with_image else ""
+        return f"<|User|>: {image_line}{text}\n\n<|Assistant|>:"  # Janus' own conversation format
+
+    def format_prompt(self, instruction: str, num_condition_tokens: int, generation: bool = True) -> str:
+        """The chat prompt with ``num_condition_tokens`` condition slots; for generation it ends in <boi>."""
         tokenizer = self._tokenizer()
         image, boi, eoi = tokenizer.image_token, tokenizer.boi_token, tokenizer.eoi_token
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
-        if getattr(self.processor, "chat_template", None):
-            text = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        else:  # Janus' own conversation format
-            text = f"<|User|>: {image}\n{instruction}\n\n<|Assistant|>:"
+        text = self._chat(instruction, with_image=True)
         if text.count(image) != 1:
             raise ValueError(f"the chat template must place exactly one {image!r} in a one-image prompt; got: {text!r}")
-        return text.replace(image, boi + image * num_condition_tokens + eoi) + boi
+        return text.replace(image, boi + image * num_condition_tokens + eoi) + (boi if generation else "")
 
     def prepare(self, condition_images, target_images, instructions) -> dict[str, torch.Tensor]:
         tokenizer = self._tokenizer()
@@ -143,10 +164,41 @@ class JanusAdapter(UMMAdapter):
             batch["target_pixel_values"] = to_tensor(target_images, _VQ_MEAN, _VQ_STD)
         return batch
 
+    def prepare_image_to_text(self, images, questions, answers) -> dict[str, torch.Tensor]:
+        tokenizer = self._tokenizer()
+        num_slots = self.num_condition_tokens(images[0].size[0])
+        sequences, labels = [], []
+        for question, answer in zip(questions, answers):
+            prompt = tokenizer(self.format_prompt(question, num_slots, generation=False))["input_ids"]
+            reply = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            sequences.append(prompt + reply)
+            labels.append([-100] * len(prompt) + reply)
+        input_ids, attention_mask = left_pad(sequences, tokenizer.pad_token_id)
+        mean, std = self._pixel_stats()
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": left_pad(labels, -100)[0],
+            "condition_mask": input_ids == tokenizer.convert_tokens_to_ids(tokenizer.image_token),
+            "condition_pixel_values": to_tensor(images, mean, std),
+        }
+
+    def prepare_text_to_image(self, captions, target_images) -> dict[str, torch.Tensor]:
+        tokenizer = self._tokenizer()
+        texts = [self._chat(caption, with_image=False) + tokenizer.boi_token for caption in captions]
+        encoded = tokenizer(texts, padding="longest", padding_side="left", return_tensors="pt")
+        return {
+            "input_ids": encoded["input_ids"],
+            "attention_mask": encoded["attention_mask"],
+            "target_pixel_values": to_tensor(target_images, _VQ_MEAN, _VQ_STD),
+        }
+
     # ---- model face --------------------------------------------------------------------------
 
     def _condition_embeddings(self, janus, batch) -> torch.Tensor:
-        """Prompt embeddings with the understanding features scattered into the condition slots."""
+        """Prompt embeddings with the understanding features scattered into the condition slots (if any)."""
+        if "condition_pixel_values" not in batch:  # text-to-image: the caption is the only condition
+            return janus.model.language_model.get_input_embeddings()(batch["input_ids"])
         pixels = batch["condition_pixel_values"]
         native = pixels.shape[-1] == self.condition_resolution_floor
         features = janus.model.get_image_features(
@@ -167,7 +219,31 @@ class JanusAdapter(UMMAdapter):
         codes = vq.encode(target_pixel_values.to(vq.dtype)).image_tokens
         return codes.view(target_pixel_values.shape[0], -1)
 
+    @property
+    def codebook_size(self) -> int:
+        return int(self.config.vq_config.num_embeddings)
+
     def loss(self, model, batch: dict[str, Any]) -> torch.Tensor:
+        logits, codes = self.target_logits(model, batch)
+        return F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
+
+    def text_to_image_loss(self, model, batch: dict[str, Any]) -> torch.Tensor:
+        return self.loss(model, batch)
+
+    def image_to_text_loss(self, model, batch: dict[str, Any]) -> torch.Tensor:
+        janus = unwrap_model(model)
+        embeddings = self._condition_embeddings(janus, batch)
+        attention_mask = batch["attention_mask"]
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = janus.model.language_model(
+            inputs_embeds=embeddings, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
+        labels = batch["labels"][:, 1:]
+        answer = labels != -100
+        logits = janus.lm_head(hidden[:, :-1][answer])  # the text head, on answer positions only
+        return F.cross_entropy(logits.float(), labels[answer])
+
+    def target_logits(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         janus = unwrap_model(model)
         codes = self.target_codes(janus, batch["target_pixel_values"])
         prompt = self._condition_embeddings(janus, batch)
@@ -180,8 +256,7 @@ class JanusAdapter(UMMAdapter):
             inputs_embeds=embeddings, attention_mask=attention_mask, position_ids=position_ids
         ).last_hidden_state
         # The hidden state at the prompt's last token (<boi>) predicts the first code, and so on.
-        logits = janus.model.generation_head(hidden[:, prompt.shape[1] - 1 :])
-        return F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
+        return janus.model.generation_head(hidden[:, prompt.shape[1] - 1 :]), codes
 
     @torch.no_grad()
     def round_trip(self, images, *, model=None, views: ViewSpec | None = None) -> list[Image.Image]:
@@ -247,15 +322,8 @@ class JanusAdapter(UMMAdapter):
                 use_cache=True,
             )
             cache = out.cache
-            logits = janus.model.generation_head(out.last_hidden_state[:, -1]).float()
-            if guidance != 1.0:
-                conditional, unconditional_logits = logits.chunk(2)
-                logits = unconditional_logits + guidance * (conditional - unconditional_logits)
-            if do_sample:
-                probs = torch.softmax(logits / max(temperature, 1e-5), dim=-1)
-                token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            else:
-                token = logits.argmax(-1)
+            logits = janus.model.generation_head(out.last_hidden_state[:, -1])
+            token = next_code(logits, guidance, do_sample, temperature, generator)
             codes.append(token)
             token = torch.cat([token, token]) if guidance != 1.0 else token
             step_input = janus.prepare_embeddings_for_image_generation(token[:, None]).to(embeddings.dtype)

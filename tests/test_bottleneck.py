@@ -1,0 +1,95 @@
+"""The information bottleneck: the shortcut guard, "auto" resolutions, blur, and Janus below its native size."""
+
+import pytest
+import torch
+
+from reca_hf import RecACollator, RecAConfig, RecATrainer
+from reca_hf.adapters import get_adapter
+from reca_hf.cli import validate
+from reca_hf.testing import tiny_umm
+
+
+def _rows(shapes, n=4):
+    return [shapes[i] for i in range(n)]
+
+
+def test_config_refuses_a_copyable_condition_and_names_both_fixes():
+    with pytest.raises(ValueError) as error:
+        RecAConfig(model_name_or_path="tiny:emu3", condition_resolution=32, generation_resolution=32,
+                   condition_bottleneck="none", report_to="none")  # fmt: skip
+    message = str(error.value)
+    assert "condition_resolution=32" in message and "copy" in message
+    assert "condition_bottleneck='resize'" in message and "'blur'" in message and "allow_shortcut" in message
+    # Resizing to the target's own resolution is no bottleneck either.
+    with pytest.raises(ValueError, match="copy"):
+        RecAConfig(model_name_or_path="tiny:emu3", condition_resolution=32, generation_resolution=32,
+                   condition_bottleneck="resize", report_to="none")  # fmt: skip
+    # Bottlenecked settings, and different-space adapters, pass.
+    RecAConfig(model_name_or_path="tiny:emu3", condition_resolution=16, generation_resolution=32, report_to="none")
+    RecAConfig(model_name_or_path="tiny:emu3", condition_resolution=32, generation_resolution=32,
+               condition_bottleneck="blur", report_to="none")  # fmt: skip
+    RecAConfig(model_name_or_path="tiny:janus", condition_resolution=32, generation_resolution=32,
+               condition_bottleneck="none", report_to="none")  # fmt: skip
+
+
+def test_trainer_refuses_the_shortcut_unless_allowed_which_warns(make_args, shapes):
+    model, processor = tiny_umm("emu3")
+    with pytest.raises(ValueError, match="copy"):
+        RecATrainer(model, args=make_args(condition_resolution=32, condition_bottleneck="none"), train_dataset=shapes,
+                    processing_class=processor)  # fmt: skip
+    with pytest.raises(ValueError, match="copy"):  # also with a collator of the user's own
+        RecATrainer(model, args=make_args(condition_resolution=32, condition_bottleneck="none"), train_dataset=shapes,
+                    processing_class=processor, data_collator=lambda rows: rows)  # fmt: skip
+    with pytest.warns(UserWarning, match="allow_shortcut=True"):
+        trainer = RecATrainer(model, args=make_args(condition_resolution=32, condition_bottleneck="none",
+                                                    allow_shortcut=True),
+                              train_dataset=shapes, processing_class=processor)  # fmt: skip
+    assert trainer.data_collator.views.condition_resolution == 32
+    janus, janus_processor = tiny_umm("janus")
+    RecATrainer(janus, args=make_args(condition_resolution=32, condition_bottleneck="none"), train_dataset=shapes,
+                processing_class=janus_processor)  # fmt: skip
+
+
+def test_auto_resolution_per_adapter():
+    emu3 = get_adapter(*tiny_umm("emu3"))
+    janus = get_adapter(*tiny_umm("janus"))
+    assert emu3.shares_representation() and not janus.shares_representation()
+    assert emu3.resolve_resolutions("auto", "auto") == (16, 32)  # same space: at most half the target side
+    assert janus.resolve_resolutions("auto", "auto") == (32, 32)  # different spaces: the understanding floor
+
+
+def test_blur_keeps_the_condition_token_count_and_removes_detail(shapes):
+    model, processor = tiny_umm("emu3")
+    adapter = get_adapter(model, processor)
+    with pytest.warns(UserWarning, match="allow_shortcut"):
+        plain = RecACollator(adapter, condition_resolution=32, condition_bottleneck="none", allow_shortcut=True)
+    blurred = RecACollator(adapter, condition_resolution=32, condition_bottleneck="blur", blur_factor=4)
+    resized = RecACollator(adapter, condition_resolution=16)
+    a, b, c = (collator(_rows(shapes)) for collator in (plain, blurred, resized))
+    assert torch.equal(a["condition_mask"].sum(-1), b["condition_mask"].sum(-1))
+    assert int(c["condition_mask"].sum(-1)[0]) < int(a["condition_mask"].sum(-1)[0])
+    assert a["condition_pixel_values"].shape == b["condition_pixel_values"].shape
+    assert not torch.equal(a["condition_pixel_values"], b["condition_pixel_values"])
+    assert torch.equal(a["target_pixel_values"], b["target_pixel_values"])
+
+
+def test_validate_reports_the_shortcut(tmp_path):
+    recipe = tmp_path / "shortcut.yaml"
+    recipe.write_text("model_name_or_path: tiny:emu3\ndataset_name: synthetic_shapes\ncondition_resolution: 32\n"
+                      "condition_bottleneck: none\n")  # fmt: skip
+    assert any("copy" in error for error in validate(str(recipe)))
+    recipe.write_text("model_name_or_path: tiny:emu3\ndataset_name: synthetic_shapes\n")
+    assert validate(str(recipe)) == []
+
+
+def test_janus_below_its_native_resolution_trains_and_reconstructs(make_args, tiny_janus, shapes):
+    model, processor = tiny_janus
+    trainer = RecATrainer(model, args=make_args(max_steps=2, condition_resolution=16), train_dataset=shapes,
+                          processing_class=processor)  # fmt: skip
+    batch = trainer.data_collator(_rows(shapes))
+    assert int(batch["condition_mask"].sum(-1)[0]) == 4  # (16 / 8)^2 SigLIP patches instead of 16
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(log["reconstruction_loss"]))
+               for log in trainer.state.log_history if "reconstruction_loss" in log)  # fmt: skip
+    images = trainer.adapter.reconstruct([shapes[0]["image"]], views=trainer.data_collator.views, seed=0)
+    assert images[0].size == (32, 32)

@@ -1,0 +1,35 @@
+"""The guide's claim in miniature (slow): without a bottleneck a same-space model copies, and only then
+does the collapse detector fire. Runs benchmarks/bottleneck_ablation.py."""
+
+import csv
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "bottleneck_ablation.py"
+
+
+@pytest.mark.slow
+def test_only_the_unbottlenecked_condition_collapses_and_is_detected(tmp_path):
+    spec = importlib.util.spec_from_file_location("bottleneck_ablation", SCRIPT)
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    with pytest.warns(UserWarning, match="allow_shortcut=True"):
+        rows = ablation.main(["--steps", "300", "--seeds", "0", "--output-dir", str(tmp_path)])
+    by_condition = {row["condition"]: row for row in rows}
+    floor = 0.1 * math.log(64)
+
+    copying = by_condition["a_no_bottleneck"]
+    assert copying["final_train_loss"] < floor and copying["final_held_out_loss"] < floor
+    assert copying["swap_copy_rate"] > 0.8 and copying["detector_fired_at_step"] != ""
+
+    for name in ("b_resize", "c_blur", "d_control_other_image"):
+        row = by_condition[name]
+        assert row["final_train_loss"] > 1.5 and row["final_held_out_loss"] > 1.5, row
+        assert row["swap_copy_rate"] < 0.5 and row["detector_fired_at_step"] == "", row
+
+    with open(tmp_path / "losses.csv") as handle:
+        assert {r["condition"] for r in csv.DictReader(handle)} == set(by_condition)
+    assert (tmp_path / "summary.csv").is_file() and (tmp_path / "bottleneck_ablation.png").stat().st_size > 10_000
