@@ -81,10 +81,12 @@ def load_image_dataset(
     image_column: str = "image",
     max_samples: int | None = None,
     seed: int = 0,
+    text_column: str | None = None,
 ):
     """Load training images: ``"synthetic_shapes"``, a folder of images, a ``save_to_disk`` folder, or a hub id.
 
-    Checks that ``image_column`` exists and says which columns do when it does not.
+    Checks that ``image_column`` (and ``text_column``, for captioned data) exist and says which columns
+    do when one does not.
     """
     import datasets
 
@@ -103,6 +105,11 @@ def load_image_dataset(
         raise ValueError(
             f"image_column={image_column!r} is not a column of dataset {name!r} (columns: {dataset.column_names}); "
             "set image_column to the column that holds the images"
+        )
+    if text_column is not None and text_column not in dataset.column_names:
+        raise ValueError(
+            f"caption_column={text_column!r} is not a column of dataset {name!r} (columns: {dataset.column_names}); "
+            "set caption_column to the column that holds the captions or chat messages"
         )
     if max_samples is not None and name != SYNTHETIC:
         dataset = dataset.select(range(min(max_samples, len(dataset))))

@@ -20,9 +20,18 @@ def matches(name: str, patterns: Iterable[str]) -> bool:
     return any(re.fullmatch(pattern, prefix) for pattern in patterns for prefix in prefixes)
 
 
+def auto_freeze(adapter: UMMAdapter) -> tuple[str, ...]:
+    """What ``freeze="auto"`` freezes: image tokenizers and understanding-only modules for every model, the
+    adapter's own extras (``default_freeze``), and for decoupled models the whole understanding path."""
+    patterns = [*adapter.tokenizer_modules, *adapter.understanding_modules, *adapter.default_freeze]
+    if adapter.parameter_sharing == "decoupled":
+        patterns += adapter.shared_modules
+    return tuple(dict.fromkeys(patterns))
+
+
 def resolve_freeze(adapter: UMMAdapter, freeze: str | list[str]) -> tuple[str, ...]:
     if freeze == "auto":
-        return tuple(adapter.default_freeze)
+        return auto_freeze(adapter)
     if freeze == "none":
         return ()
     return tuple([freeze] if isinstance(freeze, str) else freeze)

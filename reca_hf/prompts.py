@@ -75,3 +75,8 @@ class PromptSampler:
         choice = int(rng.integers(len(self.prompts)))
         dropped = bool(rng.random() < self.dropout_prob)
         return (self.null_prompt if dropped else self.prompts[choice]), dropped
+
+    def template(self, index: int, epoch: int = 0) -> str:
+        """The instruction drawn for ``(index, epoch)`` without prompt dropout (image-to-text questions)."""
+        rng = np.random.default_rng([self.seed, epoch, index])
+        return self.prompts[int(rng.integers(len(self.prompts)))]

@@ -12,20 +12,42 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import is_peft_model
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
-from .adapters import get_adapter, unwrap_model
-from .callbacks import GRID_FILE, PromptEpochCallback, ReconstructionGridCallback
+from .adapters import UMMAdapter, get_adapter, unwrap_model
+from .callbacks import GRID_FILE, CollapseDetector, PromptEpochCallback, ReconstructionGridCallback
 from .cards import PAPER_ID, PAPER_TITLE, render_model_card
-from .collator import INDEX_KEY, RecACollator
+from .collator import RecACollator
 from .config import RecAConfig
+from .data import synthetic_shapes
 from .freeze import apply_freeze, format_table, parameter_table
+from .images import ViewSpec
 from .loading import load_model_and_processor
+from .lora import (
+    check_publishable,
+    leaves_understanding_intact,
+    lora_card_data,
+    prepare_peft_model,
+    save_reca_adapter_config,
+)
+from .tasks import (
+    IMAGE_TO_TEXT,
+    INDEX_KEY,
+    RECONSTRUCTION,
+    TASK_KEY,
+    TASKS,
+    TEXT_TO_IMAGE,
+    EvalTasksDataset,
+    MixedTaskDataset,
+    resolve_task_ratios,
+)
 
 logger = logging.getLogger(__name__)
 
 FREEZE_TABLE_FILE = "reca_parameters.json"
+PROBE_SEED = 20250909  # synthetic probe images: a seed no training set of synthetic shapes uses by default
 
 
 class IndexedDataset(Dataset):
@@ -69,6 +91,8 @@ class RecATrainer(Trainer):
         data_collator: `None` builds a [`RecACollator`] from the adapter, the processor and `args`.
         train_dataset, eval_dataset: datasets whose `args.image_column` holds images.
         processing_class: the model's processor (tokenizer and image processor).
+        peft_config: a `peft.PeftConfig` to train an adapter instead of the weights; it wins over the
+            `use_peft` / `lora_*` fields of `args`. Every base parameter stays frozen.
     """
 
     _tag_names = ["reca", "unified-multimodal", "text-to-image"]
@@ -85,6 +109,9 @@ class RecATrainer(Trainer):
         processing_class=None,
         callbacks=None,
         optimizers=(None, None),
+        peft_config=None,
+        i2t_dataset=None,
+        t2i_dataset=None,
         **kwargs,
     ):
         if isinstance(model, str):
@@ -95,7 +122,7 @@ class RecATrainer(Trainer):
             model_id = getattr(model.config, "_name_or_path", None) or model.config.model_type
         args = _as_reca_config(args, model_id)
         self.adapter = get_adapter(model, processing_class)
-        self.base_model_id = model_id
+        self.base_model_id = args.base_model_id or model_id
         if data_collator is None:
             data_collator = RecACollator(
                 self.adapter,
@@ -107,25 +134,36 @@ class RecATrainer(Trainer):
                 cond_dropout_prob=args.cond_dropout_prob,
                 image_column=args.image_column,
                 seed=args.seed,
+                allow_shortcut=args.allow_shortcut,
+                caption_column=args.caption_column,
             )
-        for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
-            _check_image_column(dataset, args.image_column, name)
+        else:  # the user's own collator: the shortcut guard still applies to the configured views
+            self.adapter.check_shortcut(self._configured_views(args), args.allow_shortcut)
+        datasets = {"train_dataset": train_dataset, "eval_dataset": eval_dataset, "i2t_dataset": i2t_dataset,
+                    "t2i_dataset": t2i_dataset}  # fmt: skip
+        for name, dataset in datasets.items():
+            _check_column(dataset, "image_column", args.image_column, name)
+        for name in ("i2t_dataset", "t2i_dataset"):
+            _check_column(datasets[name], "caption_column", args.caption_column, name)
+        self.task_ratios, self.task_weights = self._task_mix(args, train_dataset, i2t_dataset, t2i_dataset)
         apply_freeze(model, self.adapter, args.freeze)
+        model = prepare_peft_model(model, self.adapter, args, peft_config, model_id)
         self.parameter_table = parameter_table(model, self.adapter)
-        if self.adapter.parameter_sharing == "shared":
-            logger.warning(
-                "%s shares one language model between understanding and generation, and this run trains it on "
-                "reconstruction only. The RecA guide mixes image-to-text data into such runs so that "
-                "understanding does not degrade and the representation does not collapse; image-to-text "
-                "mixing is not in reca_hf yet, so keep runs short and check understanding afterwards.",
-                self.adapter.name,
+        self._check_understanding_data(model, args)
+        train_data = train_dataset
+        if self.task_ratios[IMAGE_TO_TEXT] or self.task_ratios[TEXT_TO_IMAGE]:
+            train_data = MixedTaskDataset(
+                {RECONSTRUCTION: train_dataset, IMAGE_TO_TEXT: i2t_dataset, TEXT_TO_IMAGE: t2i_dataset},
+                self.task_ratios,
+                seed=args.seed,
             )
+        eval_data = self._eval_tasks(eval_dataset, args)
         super().__init__(
             model=model,
             args=args,
             data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
+            train_dataset=train_data,
+            eval_dataset=eval_data,
             processing_class=processing_class,
             callbacks=callbacks,
             optimizers=optimizers,
@@ -133,11 +171,13 @@ class RecATrainer(Trainer):
         )
         # Our loss is a mean over the batch: let the Trainer divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}  # name -> [(sum, count)]
+        self.task_counts = dict.fromkeys(TASKS, 0)  # training samples seen per task (this process)
         self._train_start_time: float | None = None
         if isinstance(data_collator, RecACollator):
-            self.add_callback(PromptEpochCallback(data_collator))
+            self.add_callback(PromptEpochCallback(data_collator, train_data))
             self._add_grid_callback(data_collator, train_dataset)
+        self.collapse_detector = self._collapse_detector(data_collator, eval_dataset)
         if self.is_world_process_zero():
             print(format_table(self.parameter_table, f"RecA parameters ({self.adapter.name}, freeze={args.freeze!r})"))
 
@@ -159,29 +199,156 @@ class RecATrainer(Trainer):
             )
         )
 
+    # ---- the task mix ----
+
+    def _task_mix(self, args, train_dataset, i2t_dataset, t2i_dataset):
+        given = {RECONSTRUCTION: train_dataset is not None, IMAGE_TO_TEXT: i2t_dataset is not None,
+                 TEXT_TO_IMAGE: t2i_dataset is not None}  # fmt: skip
+        if not any(given.values()):  # evaluation only
+            ratios = {task: float(task == RECONSTRUCTION) for task in TASKS}
+        else:
+            ratios = resolve_task_ratios(args.task_ratios, given)
+        for task, share in ratios.items():
+            if share and not self.adapter.supports(task):
+                raise ValueError(
+                    f"task_ratios gives {task} a share, but the {self.adapter.name} adapter does not implement "
+                    f"{task}; set task_ratios[{task!r}] to 0"
+                )
+        for task, dataset_given in given.items():
+            if dataset_given and not ratios[task] and task != RECONSTRUCTION:
+                logger.warning("A dataset was given for %s but task_ratios gives it no share: it is not used.", task)
+        weights = {task: float((args.task_weights or {}).get(task, 1.0)) for task in TASKS}
+        return ratios, weights
+
+    def _check_understanding_data(self, model, args) -> None:
+        """The guide's third rule: a shared LLM trained without image-to-text data loses understanding."""
+        if self.adapter.parameter_sharing != "shared":
+            return
+        if leaves_understanding_intact(model, self.adapter):  # e.g. a generation-only LoRA
+            if self.task_ratios[IMAGE_TO_TEXT] > 0:
+                logger.warning(
+                    "This run trains a generation-only adapter, which leaves understanding exactly intact; its "
+                    "image-to-text samples only train that adapter on captions. Set task_ratios image_to_text "
+                    "to 0 unless that is what you want."
+                )
+            return
+        if self.task_ratios[IMAGE_TO_TEXT] > 0:
+            return
+        message = (
+            f"{self.adapter.name} uses one language model to understand and to generate, and this run trains it "
+            "with no image-to-text data. Reconstruction alone pulls that shared model toward generation: its "
+            "captioning and question answering degrade, and its representation can collapse. Mix image-to-text "
+            "data in: pass i2t_dataset= (recipes: i2t_dataset_name) with task_ratios such as "
+            '{"reconstruction": 1, "image_to_text": 1}, the 1:1 mix of the public RecA configs.'
+        )
+        if args.require_understanding_data:
+            raise ValueError("require_understanding_data=True: " + message)
+        logger.warning(message)
+
+    def _eval_tasks(self, eval_dataset, args):
+        """Evaluate image-to-text too when the eval images have captions, starting at step 0."""
+        columns = getattr(eval_dataset, "column_names", None)
+        if not isinstance(columns, list) or args.caption_column not in columns:
+            return eval_dataset
+        if not self.adapter.supports(IMAGE_TO_TEXT):
+            return eval_dataset
+        if not args.eval_on_start:
+            logger.info("The eval set has captions: evaluating image-to-text at step 0 too (eval_on_start=True).")
+            args.eval_on_start = True
+        return EvalTasksDataset(eval_dataset, has_caption=True)
+
+    def _configured_views(self, args) -> ViewSpec:
+        condition, generation = self.adapter.resolve_resolutions(args.condition_resolution, args.generation_resolution)
+        return ViewSpec(
+            condition, generation, args.condition_bottleneck, args.blur_factor, self.adapter.background_color
+        )
+
+    def _collapse_detector(self, collator, eval_dataset) -> CollapseDetector | None:
+        """The user's CollapseDetector if they passed one, else the default one (None when it cannot run)."""
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, CollapseDetector):
+                return callback
+        args = self.args
+        if args.collapse_action == "off" or args.collapse_probe_images < 2:
+            return None
+        if type(self.adapter).target_logits is UMMAdapter.target_logits:
+            logger.info("Collapse detector off: the %s adapter has no target_logits for the probe.", self.adapter.name)
+            return None
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            logger.info("Collapse detector off: the swap probe cannot run on a sharded model.")
+            return None
+        views = collator.views if isinstance(collator, RecACollator) else self._configured_views(args)
+        count = args.collapse_probe_images
+        if eval_dataset is not None and not isinstance(eval_dataset, torch.utils.data.IterableDataset):
+            images = [eval_dataset[i][args.image_column] for i in range(min(count, len(eval_dataset)))]
+        else:
+            images = []
+        if len(images) < 2:  # no held-out images: shapes this model has never seen
+            images = synthetic_shapes(count, size=views.generation_resolution, seed=PROBE_SEED)["image"]
+        detector = CollapseDetector(
+            self.adapter, views, images, action=args.collapse_action, probe_steps=args.collapse_probe_steps
+        )
+        self.add_callback(detector)
+        return detector
+
     # ---- data ----
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = [self.args.image_column, INDEX_KEY]
+            self._signature_columns = [self.args.image_column, self.args.caption_column, INDEX_KEY, TASK_KEY]
 
     def _get_dataloader(self, dataset, *args, **kwargs):
-        if not isinstance(dataset, torch.utils.data.IterableDataset) and not isinstance(dataset, IndexedDataset):
+        if not isinstance(dataset, torch.utils.data.IterableDataset) and not getattr(dataset, "reca_indexed", False):
             dataset = IndexedDataset(dataset)
         return super()._get_dataloader(dataset, *args, **kwargs)
 
     # ---- loss ----
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        batch = {key: value for key, value in inputs.items() if isinstance(value, torch.Tensor)}
+        batches = {RECONSTRUCTION: {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}}
+        batches.update({task: inputs[task] for task in (IMAGE_TO_TEXT, TEXT_TO_IMAGE) if task in inputs})
+        batches = {task: batch for task, batch in batches.items() if batch}
         base = unwrap_model(model)
-        with _forward_as(base, lambda **b: self.adapter.loss(base, b)), self.accelerator.autocast():
-            loss = model(**batch)
-        mode = "train" if model.training else "eval"
-        self._metrics[mode]["reconstruction_loss"].append(
-            self.accelerator.gather_for_metrics(loss.detach()).mean().item()
-        )
+        task_losses: dict[str, torch.Tensor] = {}
+
+        def forward(**batches):  # one forward call of the (possibly wrapped) model computes every task's loss
+            losses = {task: self._task_loss(base, task, batch) for task, batch in batches.items()}
+            task_losses.update(losses)
+            return self._combine(losses, batches)
+
+        with _forward_as(base, forward), self.accelerator.autocast():
+            loss = model(**batches)
+        self._record_task_losses("train" if model.training else "eval", task_losses, batches)
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _task_loss(self, model, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if task == IMAGE_TO_TEXT:
+            return self.adapter.image_to_text_loss(model, batch)
+        if task == TEXT_TO_IMAGE:
+            return self.adapter.text_to_image_loss(model, batch)
+        return self.adapter.loss(model, batch)
+
+    def _combine(self, losses: dict[str, torch.Tensor], batches) -> torch.Tensor:
+        """Per-sample weighted mean of the task losses: each sample counts once, times its task's weight."""
+        sizes = {task: _batch_size(batches[task]) for task in losses}
+        total = sum(sizes.values())
+        return sum(self.task_weights[task] * sizes[task] / total * loss for task, loss in losses.items())
+
+    def _record_task_losses(self, mode: str, losses: dict[str, torch.Tensor], batches) -> None:
+        # Every process gathers every active task (a zero count when absent), so the collective calls match.
+        device = self.accelerator.device
+        active = [task for task in TASKS if self.task_ratios[task] > 0 or task in losses]
+        if mode == "eval" and isinstance(self.eval_dataset, EvalTasksDataset):
+            active = sorted(set(active) | set(self.eval_dataset.tasks), key=TASKS.index)
+        for task in active:
+            size = _batch_size(batches[task]) if task in losses else 0
+            value = losses[task].detach().float() * size if task in losses else torch.zeros((), device=device)
+            pair = torch.stack([value.to(device), torch.tensor(float(size), device=device)])
+            total, count = self.accelerator.gather(pair[None]).sum(0).tolist()
+            if count:
+                self._metrics[mode][f"{task}_loss"].append((total, count))
+            if mode == "train":
+                self.task_counts[task] += size
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -191,9 +358,15 @@ class RecATrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        metrics = {name: sum(values) / len(values) for name, values in self._metrics[mode].items() if values}
+        metrics = {
+            name: sum(total for total, _ in pairs) / sum(count for _, count in pairs)
+            for name, pairs in self._metrics[mode].items()
+            if pairs
+        }
         if mode == "eval":
             metrics = {f"eval_{name}": value for name, value in metrics.items()}
+        elif self.collapse_detector is not None and "loss" in logs:
+            metrics.update(self.collapse_detector.pop_metrics())
         logs.update(metrics)  # in place, so evaluate() returns these metrics too
         super().log(logs, start_time)
         self._metrics[mode].clear()
@@ -209,6 +382,12 @@ class RecATrainer(Trainer):
         if self.args.should_save:
             path = Path(output_dir or self.args.output_dir) / FREEZE_TABLE_FILE
             path.write_text(json.dumps(self.parameter_table, indent=2) + "\n")
+            if is_peft_model(self.model):
+                save_reca_adapter_config(path.parent, self.model, self.adapter, self.args, self.data_collator)
+
+    def push_to_hub(self, *args, **kwargs):
+        check_publishable(self.model)  # an adapter whose base is only a local path would load nowhere else
+        return super().push_to_hub(*args, **kwargs)
 
     def run_settings(self) -> dict[str, Any]:
         """The settings that define this run, for the model card and logs."""
@@ -255,6 +434,7 @@ class RecATrainer(Trainer):
             datasets=[dataset_name] if dataset_name and "/" in dataset_name else None,
             parameter_table=self.parameter_table,
             grid_file=GRID_FILE if (output_dir / GRID_FILE).is_file() else None,
+            lora=lora_card_data(self.model, self.adapter),
         )
         output_dir.mkdir(parents=True, exist_ok=True)
         card.save(output_dir / "README.md")
@@ -271,13 +451,18 @@ def _as_reca_config(args, model_id: str) -> RecAConfig:
     raise TypeError(f"args must be a RecAConfig or TrainingArguments, got {type(args).__name__}")
 
 
-def _check_image_column(dataset, column: str, name: str) -> None:
+def _check_column(dataset, field: str, column: str, name: str) -> None:
     columns = getattr(dataset, "column_names", None)
     if isinstance(columns, list) and column not in columns:
+        what = "images" if field == "image_column" else "captions (or chat messages)"
         raise ValueError(
-            f"{name} has no column image_column={column!r} (columns: {columns}); set image_column to the column "
-            "that holds the images"
+            f"{name} has no column {field}={column!r} (columns: {columns}); set {field} to the column that holds "
+            f"the {what}"
         )
+
+
+def _batch_size(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["input_ids"].shape[0])
 
 
 def _hardware() -> str:

@@ -140,4 +140,10 @@ def test_evaluation_logs_the_reconstruction_loss(make_args, tiny_janus, shapes, 
     trainer = RecATrainer(model, args=make_args(), train_dataset=shapes, eval_dataset=shapes.select(range(4)),
                           processing_class=processor)  # fmt: skip
     metrics = trainer.evaluate()
+    # The eval images have captions, so they are evaluated on image-to-text too (4 + 4 samples, one batch).
+    expected = (metrics["eval_reconstruction_loss"] + metrics["eval_image_to_text_loss"]) / 2
+    assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-4)
+    images_only = shapes.select(range(4)).remove_columns("caption")
+    metrics = trainer.evaluate(eval_dataset=images_only)
     assert metrics["eval_reconstruction_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-4)
+    assert "eval_image_to_text_loss" not in metrics

@@ -1,0 +1,133 @@
+"""The task mix of a RecA run: reconstruction, plus image-to-text and text-to-image data.
+
+Shared-parameter models (one LLM that understands and generates) keep their understanding only if
+image-to-text data stays in the mix; text-to-image data keeps the ordinary generation task alive.
+:class:`MixedTaskDataset` interleaves the tasks' datasets so that every task gets its configured share
+of the samples; the collator then splits each batch by task and the trainer sums the per-task losses.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+RECONSTRUCTION, IMAGE_TO_TEXT, TEXT_TO_IMAGE = "reconstruction", "image_to_text", "text_to_image"
+TASKS = (RECONSTRUCTION, IMAGE_TO_TEXT, TEXT_TO_IMAGE)
+TASK_KEY = "__reca_task__"  # which task a row belongs to (added by the datasets below)
+INDEX_KEY = "__reca_index__"  # the row's index, from which the collator draws its instruction
+
+
+def resolve_task_ratios(ratios: dict[str, float] | None, available: dict[str, bool]) -> dict[str, float]:
+    """The task shares of a run: ``ratios`` as given (missing tasks get 0), or by default 1 for every task
+    that has a dataset. A positive share for a task without a dataset is an error naming the fix."""
+    if ratios is None:
+        ratios = {task: 1.0 for task in TASKS if available.get(task)}
+    resolved = {task: float(ratios.get(task, 0.0)) for task in TASKS}
+    missing = [task for task, share in resolved.items() if share > 0 and not available.get(task)]
+    if missing:
+        keywords = {RECONSTRUCTION: "train_dataset", IMAGE_TO_TEXT: "i2t_dataset", TEXT_TO_IMAGE: "t2i_dataset"}
+        raise ValueError(
+            f"task_ratios={ratios!r} gives a share to {missing} but no dataset was given for "
+            f"{', '.join(keywords[t] for t in missing)}; pass it (recipes: {', '.join(_recipe_key(t) for t in missing)}) "
+            "or set that ratio to 0"
+        )
+    if not any(resolved.values()):
+        raise ValueError(f"task_ratios={ratios!r}: at least one task needs a positive share")
+    return resolved
+
+
+def _recipe_key(task: str) -> str:
+    return {RECONSTRUCTION: "dataset_name", IMAGE_TO_TEXT: "i2t_dataset_name", TEXT_TO_IMAGE: "t2i_dataset_name"}[task]
+
+
+class MixedTaskDataset(Dataset):
+    """One epoch of interleaved task slots; slot ``i`` is a row of one task's dataset, tagged with the task.
+
+    The epoch is one pass over the reconstruction images (or, without reconstruction, over the largest
+    other dataset); each task gets ``round(length * share)`` slots, spread evenly through the epoch so
+    that any stretch of consecutive slots, and any shuffled epoch, respects the shares. A task's rows are
+    visited in a seeded random order that continues across epochs (set by :meth:`set_epoch`, which the
+    Trainer's dataloader calls), so a large image-to-text set is not cut to its first rows.
+    """
+
+    reca_indexed = True
+
+    def __init__(self, datasets: dict[str, Any], ratios: dict[str, float], seed: int = 0):
+        self.datasets = {task: datasets[task] for task in TASKS if ratios.get(task, 0) > 0}
+        total_share = sum(ratios[task] for task in self.datasets)
+        self.shares = {task: ratios[task] / total_share for task in self.datasets}
+        if RECONSTRUCTION in self.datasets:
+            length = math.ceil(len(self.datasets[RECONSTRUCTION]) / self.shares[RECONSTRUCTION])
+        else:
+            length = max(math.ceil(len(ds) / self.shares[task]) for task, ds in self.datasets.items())
+        self.counts = _apportion(length, self.shares)
+        keys = np.concatenate([(np.arange(n) + 0.5) / n for n in self.counts.values()])
+        tasks = np.concatenate([np.full(n, i) for i, n in enumerate(self.counts.values())])
+        ranks = np.concatenate([np.arange(n) for n in self.counts.values()])
+        order = np.argsort(keys, kind="stable")
+        self._task_names = list(self.counts)
+        self._slot_task = tasks[order]
+        self._slot_rank = ranks[order]
+        self.seed = seed
+        self.epoch = 0
+        self._permutations: dict[tuple[str, int], np.ndarray] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self._slot_task)
+
+    def task_of(self, index: int) -> str:
+        return self._task_names[self._slot_task[index]]
+
+    def row_of(self, index: int) -> int:
+        """The row of its task's dataset that slot ``index`` reads in the current epoch."""
+        task = self.task_of(index)
+        size = len(self.datasets[task])
+        position = self.epoch * self.counts[task] + int(self._slot_rank[index])
+        cycle, offset = divmod(position, size)
+        return int(self._permutation(task, cycle)[offset])
+
+    def _permutation(self, task: str, cycle: int) -> np.ndarray:
+        key = (task, cycle)
+        if key not in self._permutations:
+            if len(self._permutations) > 8:
+                self._permutations.clear()
+            rng = np.random.default_rng([self.seed, TASKS.index(task), cycle])
+            self._permutations[key] = rng.permutation(len(self.datasets[task]))
+        return self._permutations[key]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        task = self.task_of(index)
+        return {**self.datasets[task][self.row_of(index)], TASK_KEY: task, INDEX_KEY: index}
+
+
+class EvalTasksDataset(Dataset):
+    """An eval set of images, each evaluated on reconstruction and, when it has a caption, image-to-text."""
+
+    reca_indexed = True
+
+    def __init__(self, dataset, has_caption: bool):
+        self.dataset = dataset
+        self.tasks = (RECONSTRUCTION, IMAGE_TO_TEXT) if has_caption else (RECONSTRUCTION,)
+
+    def __len__(self) -> int:
+        return len(self.dataset) * len(self.tasks)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        task_number, row = divmod(index, len(self.dataset))
+        return {**self.dataset[row], TASK_KEY: self.tasks[task_number], INDEX_KEY: index}
+
+
+def _apportion(total: int, shares: dict[str, float]) -> dict[str, int]:
+    """Split ``total`` slots by ``shares`` (largest remainder), at least one slot per task."""
+    exact = {task: total * share for task, share in shares.items()}
+    counts = {task: max(1, math.floor(value)) for task, value in exact.items()}
+    by_remainder = sorted(exact, key=lambda task: exact[task] - math.floor(exact[task]), reverse=True)
+    for task in by_remainder[: max(0, total - sum(counts.values()))]:
+        counts[task] += 1
+    return counts
