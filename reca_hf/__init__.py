@@ -13,6 +13,7 @@ _EXPORTS = {
     "RecATrainer": "trainer",
     "RecACollator": "collator",
     "load_prompts": "prompts",
+    "load_reca_adapter": "lora",
     "adapters": None,
     "data": None,
     "testing": None,

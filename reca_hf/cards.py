@@ -44,12 +44,17 @@ def render_model_card(
     parameter_table: dict[str, dict[str, int]] | None = None,
     grid_file: str | None = None,
     template: str | Path | None = None,
+    lora: dict[str, Any] | None = None,
 ) -> ModelCard:
-    """Render the card of a full RecA-trained model from plain run metadata."""
+    """Render the card of a RecA-trained model from plain run metadata.
+
+    ``lora`` (``lora_target_modules`` and ``generation_scoped``) marks a LoRA adapter: the card then says
+    ``library_name: peft`` and shows how to apply the adapter instead of how to load a full model.
+    """
     base_is_hub_id = bool(base_model) and not Path(base_model).exists() and "/" in base_model
     card_data = ModelCardData(
         base_model=base_model if base_is_hub_id else None,
-        library_name="transformers",
+        library_name="peft" if lora else "transformers",
         tags=sorted({"reca", "unified-multimodal", "text-to-image", architecture, *tags}),
         datasets=datasets or None,
         pipeline_tag="text-to-image",
@@ -69,4 +74,5 @@ def render_model_card(
         repo_id=repo_id or model_name,
         versions=framework_versions(),
         citation=CITATION,
+        lora=lora,
     )

@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .adapters import adapter_class_for
 
 TINY_PREFIX = "tiny:"
+
+
+def is_hub_id(name: str | None) -> bool:
+    """True for a Hub repository id such as 'deepseek-community/Janus-Pro-7B': a namespace and a name, not a
+    local path that exists, not a 'tiny:' spec."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not isinstance(name, str) or name.count("/") != 1 or name.startswith(TINY_PREFIX):
+        return False
+    if Path(name).expanduser().exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def load_model_and_processor(name_or_path: str, dtype: str = "float32"):
