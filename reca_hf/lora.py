@@ -59,29 +59,28 @@ def resolve_target_modules(adapter: UMMAdapter | type[UMMAdapter], targets: str 
     regex; a regex or a list of names passes through."""
     if targets == "generation":
         if not adapter.lora_generation_targets:
-            if adapter.understanding_entry is not None and adapter.lora_llm_targets:
+            if adapter.lora_llm_targets and adapter.understanding_entry is not None:
                 fix = (
                     "Use lora_target_modules='generation+llm': LoRA on the shared LLM, switched on for generation only."
                 )
-            else:
-                example = adapter.lora_llm_targets[0] if adapter.lora_llm_targets else r"model\.layers\.\d+\..*_proj"
+            elif adapter.lora_llm_targets:
                 fix = (
-                    "'generation+llm' (LoRA on the shared LLM, switched on for generation only) needs a separate "
-                    f"text path, which {adapter.name} lacks: one forward serves both. Give the LLM projections as a "
-                    f"regular expression instead, e.g. lora_target_modules={example!r}; understanding then changes too."
+                    "Use lora_target_modules='generation+llm': LoRA on the shared LLM's projections. "
+                    f"{adapter.name} reads and writes images through one forward, so that LoRA cannot be switched "
+                    "off for understanding: keep image-to-text data in the mix."
                 )
+            else:
+                fix = "Give lora_target_modules as a list of module names or a regular expression."
             raise ValueError(
                 f"lora_target_modules='generation': the {adapter.name} adapter has no generation-only Linear layers "
                 f"(its image tokens share the LLM's embeddings and head). {fix}"
             )
         return _alternation(adapter.lora_generation_targets)
     if targets == "generation+llm":
-        if not adapter.lora_llm_targets or adapter.understanding_entry is None:
-            missing = "lora_llm_targets" if not adapter.lora_llm_targets else "understanding_entry"
+        if not adapter.lora_llm_targets:
             raise ValueError(
-                f"lora_target_modules='generation+llm': the {adapter.name} adapter declares no {missing}, so "
-                "LoRA on its LLM cannot be kept off the understanding path. Give lora_target_modules as a list "
-                "of module names or a regular expression instead (the adapter then also changes understanding)."
+                f"lora_target_modules='generation+llm': the {adapter.name} adapter declares no lora_llm_targets. "
+                "Give lora_target_modules as a list of module names or a regular expression instead."
             )
         return _alternation((*adapter.lora_generation_targets, *adapter.lora_llm_targets))
     return targets
@@ -158,7 +157,15 @@ def prepare_peft_model(
     model.peft_config[model.active_adapter].base_model_name_or_path = _base_model_name(args, model_id, model)
     setattr(model, _TARGETS_ATTR, targets)
     if targets == "generation+llm":
-        scope_to_generation(model, adapter)
+        if adapter.understanding_entry is not None:
+            scope_to_generation(model, adapter)
+        else:
+            logger.warning(
+                "lora_target_modules='generation+llm' on %s: its images are read and written through one forward, "
+                "so the LLM's LoRA cannot be switched off for understanding and text outputs change too. Keep "
+                "image-to-text data in the mix (i2t_dataset, task_ratios).",
+                adapter.name,
+            )
     if args.activation_checkpointing:
         # Reentrant checkpointing needs inputs that require grad, which frozen embeddings do not give.
         model.enable_input_require_grads()

@@ -260,14 +260,21 @@ def test_lora_recipe_trains_validates_and_writes_an_adapter_card(tmp_path, capsy
     assert "OK" in capsys.readouterr().out
 
 
-def test_emu3_has_no_generation_only_layers_and_is_told_what_to_use(make_args, shapes):
+def test_emu3_has_no_generation_only_layers_and_is_told_what_to_use(make_args, shapes, caplog):
     model, processor = tiny_umm("emu3")
     with pytest.raises(ValueError, match=r"no generation-only Linear layers.*'generation\+llm'"):
         _trainer(make_args, shapes, model, processor, lora_target_modules="generation")
-    with pytest.raises(ValueError, match="understanding_entry"):
-        _trainer(make_args, shapes, model, processor, lora_target_modules="generation+llm")
-    targets = r"model\.text_model\.layers\.\d+\.self_attn\.[qkvo]_proj"  # the regex the first message suggests
-    trainer = _trainer(make_args, shapes, model, processor, lora_target_modules=targets)
+    # The suggested mode works, unscoped: one forward serves both paths, which the trainer says.
+    with caplog.at_level("WARNING", logger="reca_hf.lora"):
+        trainer = _trainer(make_args, shapes, model, processor, lora_target_modules="generation+llm")
+    assert "cannot be switched off for understanding" in caplog.text
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and all(
+        re.search(r"text_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.lora_", n) for n in trainable
+    )
+    trainer.train()
+    targets = r"model\.text_model\.layers\.\d+\.self_attn\.[qkvo]_proj"  # a regex of the user's own also works
+    trainer = _trainer(make_args, shapes, tiny_umm("emu3")[0], processor, lora_target_modules=targets)
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all(re.search(r"text_model\.layers\.\d+\.self_attn\.[qkvo]_proj\.lora_", n) for n in trainable)
 
