@@ -87,9 +87,10 @@ def train(recipe: str, overrides: list[str]) -> None:
     trainer.save_model()
     trainer.save_state()
     trainer.create_model_card()
-    losses = [log["reconstruction_loss"] for log in trainer.state.log_history if "reconstruction_loss" in log]
-    if losses:
-        print(f"reconstruction_loss: {losses[0]:.4f} (first log) -> {losses[-1]:.4f} (last log)")
+    for name in ("reconstruction_loss", "image_to_text_loss", "text_to_image_loss"):
+        losses = [log[name] for log in trainer.state.log_history if name in log]
+        if losses:
+            print(f"{name}: {losses[0]:.4f} (first log) -> {losses[-1]:.4f} (last log)")
     print(f"Saved to {config.output_dir}")
 
 
