@@ -301,6 +301,32 @@ def left_pad(sequences: list[list[int]], value: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
+IGNORE_INDEX = -100  # label of positions without a loss
+
+
+def answer_batch(tokenizer, prompts: list[str], answers: list[str], add_special_tokens: bool = True):
+    """Image-to-text sequences: each prompt, then its answer and EOS; ``labels`` cover the answers only.
+
+    Returns ``(input_ids, attention_mask, labels)``, left-padded.
+    """
+    sequences, labels = [], []
+    for prompt, answer in zip(prompts, answers):
+        prompt_ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+        reply = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        sequences.append(prompt_ids + reply)
+        labels.append([IGNORE_INDEX] * len(prompt_ids) + reply)
+    input_ids, attention_mask = left_pad(sequences, tokenizer.pad_token_id)
+    return input_ids, attention_mask, left_pad(labels, IGNORE_INDEX)[0]
+
+
+def answer_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+    """Next-token cross-entropy of the labelled (answer) positions; the head runs on those positions only."""
+    labels = labels[:, 1:].to(hidden.device)
+    answer = labels != IGNORE_INDEX
+    logits = head(hidden[:, :-1][answer])
+    return torch.nn.functional.cross_entropy(logits.float(), labels[answer])
+
+
 def unwrap_model(model):
     """The transformers model under PEFT / DDP / compile wrappers (LoRA layers stay injected in it)."""
     while True:

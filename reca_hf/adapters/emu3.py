@@ -30,10 +30,19 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..images import ViewSpec, load_image, to_pil, to_tensor
-from .base import AUTO, UMMAdapter, left_pad, next_code, register_adapter, unwrap_model
+from .base import (
+    AUTO,
+    IGNORE_INDEX,
+    UMMAdapter,
+    answer_batch,
+    answer_loss,
+    next_code,
+    register_adapter,
+    unwrap_model,
+)
 
 _VQ_MEAN = _VQ_STD = (0.5, 0.5, 0.5)  # Emu3's VQ reads pixels in [-1, 1] (used when there is no processor)
-_IGNORE = -100
+_IGNORE = IGNORE_INDEX
 
 
 @contextmanager
@@ -305,18 +314,13 @@ class Emu3Adapter(UMMAdapter):
     def prepare_image_to_text(self, images, questions, answers) -> dict[str, torch.Tensor]:
         tokenizer = self._tokenizer()
         grid = self._grid_of(images, "condition")
-        sequences, labels = [], []
-        for question, answer in zip(questions, answers):
-            prompt = tokenizer(self.understanding_prompt(question, grid), add_special_tokens=False)["input_ids"]
-            reply = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            sequences.append(prompt + reply)
-            labels.append([_IGNORE] * len(prompt) + reply)
-        input_ids, attention_mask = left_pad(sequences, tokenizer.pad_token_id)
+        prompts = [self.understanding_prompt(question, grid) for question in questions]
+        input_ids, attention_mask, labels = answer_batch(tokenizer, prompts, answers, add_special_tokens=False)
         mean, std = self._pixel_stats()
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "labels": left_pad(labels, _IGNORE)[0],
+            "labels": labels,
             "condition_mask": input_ids == tokenizer.convert_tokens_to_ids(tokenizer.image_token),
             "condition_pixel_values": to_tensor(images, mean, std),
         }
@@ -431,10 +435,7 @@ class Emu3Adapter(UMMAdapter):
             attention_mask=attention_mask,
             position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
         ).last_hidden_state
-        labels = batch["labels"][:, 1:].to(input_ids.device)
-        answer = labels != _IGNORE
-        logits = emu3.lm_head(hidden[:, :-1][answer])
-        return F.cross_entropy(logits.float(), labels[answer])
+        return answer_loss(hidden, batch["labels"], emu3.lm_head)
 
     def _code_logits(self, emu3, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the VQ codes only (column ``k`` is code ``k``): the head's rows of the image tokens."""

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..images import ViewSpec, load_image, to_pil, to_tensor
-from .base import UMMAdapter, left_pad, next_code, register_adapter, unwrap_model
+from .base import UMMAdapter, answer_batch, answer_loss, next_code, register_adapter, unwrap_model
 
 _VQ_MEAN = _VQ_STD = (0.5, 0.5, 0.5)  # Janus' VQ encoder reads pixels in [-1, 1]
 
@@ -167,18 +167,13 @@ class JanusAdapter(UMMAdapter):
     def prepare_image_to_text(self, images, questions, answers) -> dict[str, torch.Tensor]:
         tokenizer = self._tokenizer()
         num_slots = self.num_condition_tokens(images[0].size[0])
-        sequences, labels = [], []
-        for question, answer in zip(questions, answers):
-            prompt = tokenizer(self.format_prompt(question, num_slots, generation=False))["input_ids"]
-            reply = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            sequences.append(prompt + reply)
-            labels.append([-100] * len(prompt) + reply)
-        input_ids, attention_mask = left_pad(sequences, tokenizer.pad_token_id)
+        prompts = [self.format_prompt(question, num_slots, generation=False) for question in questions]
+        input_ids, attention_mask, labels = answer_batch(tokenizer, prompts, answers)
         mean, std = self._pixel_stats()
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "labels": left_pad(labels, -100)[0],
+            "labels": labels,
             "condition_mask": input_ids == tokenizer.convert_tokens_to_ids(tokenizer.image_token),
             "condition_pixel_values": to_tensor(images, mean, std),
         }
@@ -238,10 +233,7 @@ class JanusAdapter(UMMAdapter):
         hidden = janus.model.language_model(
             inputs_embeds=embeddings, attention_mask=attention_mask, position_ids=position_ids
         ).last_hidden_state
-        labels = batch["labels"][:, 1:]
-        answer = labels != -100
-        logits = janus.lm_head(hidden[:, :-1][answer])  # the text head, on answer positions only
-        return F.cross_entropy(logits.float(), labels[answer])
+        return answer_loss(hidden, batch["labels"], janus.lm_head)
 
     def target_logits(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         janus = unwrap_model(model)
