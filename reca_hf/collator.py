@@ -10,7 +10,7 @@ import torch
 from .adapters.base import AUTO, UMMAdapter
 from .images import ViewSpec, load_image, pad_to_square
 from .prompts import PromptSampler, load_prompts
-from .tasks import IMAGE_TO_TEXT, INDEX_KEY, RECONSTRUCTION, TASK_KEY, TASKS, TEXT_TO_IMAGE
+from .tasks import IMAGE_TO_TEXT, INDEX_KEY, RECONSTRUCTION, TASK_KEY, TASKS, TEXT_TO_IMAGE, caption_column_in
 
 
 class RecACollator:
@@ -30,7 +30,7 @@ class RecACollator:
     image-to-text examples (the image at the understanding resolution, a drawn question, the caption
     as the answer) or text-to-image examples (the caption as the prompt, the target view); their
     inputs go under ``batch["image_to_text"]`` / ``batch["text_to_image"]``. ``caption_column`` holds
-    a caption string or chat-style messages.
+    a caption string or chat-style messages (by default ``caption``, else ``text`` or ``messages``).
 
     The row index comes from the ``__reca_index__`` key that :class:`~reca_hf.RecATrainer` adds to
     every row; rows without it are numbered in the order this collator sees them.
@@ -87,13 +87,14 @@ class RecACollator:
         The caption column holds a string, or chat-style messages (a list of ``{"role", "content"}``), whose
         last assistant turn is the answer and whose user text before it is the question.
         """
-        if self.caption_column not in example:
+        column = caption_column_in(example, self.caption_column)
+        if column is None:
             raise KeyError(
                 f"{task} row {index} has no column {self.caption_column!r} (columns: "
                 f"{sorted(k for k in example if not k.startswith('__reca'))}); set caption_column to the column "
                 "that holds the captions or chat messages"
             )
-        value = example[self.caption_column]
+        value = example[column]
         if isinstance(value, str) and value.strip():
             return None, value.strip()
         if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
@@ -102,7 +103,7 @@ class RecACollator:
                 question = " ".join(_message_text(m) for m in value[: answers[-1]] if m["role"] == "user").strip()
                 return question or None, _message_text(value[answers[-1]]).strip()
         raise ValueError(
-            f"{task} row {index}: column {self.caption_column!r} holds {type(value).__name__} {str(value)[:80]!r}; "
+            f"{task} row {index}: column {column!r} holds {type(value).__name__} {str(value)[:80]!r}; "
             "expected a non-empty caption string or chat messages with an assistant turn; fix or remove that row"
         )
 

@@ -20,6 +20,17 @@ TASK_KEY = "__reca_task__"  # which task a row belongs to (added by the datasets
 INDEX_KEY = "__reca_index__"  # the row's index, from which the collator draws its instruction
 
 
+DEFAULT_CAPTION_COLUMN = "caption"
+_CAPTION_FALLBACKS = ("text", "messages")  # read when the default caption column is absent
+
+
+def caption_column_in(columns, configured: str) -> str | None:
+    """The column holding captions among ``columns``: ``configured``, or, when that is the default
+    ``"caption"`` and absent, ``"text"`` or ``"messages"``; None when there is none."""
+    candidates = [configured, *(_CAPTION_FALLBACKS if configured == DEFAULT_CAPTION_COLUMN else ())]
+    return next((column for column in candidates if column in columns), None)
+
+
 def resolve_task_ratios(ratios: dict[str, float] | None, available: dict[str, bool]) -> dict[str, float]:
     """The task shares of a run: ``ratios`` as given (missing tasks get 0), or by default 1 for every task
     that has a dataset. A positive share for a task without a dataset is an error naming the fix."""

@@ -41,6 +41,7 @@ from .tasks import (
     TEXT_TO_IMAGE,
     EvalTasksDataset,
     MixedTaskDataset,
+    caption_column_in,
     resolve_task_ratios,
 )
 
@@ -144,7 +145,9 @@ class RecATrainer(Trainer):
         for name, dataset in datasets.items():
             _check_column(dataset, "image_column", args.image_column, name)
         for name in ("i2t_dataset", "t2i_dataset"):
-            _check_column(datasets[name], "caption_column", args.caption_column, name)
+            columns = getattr(datasets[name], "column_names", None)
+            if isinstance(columns, list) and caption_column_in(columns, args.caption_column) is None:
+                _check_column(datasets[name], "caption_column", args.caption_column, name)
         self.task_ratios, self.task_weights = self._task_mix(args, train_dataset, i2t_dataset, t2i_dataset)
         apply_freeze(model, self.adapter, args.freeze)
         model = prepare_peft_model(model, self.adapter, args, peft_config, model_id)
@@ -248,7 +251,7 @@ class RecATrainer(Trainer):
     def _eval_tasks(self, eval_dataset, args):
         """Evaluate image-to-text too when the eval images have captions, starting at step 0."""
         columns = getattr(eval_dataset, "column_names", None)
-        if not isinstance(columns, list) or args.caption_column not in columns:
+        if not isinstance(columns, list) or caption_column_in(columns, args.caption_column) is None:
             return eval_dataset
         if not self.adapter.supports(IMAGE_TO_TEXT):
             return eval_dataset

@@ -192,3 +192,12 @@ def test_every_task_gives_a_finite_loss_with_gradients_where_expected(arch, shap
         assert all(grads[name] is None for name in frozen), task
         layers = [g for name, g in grads.items() if ".layers." in name and "vision" not in name and "vq" not in name]
         assert layers and sum(g.abs().sum() for g in layers if g is not None) > 0, task
+
+
+def test_captions_are_also_read_from_a_text_column(make_args, tiny_janus, shapes):
+    model, processor = tiny_janus
+    texts = shapes.rename_column("caption", "text")
+    trainer = RecATrainer(model, args=make_args(max_steps=2), train_dataset=shapes, i2t_dataset=texts,
+                          processing_class=processor)  # fmt: skip
+    trainer.train()
+    assert trainer.task_counts[IMAGE_TO_TEXT] > 0 and _task_history(trainer, "image_to_text_loss")
