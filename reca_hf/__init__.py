@@ -12,6 +12,7 @@ _EXPORTS = {
     "RecAConfig": "config",
     "RecATrainer": "trainer",
     "RecACollator": "collator",
+    "CollapseDetector": "callbacks",
     "load_prompts": "prompts",
     "load_reca_adapter": "lora",
     "adapters": None,
