@@ -184,6 +184,7 @@ class CollapseDetector(TrainerCallback):
     ):
         if action not in ("warn", "stop"):
             raise ValueError(f"CollapseDetector action={action!r}: choose 'warn' or 'stop'")
+        self._probe_needs_model = probe is None
         if probe is None:
             if adapter is None or views is None or not probe_images or len(probe_images) < 2:
                 raise ValueError("CollapseDetector needs a probe, or an adapter, views and two or more probe_images")
@@ -247,7 +248,9 @@ class CollapseDetector(TrainerCallback):
             self.observe_loss(state.global_step, logs["reconstruction_loss"])
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if model is None or not (self._probe_due or state.global_step % self.probe_steps == 0):
+        if not (self._probe_due or state.global_step % self.probe_steps == 0):
+            return
+        if model is None and self._probe_needs_model:
             return
         self._probe_due = False
         first = self.fired_at_step is None
