@@ -1,4 +1,5 @@
-"""The `reca` command: `reca train RECIPE [--field value ...]` and `reca validate RECIPE`.
+"""The `reca` command: `reca train RECIPE [--field value ...]`, `reca validate RECIPE`, `reca push OUTPUT_DIR
+--repo-id ID` and `reca card OUTPUT_DIR`.
 
 Recipes are YAML files whose keys are `RecAConfig` fields (plus an optional `env:` block). Parsing
 goes through trl's `TrlParser`, so command-line flags override the recipe and unknown keys are errors.
@@ -57,6 +58,7 @@ def _unknown_keys(recipe: dict) -> list[str]:
 
 def train(recipe: str, overrides: list[str]) -> None:
     from .data import load_image_dataset
+    from .hub import HubPushError
     from .trainer import RecATrainer
 
     config = parse_recipe(recipe, overrides)
@@ -84,9 +86,13 @@ def train(recipe: str, overrides: list[str]) -> None:
             )
     trainer = RecATrainer(config.model_name_or_path, args=config, train_dataset=dataset, **extra)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    trainer.save_model()
     trainer.save_state()
-    trainer.create_model_card()
+    try:
+        trainer.save_model()  # with push_to_hub, also the final push (card included)
+    except HubPushError as error:
+        raise SystemExit(f"reca train: {error}") from None
+    if not config.push_to_hub:
+        trainer.create_model_card()
     for name in ("reconstruction_loss", "image_to_text_loss", "text_to_image_loss"):
         losses = [log[name] for log in trainer.state.log_history if name in log]
         if losses:
@@ -163,6 +169,44 @@ def _dataset_errors(config) -> list[str]:
     return errors
 
 
+def _eval_results(text: str | None) -> dict | None:
+    """A --eval-results value, checked as RecAConfig checks its eval_results field."""
+    if text is None:
+        return None
+    from .config import RecAConfig
+
+    try:
+        return RecAConfig(output_dir="unused", report_to="none", eval_results=text).eval_results
+    except ValueError as error:
+        raise SystemExit(f"reca: --eval-results: {str(error).splitlines()[-1].removeprefix('- ')}") from None
+
+
+def push(output_dir: str, repo_id: str, private: bool, adapter_only: bool, eval_results: str | None) -> None:
+    from .hub import hub_errors, push_run, retry_command
+
+    try:
+        info = push_run(output_dir, repo_id, private=private, adapter_only=adapter_only,
+                        eval_results=_eval_results(eval_results))  # fmt: skip
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"reca push: {error}") from None
+    except hub_errors() as error:
+        raise SystemExit(
+            f"reca push: the push to {repo_id} failed ({type(error).__name__}: {error}). Nothing was changed in "
+            f"{output_dir}; run again: {retry_command(output_dir, repo_id)}"
+        ) from None
+    print(f"Pushed {output_dir} to {info.commit_url}")
+
+
+def card(output_dir: str, eval_results: str | None) -> None:
+    from .hub import CARD_FILE, update_run_card
+
+    try:
+        update_run_card(output_dir, eval_results=_eval_results(eval_results))
+    except FileNotFoundError as error:
+        raise SystemExit(f"reca card: {error}") from None
+    print(f"Wrote {Path(output_dir) / CARD_FILE}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="reca", description="RecA post-training for unified multimodal models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -172,12 +216,36 @@ def main(argv: list[str] | None = None) -> None:
     train_parser.add_argument("recipe", help="a recipe YAML file, e.g. recipes/janus/tiny_demo.yaml")
     validate_parser = commands.add_parser("validate", help="check a recipe without loading weights")
     validate_parser.add_argument("recipe")
+    results_help = "evaluation results for the card, as JSON {benchmark: score}, e.g. '{\"GenEval\": 0.85}'"
+    push_parser = commands.add_parser(
+        "push",
+        help="push a saved run to the Hub",
+        description="Push a saved run (its top-level files, not its checkpoints) to the Hub, regenerating its card.",
+    )
+    push_parser.add_argument("output_dir", help="the run's output dir")
+    push_parser.add_argument("--repo-id", required=True, help="the Hub repo, e.g. you/janus-pro-1b-reca")
+    push_parser.add_argument("--private", action="store_true", help="create the repo private (if it is new)")
+    push_parser.add_argument(
+        "--adapter-only", action="store_true", help="push only the LoRA adapter, its RecA settings and the card"
+    )
+    push_parser.add_argument("--eval-results", help=results_help)
+    card_parser = commands.add_parser(
+        "card", help="render a saved run's model card", description="Re-render README.md and training_loss.png of "
+        "a saved run from its reca_run.json and trainer_state.json, without loading weights.",
+    )  # fmt: skip
+    card_parser.add_argument("output_dir", help="the run's output dir")
+    card_parser.add_argument("--eval-results", help=results_help)
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":
         train(args.recipe, rest)
+        return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "push":
+        push(args.output_dir, args.repo_id, args.private, args.adapter_only, args.eval_results)
+    elif args.command == "card":
+        card(args.output_dir, args.eval_results)
     else:
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
         errors = validate(args.recipe)
         if errors:
             print(f"{args.recipe}: {len(errors)} problem(s)", file=sys.stderr)

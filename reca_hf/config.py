@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -150,12 +151,29 @@ class RecAConfig(TrainingArguments):
             Generation settings for those reconstructions, passed to the adapter's reconstruct (e.g.
             {"guidance_scale": 1.0, "do_sample": false}); a JSON string on the command line.
 
+        > The Hub (with `push_to_hub`, `hub_model_id`, `hub_strategy`, `hub_private_repo`)
+
+        hub_optional (`bool`, *optional*, defaults to `False`):
+            Keep training when the Hub cannot be reached: a failure to create the repo at start is logged instead of
+            raised, the push is retried at each checkpoint and at the end, and every file stays in output_dir. A
+            final push that still finds the Hub unreachable logs the command that retries it (reca push) instead of
+            raising.
+        eval_results (`dict`, `str` or `None`, *optional*, defaults to `None`):
+            Evaluation results to publish in the model card, as {benchmark: score}, e.g. {"GenEval": 0.85,
+            "DPGBench": 84.2}: a table in the card and model-index metadata. A JSON string on the command line.
+
     Defaults that differ from [`~transformers.TrainingArguments`]: `remove_unused_columns=False` (the
     collator needs the image column), `learning_rate=1e-5`, `adam_beta2=0.95`, `logging_steps=10`.
     With `bf16=True` on a machine without a bf16-capable accelerator, `use_cpu` is set (CPU autocast).
     """
 
-    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "reconstruction_kwargs", "task_ratios", "task_weights"]
+    _VALID_DICT_FIELDS = [
+        *TrainingArguments._VALID_DICT_FIELDS,
+        "reconstruction_kwargs",
+        "task_ratios",
+        "task_weights",
+        "eval_results",
+    ]
 
     # ---- model and data ----
     model_name_or_path: str | None = field(
@@ -386,6 +404,24 @@ class RecAConfig(TrainingArguments):
         },
     )
 
+    # ---- the Hub ----
+    hub_optional: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep training when the Hub cannot be reached: a failure to create the repo at start is logged "
+            "instead of raised, the push is retried at each checkpoint and at the end, and every file stays in "
+            "output_dir. A final push that still finds the Hub unreachable logs the command that retries it (reca "
+            "push) instead of raising."
+        },
+    )
+    eval_results: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": 'Evaluation results to publish in the model card, as {benchmark: score}, e.g. {"GenEval": 0.85, '
+            '"DPGBench": 84.2}: a table in the card and model-index metadata. A JSON string on the command line.'
+        },
+    )
+
     # ---- TrainingArguments defaults that differ ----
     remove_unused_columns: bool = field(
         default=False,
@@ -454,7 +490,46 @@ class RecAConfig(TrainingArguments):
         if self.max_train_samples is not None and self.max_train_samples < 1:
             errors.append(f"max_train_samples={self.max_train_samples!r}: use a positive integer or leave it unset.")
         errors += self._lora_errors()
+        errors += self._eval_results_errors()
         return errors
+
+    def _eval_results_errors(self) -> list[str]:
+        value = self.eval_results
+        if isinstance(value, str):
+            try:
+                value = self.eval_results = json.loads(value)
+            except json.JSONDecodeError as error:
+                return [f"eval_results={value!r}: not valid JSON ({error})."]
+        if value is None:
+            return []
+        example = '{"GenEval": 0.85, "DPGBench": 84.2}'
+        if not isinstance(value, dict) or not value:
+            return [f"eval_results={value!r}: use a mapping of benchmark name to score such as {example}."]
+        errors = []
+        for name, score in value.items():
+            if not isinstance(name, str) or not name.strip():
+                errors.append(f"eval_results: benchmark name {name!r} must be a non-empty string.")
+            if isinstance(score, bool) or not isinstance(score, int | float):
+                errors.append(f"eval_results[{name!r}]={score!r}: use a number, e.g. {example}.")
+        return errors
+
+    def __getstate__(self) -> dict:
+        # What pickling writes (training_args.bin, which the Trainer saves into every checkpoint and pushes)
+        # carries no hub_token; the token stays on this object only.
+        state = dict(self.__dict__)
+        state["hub_token"] = None
+        return state
+
+    def __copy__(self) -> RecAConfig:
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+    def __deepcopy__(self, memo: dict) -> RecAConfig:
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))  # __getstate__ is for files: a copy keeps the token
+        return clone
 
     def _lora_errors(self) -> list[str]:
         from .loading import is_hub_id

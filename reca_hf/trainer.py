@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -15,16 +16,27 @@ import torch
 from accelerate.utils import is_peft_model
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import HubStrategy
 
 from .adapters import UMMAdapter, get_adapter, unwrap_model
-from .callbacks import GRID_FILE, CollapseDetector, PromptEpochCallback, ReconstructionGridCallback
-from .cards import PAPER_ID, PAPER_TITLE, render_model_card
+from .callbacks import CollapseDetector, PromptEpochCallback, ReconstructionGridCallback
+from .cards import PAPER_ID, PAPER_TITLE
 from .collator import RecACollator
 from .config import RecAConfig
 from .data import synthetic_shapes
 from .freeze import apply_freeze, format_table, parameter_table
+from .hub import (
+    HubPushError,
+    PushTracker,
+    checkpoint_step,
+    hub_errors,
+    is_unreachable,
+    retry_command,
+    rotation_keeping,
+    write_run_card,
+)
 from .images import ViewSpec
-from .loading import load_model_and_processor
+from .loading import is_hub_id, load_model_and_processor
 from .lora import (
     check_publishable,
     leaves_understanding_intact,
@@ -161,6 +173,7 @@ class RecATrainer(Trainer):
                 seed=args.seed,
             )
         eval_data = self._eval_tasks(eval_dataset, args)
+        self._hub_pushes = PushTracker()  # background pushes: failures surfaced, unpushed checkpoints kept
         super().__init__(
             model=model,
             args=args,
@@ -387,10 +400,126 @@ class RecATrainer(Trainer):
             path.write_text(json.dumps(self.parameter_table, indent=2) + "\n")
             if is_peft_model(self.model):
                 save_reca_adapter_config(path.parent, self.model, self.adapter, self.args, self.data_collator)
+            self._write_run_card(path.parent)  # our card over PEFT's; in a checkpoint, before its push
 
-    def push_to_hub(self, *args, **kwargs):
+    # ---- the Hub ----
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        try:
+            super().init_hf_repo(token=token, private=private)
+        except Exception as error:
+            if not (self.args.hub_optional and is_unreachable(error)):
+                raise
+            self.hub_model_id, self.push_in_progress = None, None
+            logger.warning(
+                "The Hub is unreachable (%s): training goes on without it (hub_optional=True). Creating the repo and "
+                "pushing are retried at each checkpoint and at the end; every file stays in %s.",
+                type(error).__name__, self.args.output_dir,
+            )  # fmt: skip
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return super()._push_from_checkpoint(checkpoint_folder)
+        if self.hub_model_id is None:  # the Hub was unreachable at start (hub_optional): try again
+            try:
+                super().init_hf_repo()
+            except Exception as error:
+                if not is_unreachable(error):
+                    raise
+                self._hub_pushes.fail(checkpoint_folder, error, "creating the repo")
+                return
+        before = {id(job) for job in (self.push_in_progress.jobs if self.push_in_progress else [])}
+        super()._push_from_checkpoint(checkpoint_folder)
+        jobs = [job for job in (self.push_in_progress.jobs if self.push_in_progress else []) if id(job) not in before]
+        if jobs:
+            self._hub_pushes.track(checkpoint_folder, jobs)
+        elif self.args.hub_strategy == HubStrategy.ALL_CHECKPOINTS:
+            # Skipped while an earlier push runs (hub_always_push=False): this folder has its own place in the repo.
+            self._hub_pushes.begin(checkpoint_folder)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        self.create_model_card()  # first, so that the checkpoint's push carries the current card (as TRL does)
+        with rotation_keeping(self._hub_pushes.unpushed_now):  # save_total_limit spares unpushed ones
+            super()._save_checkpoint(model, trial)
+
+    def _finish_current_push(self) -> None:
+        super()._finish_current_push()
+        self._hub_pushes.wait()  # the end of train(): every push's outcome is recorded (and logged) before it returns
+
+    @property
+    def hub_push_failures(self) -> int:
+        """How many background pushes (and repo creations) have failed in this run so far."""
+        return self._hub_pushes.failure_count
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token=None,
+                    revision=None, private=None, **kwargs):  # fmt: skip
+        """Upload the model, its card and the run's files; first wait for the background pushes and retry the
+        checkpoints whose push failed. Raises :class:`reca_hf.hub.HubPushError` (naming ``reca push``) when the
+        push fails; with ``hub_optional=True`` an unreachable Hub is logged instead and None returned."""
         check_publishable(self.model)  # an adapter whose base is only a local path would load nowhere else
-        return super().push_to_hub(*args, **kwargs)
+        if not self.is_world_process_zero():
+            return super().push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
+        self._hub_pushes.wait()
+        try:
+            if self.hub_model_id is None:
+                self.save_model(_internal_call=True)  # the stock push saves after creating the repo: save first
+                self.create_model_card()
+                super().init_hf_repo(token=token, private=private)
+            self._retry_unpushed_checkpoints(token, revision)
+            result = super().push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
+        except hub_errors() as error:
+            return self._final_push_failed(error)
+        if blocking:
+            self._hub_pushes.settled(self._hub_pushes.unpushed_now())  # the final push supersedes them
+        else:
+            self._hub_pushes.track(self.args.output_dir, [result], "final push")
+        if self.hub_push_failures:
+            logger.warning(
+                "%d background push(es) to %s failed during training (%s); the final push sent their content.",
+                self.hub_push_failures, self.hub_model_id, self._hub_pushes.summary(),
+            )  # fmt: skip
+        return result
+
+    def _retry_unpushed_checkpoints(self, token: str | None, revision: str | None) -> None:
+        """Checkpoint folders have their own place in the repo with hub_strategy 'checkpoint' (the newest, as
+        last-checkpoint/) and 'all_checkpoints' (each): upload again what did not get there."""
+        from huggingface_hub import HfApi
+
+        strategy = self.args.hub_strategy
+        unpushed = [f for f in self._hub_pushes.unpushed_now() if checkpoint_step(f) >= 0 and os.path.isdir(f)]
+        unpushed.sort(key=checkpoint_step)
+        if not unpushed or strategy not in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            return
+        api = HfApi(token=token if token is not None else self.args.hub_token)
+        if strategy == HubStrategy.CHECKPOINT:
+            unpushed = unpushed[-1:]
+        for folder in unpushed:
+            name = "last-checkpoint" if strategy == HubStrategy.CHECKPOINT else os.path.basename(folder)
+            logger.info("Retrying the push of %s to %s/%s", folder, self.hub_model_id, name)
+            api.upload_folder(repo_id=self.hub_model_id, folder_path=folder, path_in_repo=name, revision=revision,
+                              commit_message=f"{os.path.basename(folder)} (retried push)")  # fmt: skip
+            self._hub_pushes.settled([folder])
+
+    def _final_push_failed(self, error: BaseException):
+        output_dir = self.args.output_dir
+        kept = self._hub_pushes.failed()
+        message = (
+            f"The push to the Hub ({self.hub_model_id or self.args.hub_model_id or 'repo not created'}) failed: "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. Nothing is lost: every file "
+            f"is in {output_dir}"
+            + (f", including {len(kept)} checkpoint folder(s) whose push failed" if kept else "")
+            + f". Retry with: {retry_command(output_dir, self.hub_model_id or self.args.hub_model_id)}"
+        )
+        if self.hub_push_failures:
+            message += (
+                f" ({self.hub_push_failures} background push(es) failed during training: {self._hub_pushes.summary()})"
+            )
+        if self.args.hub_optional and is_unreachable(error):
+            logger.error("%s (hub_optional=True: not raised)", message)
+            return None
+        raise HubPushError(message) from error
+
+    # ---- the model card ----
 
     def run_settings(self) -> dict[str, Any]:
         """The settings that define this run, for the model card and logs."""
@@ -407,6 +536,7 @@ class RecATrainer(Trainer):
             "prompt templates": len(sampler.prompts) if sampler else args.prompt_templates,
             "prompt dropout": args.cond_dropout_prob,
             "freeze": f"{args.freeze} ({trainable:,} trainable parameters)",
+            "task mix": self._task_mix_summary(),
             "steps": self.state.global_step,
             "effective batch size": args.per_device_train_batch_size
             * args.gradient_accumulation_steps
@@ -419,28 +549,41 @@ class RecATrainer(Trainer):
             settings["wall time"] = f"{time.time() - self._train_start_time:.0f} s"
         return settings
 
+    def _task_mix_summary(self) -> str:
+        """Each task's share of the training samples and how many it has seen, e.g. 'reconstruction 50% (1,024
+        samples), image_to_text 50% (1,024 samples)'."""
+        total = sum(self.task_ratios.values()) or 1.0
+        counts = getattr(self, "task_counts", {})
+        return ", ".join(
+            f"{task} {share / total:.0%} ({counts.get(task, 0):,} samples)"
+            for task, share in self.task_ratios.items()
+            if share > 0
+        )
+
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags=None, **kwargs):
-        """Write README.md (the model card) into the output dir."""
+        """Write README.md (the model card), training_loss.png and reca_run.json (what the card is rendered from)
+        into the output dir. ``license`` may be given as a keyword."""
+        self._write_run_card(self.args.output_dir, model_name, dataset_name, tags, kwargs.get("license"))
+
+    def _write_run_card(self, folder, model_name=None, dataset_name=None, tags=None, license=None) -> None:  # noqa: A002
         if not self.is_world_process_zero():
             return
-        output_dir = Path(self.args.output_dir)
-        model_name = model_name or Path(self.args.hub_model_id or output_dir).name
         dataset_name = dataset_name or self.args.dataset_name
-        card = render_model_card(
-            model_name=model_name,
-            base_model=self.base_model_id,
-            architecture=self.adapter.name,
-            model_class=type(unwrap_model(self.model)).__name__,
-            settings=self.run_settings(),
-            tags=[*(tags or [])],
-            repo_id=self.args.hub_model_id,
-            datasets=[dataset_name] if dataset_name and "/" in dataset_name else None,
-            parameter_table=self.parameter_table,
-            grid_file=GRID_FILE if (output_dir / GRID_FILE).is_file() else None,
-            lora=lora_card_data(self.model, self.adapter),
-        )
-        output_dir.mkdir(parents=True, exist_ok=True)
-        card.save(output_dir / "README.md")
+        run = {
+            "model_name": model_name or Path(self.args.hub_model_id or self.args.output_dir).name,
+            "repo_id": self.hub_model_id or self.args.hub_model_id,
+            "base_model": self.base_model_id,
+            "architecture": self.adapter.name,
+            "model_class": type(unwrap_model(self.model)).__name__,
+            "settings": self.run_settings(),
+            "parameter_table": self.parameter_table,
+            "datasets": [dataset_name] if is_hub_id(dataset_name) else None,
+            "tags": sorted({*(tags or []), *self._tag_names}),
+            "license": license,
+            "eval_results": self.args.eval_results,
+            "lora": lora_card_data(self.model, self.adapter),
+        }
+        write_run_card(folder, run, self.state.log_history)
 
 
 def _as_reca_config(args, model_id: str) -> RecAConfig:

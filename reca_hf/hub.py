@@ -1,0 +1,405 @@
+"""The Hub side of a RecA run: run metadata and model cards on disk, background-push bookkeeping, `reca push` and
+`reca card`.
+
+A run's card is rendered from plain files, never from live objects: ``reca_run.json`` (written beside every card:
+the settings, the parameter table, the adapter kind, the base model, user-supplied evaluation results) and
+``trainer_state.json`` (the logged losses, drawn into ``training_loss.png``). So ``reca card OUTPUT_DIR`` renders the
+same card the trainer wrote, without loading any weights.
+
+The stock Trainer pushes checkpoints in the background (``upload_folder(run_as_future=True)``) and never reads the
+futures' exceptions. :class:`PushTracker` attaches a done-callback to each of them: a failure is logged at once and
+counted, and the checkpoint folder stays in :attr:`PushTracker.unpushed`, which checkpoint rotation never deletes and
+the final push retries.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import logging
+import os
+import shlex
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard
+
+from .callbacks import GRID_FILE
+from .cards import render_model_card
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "reca_run.json"
+CARD_FILE = "README.md"
+LOSS_PLOT_FILE = "training_loss.png"
+STATE_FILE = "trainer_state.json"
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "reca_adapter.json")
+CHECKPOINT_PREFIX = "checkpoint"
+# Never uploaded from the top of an output dir: checkpoint folders travel separately (hub_strategy), "_*" as in
+# the stock Trainer.
+IGNORE_PATTERNS = ["_*", f"{CHECKPOINT_PREFIX}-*"]
+
+
+class HubPushError(RuntimeError):
+    """A push that did not reach the Hub. The message names what is still only local and how to retry."""
+
+
+def retry_command(output_dir: str | Path, repo_id: str | None) -> str:
+    """The command that pushes a finished run again."""
+    return f"reca push {shlex.quote(str(output_dir))} --repo-id {repo_id or 'NAMESPACE/NAME'}"
+
+
+def hub_errors() -> tuple[type[BaseException], ...]:
+    """What a failed Hub call raises: httpx errors (``HfHubHTTPError`` is one) and OS errors."""
+    from huggingface_hub.utils import httpx  # the httpx huggingface_hub runs on
+
+    return (httpx.HTTPError, OSError)
+
+
+def is_unreachable(error: BaseException) -> bool:
+    """True for a network failure or a server-side error (5xx, 429); False for a refusal such as a bad token."""
+    from huggingface_hub.utils import httpx
+
+    if isinstance(error, httpx.TransportError | ConnectionError | TimeoutError):
+        return True
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    return isinstance(status, int) and (status >= 500 or status == 429)
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(": ")
+
+
+# ---- background pushes ---------------------------------------------------------------------------
+
+
+class PushTracker:
+    """Bookkeeping of a run's background pushes.
+
+    Every push future gets a done-callback: a failure is logged when it happens (``reca_hf.hub`` logger, ERROR) and
+    counted in :attr:`failures`. A checkpoint folder stays in :attr:`unpushed` from the moment its push starts until
+    every one of its uploads succeeded; a failed one stays there until the final push retries it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[str, set[concurrent.futures.Future]] = {}
+        self._failed: set[str] = set()
+        self._recorded: list[threading.Event] = []
+        self.unpushed: set[str] = set()
+        self.failures: list[tuple[str, BaseException]] = []
+
+    @staticmethod
+    def key(folder: str | Path) -> str:
+        return os.path.abspath(folder)
+
+    def unpushed_now(self) -> set[str]:
+        """A copy of :attr:`unpushed` (callbacks change it from upload threads)."""
+        with self._lock:
+            return set(self.unpushed)
+
+    @property
+    def failure_count(self) -> int:
+        with self._lock:
+            return len(self.failures)
+
+    def begin(self, folder: str | Path) -> None:
+        """A checkpoint's push starts: it is unpushed until its uploads succeed."""
+        with self._lock:
+            self.unpushed.add(self.key(folder))
+
+    def fail(self, folder: str | Path, error: BaseException, what: str = "push") -> None:
+        """Record a push that failed before any upload started (e.g. the repo could not be created)."""
+        key = self.key(folder)
+        with self._lock:
+            self.unpushed.add(key)
+            self._failed.add(key)
+            self.failures.append((f"{Path(key).name} ({what})", error))
+        logger.error("Hub push of %s failed (%s): %s; the folder is kept and the final push retries it.",
+                     Path(key).name, what, _describe(error))  # fmt: skip
+
+    def track(self, folder: str | Path, futures: list[concurrent.futures.Future], what: str = "push") -> None:
+        """Watch the upload futures of a checkpoint's push."""
+        key = self.key(folder)
+        with self._lock:
+            self.unpushed.add(key)
+            self._pending.setdefault(key, set()).update(futures)
+        for future in futures:
+            recorded = threading.Event()  # set once the callback has run: a future is done before its callbacks
+            with self._lock:
+                self._recorded.append(recorded)
+            future.add_done_callback(lambda done, key=key, recorded=recorded: self._done(key, done, what, recorded))
+
+    def _done(self, key: str, future: concurrent.futures.Future, what: str, recorded: threading.Event) -> None:
+        try:
+            error = concurrent.futures.CancelledError() if future.cancelled() else future.exception()
+            with self._lock:
+                pending = self._pending.get(key, set())
+                pending.discard(future)
+                if error is not None:
+                    self._failed.add(key)
+                    self.failures.append((f"{Path(key).name} ({what})", error))
+                elif not pending and key not in self._failed:
+                    self.unpushed.discard(key)
+                    self._pending.pop(key, None)
+            if error is not None:
+                logger.error("Background Hub push of %s failed: %s. The folder is kept on disk (save_total_limit will "
+                             "not delete it) and the final push retries it.", Path(key).name, _describe(error))  # fmt: skip
+        finally:
+            recorded.set()
+
+    def settled(self, folders) -> None:
+        """These checkpoints reached the Hub (by a retry, or a final push that supersedes them)."""
+        with self._lock:
+            for folder in folders:
+                key = self.key(folder)
+                self.unpushed.discard(key)
+                self._failed.discard(key)
+                self._pending.pop(key, None)
+
+    def wait(self) -> None:
+        """Block until every tracked upload has finished and its outcome is recorded."""
+        with self._lock:
+            events, self._recorded = self._recorded, []
+        for event in events:
+            event.wait()
+
+    def failed(self) -> list[str]:
+        """Checkpoint folders with a failed upload that no retry has made good yet, oldest first."""
+        with self._lock:
+            return sorted(self._failed & self.unpushed, key=checkpoint_step)
+
+    def summary(self) -> str:
+        with self._lock:
+            return "; ".join(f"{what}: {_describe(error)}" for what, error in self.failures)
+
+
+def checkpoint_step(folder: str) -> int:
+    """The step of a ``checkpoint-<step>`` folder (-1 for any other name)."""
+    suffix = Path(folder).name.rsplit("-", 1)[-1]
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def rotate_checkpoints(
+    run_dir: str,
+    limit: int | None,
+    best: str | None,
+    keep: set[str],
+    use_mtime: bool = True,
+    prefix: str = CHECKPOINT_PREFIX,
+) -> None:
+    """``transformers.trainer_utils.rotate_checkpoints``, sparing also every folder in ``keep`` (unpushed ones)."""
+    from transformers.trainer_utils import sort_checkpoints
+
+    if not limit or limit <= 0:
+        return
+    checkpoints = sort_checkpoints(run_dir, prefix, use_mtime=use_mtime)
+    if len(checkpoints) <= limit:
+        return
+    keep = {os.path.abspath(folder) for folder in keep}
+    protected = {os.path.abspath(checkpoints[-1])} | keep
+    if best is not None:
+        protected.add(os.path.abspath(best))
+    remaining = len(checkpoints)
+    for checkpoint in checkpoints:
+        if remaining <= limit:
+            break
+        if os.path.abspath(checkpoint) in protected:
+            if os.path.abspath(checkpoint) in keep:
+                logger.warning("Keeping %s beyond save_total_limit=%d: its push to the Hub has not succeeded.",
+                               checkpoint, limit)  # fmt: skip
+            continue
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        remaining -= 1
+
+
+@contextlib.contextmanager
+def rotation_keeping(keep: Callable[[], set[str]]) -> Iterator[None]:
+    """Inside the block, the stock Trainer's checkpoint rotation (``save_total_limit``, run at the end of
+    ``Trainer._save_checkpoint``) also spares the folders ``keep()`` names when it runs."""
+    import transformers.trainer as stock
+
+    original = stock.rotate_checkpoints
+
+    def rotate(output_dir, save_total_limit=None, best_model_checkpoint=None, use_mtime=False, checkpoint_prefix=None):
+        prefix = checkpoint_prefix or CHECKPOINT_PREFIX
+        rotate_checkpoints(output_dir, save_total_limit, best_model_checkpoint, keep(), use_mtime, prefix)
+
+    stock.rotate_checkpoints = rotate
+    try:
+        yield
+    finally:
+        stock.rotate_checkpoints = original
+
+
+# ---- run metadata, the loss plot and the card ----------------------------------------------------
+
+
+def loss_series(log_history: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """(step, value) pairs of every logged loss: ``loss``, ``reconstruction_loss``, the other ``*_loss`` keys and
+    their ``eval_`` versions (``train_loss``, the run's average, is left out)."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for entry in log_history:
+        step = entry.get("step")
+        for name, value in entry.items():
+            if (name == "loss" or name.endswith("_loss")) and name != "train_loss" and step is not None:
+                if isinstance(value, int | float):
+                    series.setdefault(name, []).append((float(step), float(value)))
+    return series
+
+
+def write_loss_plot(log_history: list[dict[str, Any]], path: str | Path) -> Path | None:
+    """Draw the logged losses against the step into a PNG; None (and no file) when nothing was logged."""
+    series = loss_series(log_history)
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; before pyplot is imported anywhere in this process
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    try:
+
+        def order(name: str) -> tuple:  # reconstruction first, the total after the task losses, eval last
+            task = name.removeprefix("eval_")
+            return (name.startswith("eval_"), task != "reconstruction_loss", task == "loss", name)
+
+        for name in sorted(series, key=order):
+            steps, values = zip(*series[name], strict=True)
+            style = {"linestyle": "--", "marker": "o", "markersize": 3} if name.startswith("eval_") else {}
+            if name.removeprefix("eval_") == "loss":
+                style.update(color="0.4", linewidth=1.0)
+            label = f"{name} (weighted total)" if name.removeprefix("eval_") == "loss" else name
+            axes.plot(steps, values, label=label, **{"linewidth": 1.4, **style})
+        axes.set_xlabel("step")
+        axes.set_ylabel("loss (nats)")
+        axes.set_title("RecA training loss")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+        figure.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path)
+    finally:
+        plt.close(figure)
+    return path
+
+
+def read_log_history(output_dir: str | Path) -> list[dict[str, Any]] | None:
+    """The log history of ``trainer_state.json`` in the folder, else in its newest checkpoint; None without one."""
+    folder = Path(output_dir)
+    candidates = [folder / STATE_FILE]
+    candidates += sorted(
+        folder.glob(f"{CHECKPOINT_PREFIX}-*/{STATE_FILE}"), key=lambda p: checkpoint_step(str(p.parent))
+    )[::-1]
+    for path in candidates:
+        if path.is_file():
+            return json.loads(path.read_text()).get("log_history", [])
+    return None
+
+
+def render_run_card(output_dir: str | Path, **overrides: Any) -> ModelCard:
+    """The card of the run saved in ``output_dir``, from its ``reca_run.json`` (``overrides`` replace its fields,
+    e.g. ``repo_id`` or ``eval_results``); the loss plot and the grid appear when their PNGs are in the folder."""
+    folder = Path(output_dir)
+    path = folder / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no {RUN_FILE}: it is not a RecA run saved by reca_hf (the trainer writes {RUN_FILE} beside "
+            "every model card it writes)"
+        )
+    run = {**json.loads(path.read_text()), **{k: v for k, v in overrides.items() if v is not None}}
+    return render_model_card(
+        model_name=run["model_name"],
+        base_model=run.get("base_model"),
+        architecture=run["architecture"],
+        model_class=run["model_class"],
+        settings=run["settings"],
+        tags=run.get("tags") or [],
+        repo_id=run.get("repo_id"),
+        datasets=run.get("datasets"),
+        parameter_table=run.get("parameter_table"),
+        grid_file=GRID_FILE if (folder / GRID_FILE).is_file() else None,
+        loss_plot=LOSS_PLOT_FILE if (folder / LOSS_PLOT_FILE).is_file() else None,
+        lora=run.get("lora"),
+        eval_results=run.get("eval_results"),
+        license=run.get("license"),
+    )
+
+
+def write_run_card(output_dir: str | Path, run: dict[str, Any], log_history: list[dict[str, Any]] | None) -> ModelCard:
+    """Write ``reca_run.json``, ``training_loss.png`` (when losses were logged) and ``README.md`` into a folder."""
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / RUN_FILE).write_text(json.dumps(run, indent=2, default=str) + "\n")
+    if log_history:
+        write_loss_plot(log_history, folder / LOSS_PLOT_FILE)
+    card = render_run_card(folder)
+    card.save(folder / CARD_FILE)
+    return card
+
+
+def update_run_card(output_dir: str | Path, **overrides: Any) -> ModelCard:
+    """Re-render a saved run's card (and its loss plot, from ``trainer_state.json``) in place: ``reca card``.
+
+    ``overrides`` (e.g. ``eval_results``, ``repo_id``) are also written back into ``reca_run.json``.
+    """
+    folder = Path(output_dir)
+    render_run_card(folder)  # fails early, naming the missing file, when this is not a RecA run
+    run = json.loads((folder / RUN_FILE).read_text())
+    run.update({k: v for k, v in overrides.items() if v is not None})
+    return write_run_card(folder, run, read_log_history(folder))
+
+
+# ---- `reca push` -----------------------------------------------------------------------------------
+
+
+def push_run(
+    output_dir: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    adapter_only: bool = False,
+    token: str | None = None,
+    eval_results: dict[str, float] | None = None,
+    commit_message: str = "Upload RecA run with reca_hf",
+):
+    """Push a saved run (its top-level files, not its checkpoint folders) to ``repo_id``, regenerating its card.
+
+    ``adapter_only`` pushes only the LoRA adapter (``adapter_model.safetensors``, ``adapter_config.json``,
+    ``reca_adapter.json``), ``reca_run.json`` and the card with its images; it is refused for a run without an
+    adapter. Any adapter whose recorded base model is not a Hub id is refused (nobody else could apply it).
+    Returns the ``CommitInfo``.
+    """
+    from huggingface_hub import HfApi
+
+    from .lora import ADAPTER_CONFIG_FILE, check_publishable
+
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"reca push: {folder} is not a folder")
+    has_adapter = (folder / ADAPTER_CONFIG_FILE).is_file()
+    if adapter_only and not has_adapter:
+        raise ValueError(
+            f"--adapter-only: {folder} holds no LoRA adapter ({ADAPTER_CONFIG_FILE} is missing); push the full "
+            "model without --adapter-only"
+        )
+    check_publishable(folder)
+    update_run_card(folder, repo_id=repo_id, eval_results=eval_results)
+    allow = None
+    if adapter_only:
+        allow = [*ADAPTER_FILES, RUN_FILE, CARD_FILE, LOSS_PLOT_FILE, GRID_FILE]
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        commit_message=commit_message,
+        allow_patterns=allow,
+        ignore_patterns=IGNORE_PATTERNS,
+    )

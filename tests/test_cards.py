@@ -1,0 +1,132 @@
+"""Model cards: rendering from run metadata (pure), the loss plot, what a run writes, and `reca card`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from PIL import Image
+
+from reca_hf import RecAConfig, RecATrainer
+from reca_hf.cards import CITATION, render_model_card
+from reca_hf.cli import main
+from reca_hf.hub import loss_series, render_run_card, write_loss_plot
+from reca_hf.testing import tiny_umm
+
+SETTINGS = {"architecture adapter": "janus", "condition resolution": 384, "task mix": "reconstruction 100%"}
+
+
+def _metadata(card) -> dict:
+    return yaml.safe_load(str(card).split("---")[1])
+
+
+def _render(**overrides):
+    values = dict(model_name="janus-pro-1b-reca", base_model="deepseek-community/Janus-Pro-1B", architecture="janus",
+                  model_class="JanusForConditionalGeneration", settings=SETTINGS, tags=["custom"],
+                  repo_id="you/janus-pro-1b-reca", datasets=["you/images"])  # fmt: skip
+    return render_model_card(**{**values, **overrides})
+
+
+def test_full_model_card_metadata_and_body():
+    card = _render(license="mit", eval_results={"GenEval": 0.85, "DPGBench": 84.2}, loss_plot="training_loss.png",
+                   grid_file="reconstructions.png", parameter_table={"generation": {"trainable": 5, "frozen": 0}})  # fmt: skip
+    meta = _metadata(card)
+    assert meta["base_model"] == "deepseek-community/Janus-Pro-1B" and meta["library_name"] == "transformers"
+    assert meta["tags"] == ["custom", "janus", "reca", "text-to-image", "unified-multimodal"]
+    assert meta["datasets"] == ["you/images"] and meta["pipeline_tag"] == "text-to-image" and meta["license"] == "mit"
+    results = meta["model-index"][0]["results"]
+    assert [(r["dataset"]["name"], r["metrics"][0]["value"]) for r in results] == [
+        ("GenEval", 0.85),
+        ("DPGBench", 84.2),
+    ]
+    text = card.text
+    assert "after **RecA** (Reconstruction Alignment" in text
+    assert "| condition resolution | 384 |" in text and "| task mix | reconstruction 100% |" in text
+    assert "| generation | 5 | 0 |" in text
+    assert "![training loss per step](training_loss.png)" in text and "(reconstructions.png)" in text
+    assert "| GenEval | 0.85 |" in text and "| DPGBench | 84.2 |" in text
+    assert 'JanusForConditionalGeneration.from_pretrained("you/janus-pro-1b-reca")' in text
+    assert "- transformers: " in text and CITATION in text
+
+
+def test_optional_sections_are_left_out():
+    card = _render(base_model="/some/local/folder", datasets=None)
+    meta = _metadata(card)
+    assert "base_model" not in meta and "datasets" not in meta and "model-index" not in meta and "license" not in meta
+    for absent in ("## Training loss", "## Reconstructions", "## Evaluation", "## What was trained"):
+        assert absent not in card.text
+
+
+@pytest.mark.parametrize("scoped", [False, True])
+def test_adapter_card(scoped):
+    card = _render(
+        lora={"lora_target_modules": "generation+llm" if scoped else "generation", "generation_scoped": scoped}
+    )
+    meta = _metadata(card)
+    assert meta["library_name"] == "peft" and meta["base_model"] == "deepseek-community/Janus-Pro-1B"
+    assert "LoRA adapter for [deepseek-community/Janus-Pro-1B]" in card.text
+    assert 'load_reca_adapter("you/janus-pro-1b-reca")' in card.text
+    assert 'AutoProcessor.from_pretrained("deepseek-community/Janus-Pro-1B")' in card.text
+    assert ("PeftModel.from_pretrained(JanusForConditionalGeneration" in card.text) is not scoped
+    assert ("text\noutputs stay exactly the base model's" in card.text) is scoped
+
+
+def test_loss_plot_from_the_log_history(tmp_path):
+    history = [
+        {"step": 1, "loss": 4.0, "reconstruction_loss": 4.1, "image_to_text_loss": 3.9},
+        {"step": 2, "loss": 3.0, "reconstruction_loss": 3.2, "grad_norm": 1.0},
+        {"step": 2, "eval_reconstruction_loss": 3.5},
+        {"step": 2, "train_loss": 3.5, "train_runtime": 1.0},
+    ]
+    series = loss_series(history)
+    assert set(series) == {"loss", "reconstruction_loss", "image_to_text_loss", "eval_reconstruction_loss"}
+    assert series["reconstruction_loss"] == [(1.0, 4.1), (2.0, 3.2)]
+    path = write_loss_plot(history, tmp_path / "training_loss.png")
+    assert Image.open(path).format == "PNG" and Image.open(path).size == (640, 360)
+    assert write_loss_plot([{"step": 1, "grad_norm": 1.0}], tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_run_writes_its_card_from_metadata_and_reca_card_renders_it_again(make_args, shapes, tmp_path, capsys):
+    model, processor = tiny_umm("janus")
+    args = make_args(max_steps=2, save_strategy="steps", save_steps=2, collapse_action="off", dataset_name="you/shapes")
+    trainer = RecATrainer(model, args=args, train_dataset=shapes, processing_class=processor)
+    assert "reconstruction 100% (0 samples)" == trainer.run_settings()["task mix"]
+    trainer.train()
+    trainer.save_model()
+    trainer.save_state()
+    trainer.create_model_card(license="apache-2.0")
+    out = tmp_path / "run"
+    run = json.loads((out / "reca_run.json").read_text())
+    assert run["settings"]["task mix"] == "reconstruction 100% (8 samples)" and run["license"] == "apache-2.0"
+    assert run["datasets"] == ["you/shapes"] and run["architecture"] == "janus"
+    for folder in (out, out / "checkpoint-2"):  # the checkpoint got its card before it was (or would be) pushed
+        assert {"README.md", "training_loss.png", "reca_run.json"} <= {p.name for p in folder.iterdir()}
+    written = (out / "README.md").read_text()
+    assert written == str(render_run_card(out))  # the card is a function of the files only
+
+    (out / "README.md").unlink()
+    (out / "training_loss.png").unlink()
+    main(["card", str(out), "--eval-results", '{"GenEval": 0.5}'])
+    assert "Wrote" in capsys.readouterr().out
+    assert (out / "training_loss.png").is_file()
+    text = (out / "README.md").read_text()
+    assert "| GenEval | 0.5 |" in text and text.replace("| GenEval | 0.5 |", "") != written
+    assert _metadata(text)["model-index"][0]["results"][0]["metrics"][0]["value"] == 0.5
+    with pytest.raises(SystemExit, match="reca_run.json"):
+        main(["card", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"eval_results\['GenEval'\]"):
+        main(["card", str(out), "--eval-results", '{"GenEval": "high"}'])
+
+
+def test_config_hub_fields(tmp_path):
+    args = RecAConfig(output_dir=str(tmp_path), eval_results='{"GenEval": 0.85}', hub_optional=True)
+    assert args.eval_results == {"GenEval": 0.85} and args.hub_optional
+    with pytest.raises(ValueError) as error:
+        RecAConfig(output_dir=str(tmp_path), eval_results={"GenEval": "high", "": 1})
+    assert "eval_results['GenEval']='high'" in str(error.value) and "benchmark name ''" in str(error.value)
+    with pytest.raises(ValueError, match="eval_results=.*not valid JSON"):
+        RecAConfig(output_dir=str(tmp_path), eval_results="{GenEval")
+    with pytest.raises(ValueError, match="eval_results=.*mapping"):
+        RecAConfig(output_dir=str(tmp_path), eval_results=[0.85])
