@@ -139,11 +139,9 @@ def _model_errors(config) -> list[str]:
             model_config = AutoConfig.from_pretrained(name)
         adapter = get_adapter(model_config)
         condition, generation = adapter.resolve_resolutions(config.condition_resolution, config.generation_resolution)
-        problem = adapter.shortcut_problem(condition, generation, config.condition_bottleneck)
-        if problem and not config.allow_shortcut:
-            raise ValueError(
-                f"condition_resolution={condition}, condition_bottleneck={config.condition_bottleneck!r}: {problem}"
-            )
+        shortcut = adapter.shortcut_error(condition, generation, config.condition_bottleneck)
+        if shortcut and not config.allow_shortcut:
+            raise ValueError(shortcut)
         if config.use_peft:
             from .lora import resolve_target_modules
 

@@ -471,11 +471,7 @@ class RecAConfig(TrainingArguments):
             errors.append(f"model_dtype={self.model_dtype!r}: choose one of {', '.join(_DTYPES)}.")
         if not isinstance(self.num_reconstruction_images, int) or self.num_reconstruction_images < 0:
             errors.append(f"num_reconstruction_images={self.num_reconstruction_images!r}: use 0 or a positive integer.")
-        if isinstance(self.reconstruction_kwargs, str):
-            try:
-                self.reconstruction_kwargs = json.loads(self.reconstruction_kwargs)
-            except json.JSONDecodeError as error:
-                errors.append(f"reconstruction_kwargs={self.reconstruction_kwargs!r}: not valid JSON ({error}).")
+        errors += self._parse_json_field("reconstruction_kwargs")
         if self.reconstruction_kwargs is not None and not isinstance(self.reconstruction_kwargs, dict):
             errors.append(f"reconstruction_kwargs={self.reconstruction_kwargs!r}: use a mapping such as {{}}.")
         if self.collapse_action not in COLLAPSE_ACTIONS:
@@ -493,13 +489,21 @@ class RecAConfig(TrainingArguments):
         errors += self._eval_results_errors()
         return errors
 
+    def _parse_json_field(self, name: str) -> list[str]:
+        """A dict-valued field given as a JSON string (the command line) is parsed in place; returns the error."""
+        value = getattr(self, name)
+        if not isinstance(value, str):
+            return []
+        try:
+            setattr(self, name, json.loads(value))
+        except json.JSONDecodeError as error:
+            return [f"{name}={value!r}: not valid JSON ({error})."]
+        return []
+
     def _eval_results_errors(self) -> list[str]:
+        if errors := self._parse_json_field("eval_results"):
+            return errors
         value = self.eval_results
-        if isinstance(value, str):
-            try:
-                value = self.eval_results = json.loads(value)
-            except json.JSONDecodeError as error:
-                return [f"eval_results={value!r}: not valid JSON ({error})."]
         if value is None:
             return []
         example = '{"GenEval": 0.85, "DPGBench": 84.2}'
@@ -567,14 +571,10 @@ class RecAConfig(TrainingArguments):
     def _normalise_task_dict(self, name: str) -> list[str]:
         from .tasks import TASKS
 
+        if errors := self._parse_json_field(name):
+            return errors
         value = getattr(self, name)
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as error:
-                return [f"{name}={value!r}: not valid JSON ({error})."]
         if value is None:
-            setattr(self, name, None)
             return []
         example = '{"reconstruction": 1, "image_to_text": 1}'
         if not isinstance(value, dict):
@@ -597,15 +597,8 @@ class RecAConfig(TrainingArguments):
         if self.allow_shortcut or not all(isinstance(r, int) for r in resolutions):
             return []
         adapter_cls = _adapter_class_of(self.model_name_or_path)
-        if adapter_cls is None:
-            return []
-        problem = adapter_cls.shortcut_problem(*resolutions, self.condition_bottleneck)
-        if problem is None:
-            return []
-        return [
-            f"condition_resolution={self.condition_resolution}, condition_bottleneck={self.condition_bottleneck!r}: "
-            + problem
-        ]
+        error = adapter_cls.shortcut_error(*resolutions, self.condition_bottleneck) if adapter_cls else None
+        return [error] if error else []
 
     def _normalise_freeze(self) -> list[str]:
         freeze = self.freeze
@@ -632,11 +625,12 @@ class RecAConfig(TrainingArguments):
 def _adapter_class_of(model_name_or_path: str | None):
     """The adapter class of a 'tiny:<arch>' spec or a local checkpoint folder; None when that needs a download."""
     from .adapters import adapter_class_for
+    from .loading import TINY_PREFIX
 
     if not model_name_or_path:
         return None
-    if model_name_or_path.startswith("tiny:"):
-        model_type = model_name_or_path[len("tiny:") :]
+    if model_name_or_path.startswith(TINY_PREFIX):
+        model_type = model_name_or_path[len(TINY_PREFIX) :]
     else:
         config_file = Path(model_name_or_path).expanduser() / "config.json"
         try:

@@ -133,6 +133,14 @@ class UMMAdapter:
             "set allow_shortcut=True."
         )
 
+    @classmethod
+    def shortcut_error(cls, condition: int, generation: int, bottleneck: str) -> str | None:
+        """:meth:`shortcut_problem` as an error message naming the two fields (None when there is no problem)."""
+        problem = cls.shortcut_problem(condition, generation, bottleneck)
+        if problem is None:
+            return None
+        return f"condition_resolution={condition}, condition_bottleneck={bottleneck!r}: {problem}"
+
     def check_shortcut(self, views: ViewSpec, allow_shortcut: bool = False) -> None:
         """Refuse (or, with ``allow_shortcut``, warn about) condition views the model could simply copy."""
         problem = self.shortcut_problem(views.condition_resolution, views.generation_resolution, views.bottleneck)
@@ -140,8 +148,7 @@ class UMMAdapter:
             return
         if not allow_shortcut:
             raise ValueError(
-                f"condition_resolution={views.condition_resolution}, condition_bottleneck={views.bottleneck!r}: "
-                + problem
+                self.shortcut_error(views.condition_resolution, views.generation_resolution, views.bottleneck)
             )
         message = "allow_shortcut=True: training without an information bottleneck on purpose; " + problem
         warnings.warn(message, UserWarning, stacklevel=3)
