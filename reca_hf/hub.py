@@ -70,7 +70,8 @@ def is_unreachable(error: BaseException) -> bool:
     return isinstance(status, int) and (status >= 500 or status == 429)
 
 
-def _describe(error: BaseException) -> str:
+def describe_error(error: BaseException) -> str:
+    """``Type: first line of the message``, for logs and error messages."""
     return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(": ")
 
 
@@ -120,7 +121,7 @@ class PushTracker:
             self._failed.add(key)
             self.failures.append((f"{Path(key).name} ({what})", error))
         logger.error("Hub push of %s failed (%s): %s; the folder is kept and the final push retries it.",
-                     Path(key).name, what, _describe(error))  # fmt: skip
+                     Path(key).name, what, describe_error(error))  # fmt: skip
 
     def track(self, folder: str | Path, futures: list[concurrent.futures.Future], what: str = "push") -> None:
         """Watch the upload futures of a checkpoint's push."""
@@ -148,7 +149,7 @@ class PushTracker:
                     self._pending.pop(key, None)
             if error is not None:
                 logger.error("Background Hub push of %s failed: %s. The folder is kept on disk (save_total_limit will "
-                             "not delete it) and the final push retries it.", Path(key).name, _describe(error))  # fmt: skip
+                             "not delete it) and the final push retries it.", Path(key).name, describe_error(error))  # fmt: skip
         finally:
             recorded.set()
 
@@ -175,7 +176,7 @@ class PushTracker:
 
     def summary(self) -> str:
         with self._lock:
-            return "; ".join(f"{what}: {_describe(error)}" for what, error in self.failures)
+            return "; ".join(f"{what}: {describe_error(error)}" for what, error in self.failures)
 
 
 def checkpoint_step(folder: str) -> int:
@@ -303,9 +304,8 @@ def read_log_history(output_dir: str | Path) -> list[dict[str, Any]] | None:
     return None
 
 
-def render_run_card(output_dir: str | Path, **overrides: Any) -> ModelCard:
-    """The card of the run saved in ``output_dir``, from its ``reca_run.json`` (``overrides`` replace its fields,
-    e.g. ``repo_id`` or ``eval_results``); the loss plot and the grid appear when their PNGs are in the folder."""
+def read_run(output_dir: str | Path, **overrides: Any) -> dict[str, Any]:
+    """The ``reca_run.json`` of a saved run, ``overrides`` (those not None) replacing its fields."""
     folder = Path(output_dir)
     path = folder / RUN_FILE
     if not path.is_file():
@@ -313,7 +313,16 @@ def render_run_card(output_dir: str | Path, **overrides: Any) -> ModelCard:
             f"{folder} has no {RUN_FILE}: it is not a RecA run saved by reca_hf (the trainer writes {RUN_FILE} beside "
             "every model card it writes)"
         )
-    run = {**json.loads(path.read_text()), **{k: v for k, v in overrides.items() if v is not None}}
+    return {**json.loads(path.read_text()), **{k: v for k, v in overrides.items() if v is not None}}
+
+
+def render_run_card(output_dir: str | Path, **overrides: Any) -> ModelCard:
+    """The card of the run saved in ``output_dir``, from its ``reca_run.json`` (``overrides`` replace its fields,
+    e.g. ``repo_id`` or ``eval_results``); the loss plot and the grid appear when their PNGs are in the folder."""
+    return _render(Path(output_dir), read_run(output_dir, **overrides))
+
+
+def _render(folder: Path, run: dict[str, Any]) -> ModelCard:
     return render_model_card(
         model_name=run["model_name"],
         base_model=run.get("base_model"),
@@ -336,10 +345,11 @@ def write_run_card(output_dir: str | Path, run: dict[str, Any], log_history: lis
     """Write ``reca_run.json``, ``training_loss.png`` (when losses were logged) and ``README.md`` into a folder."""
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / RUN_FILE).write_text(json.dumps(run, indent=2, default=str) + "\n")
+    text = json.dumps(run, indent=2, default=str) + "\n"
+    (folder / RUN_FILE).write_text(text)
     if log_history:
         write_loss_plot(log_history, folder / LOSS_PLOT_FILE)
-    card = render_run_card(folder)
+    card = _render(folder, json.loads(text))  # exactly what the file says, as `reca card` would render it
     card.save(folder / CARD_FILE)
     return card
 
@@ -349,11 +359,7 @@ def update_run_card(output_dir: str | Path, **overrides: Any) -> ModelCard:
 
     ``overrides`` (e.g. ``eval_results``, ``repo_id``) are also written back into ``reca_run.json``.
     """
-    folder = Path(output_dir)
-    render_run_card(folder)  # fails early, naming the missing file, when this is not a RecA run
-    run = json.loads((folder / RUN_FILE).read_text())
-    run.update({k: v for k, v in overrides.items() if v is not None})
-    return write_run_card(folder, run, read_log_history(folder))
+    return write_run_card(output_dir, read_run(output_dir, **overrides), read_log_history(output_dir))
 
 
 # ---- `reca push` -----------------------------------------------------------------------------------

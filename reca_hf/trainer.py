@@ -29,6 +29,7 @@ from .hub import (
     HubPushError,
     PushTracker,
     checkpoint_step,
+    describe_error,
     hub_errors,
     is_unreachable,
     retry_command,
@@ -157,9 +158,7 @@ class RecATrainer(Trainer):
         for name, dataset in datasets.items():
             _check_column(dataset, "image_column", args.image_column, name)
         for name in ("i2t_dataset", "t2i_dataset"):
-            columns = getattr(datasets[name], "column_names", None)
-            if isinstance(columns, list) and caption_column_in(columns, args.caption_column) is None:
-                _check_column(datasets[name], "caption_column", args.caption_column, name)
+            _check_column(datasets[name], "caption_column", args.caption_column, name)
         self.task_ratios, self.task_weights = self._task_mix(args, train_dataset, i2t_dataset, t2i_dataset)
         apply_freeze(model, self.adapter, args.freeze)
         model = prepare_peft_model(model, self.adapter, args, peft_config, model_id)
@@ -462,8 +461,7 @@ class RecATrainer(Trainer):
         self._hub_pushes.wait()
         try:
             if self.hub_model_id is None:
-                self.save_model(_internal_call=True)  # the stock push saves after creating the repo: save first
-                self.create_model_card()
+                self.save_model(_internal_call=True)  # and its card: the stock push saves after creating the repo
                 super().init_hf_repo(token=token, private=private)
             self._retry_unpushed_checkpoints(token, revision)
             result = super().push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
@@ -505,7 +503,7 @@ class RecATrainer(Trainer):
         kept = self._hub_pushes.failed()
         message = (
             f"The push to the Hub ({self.hub_model_id or self.args.hub_model_id or 'repo not created'}) failed: "
-            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. Nothing is lost: every file "
+            f"{describe_error(error)}. Nothing is lost: every file "
             f"is in {output_dir}"
             + (f", including {len(kept)} checkpoint folder(s) whose push failed" if kept else "")
             + f". Retry with: {retry_command(output_dir, self.hub_model_id or self.args.hub_model_id)}"
@@ -553,9 +551,8 @@ class RecATrainer(Trainer):
         """Each task's share of the training samples and how many it has seen, e.g. 'reconstruction 50% (1,024
         samples), image_to_text 50% (1,024 samples)'."""
         total = sum(self.task_ratios.values()) or 1.0
-        counts = getattr(self, "task_counts", {})
         return ", ".join(
-            f"{task} {share / total:.0%} ({counts.get(task, 0):,} samples)"
+            f"{task} {share / total:.0%} ({self.task_counts[task]:,} samples)"
             for task, share in self.task_ratios.items()
             if share > 0
         )
@@ -598,8 +595,15 @@ def _as_reca_config(args, model_id: str) -> RecAConfig:
 
 
 def _check_column(dataset, field: str, column: str, name: str) -> None:
+    """A dataset with column names must hold the image column, or a caption column (with its fallbacks)."""
     columns = getattr(dataset, "column_names", None)
-    if isinstance(columns, list) and column not in columns:
+    if not isinstance(columns, list):
+        return
+    if field == "caption_column":
+        present = caption_column_in(columns, column) is not None
+    else:
+        present = column in columns
+    if not present:
         what = "images" if field == "image_column" else "captions (or chat messages)"
         raise ValueError(
             f"{name} has no column {field}={column!r} (columns: {columns}); set {field} to the column that holds "
