@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -16,6 +17,17 @@ from .images import ViewSpec, load_image
 logger = logging.getLogger(__name__)
 
 GRID_FILE = "reconstructions.png"
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """Run ``model`` in eval mode (no dropout) inside the block, then give it back its training flag."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 class PromptEpochCallback(TrainerCallback):
@@ -48,12 +60,8 @@ class ReconstructionGridCallback(TrainerCallback):
         self.start: tuple[int, list[Image.Image]] | None = None
 
     def _reconstruct(self, model) -> list[Image.Image]:
-        was_training = model.training
-        model.eval()
-        try:
+        with evaluating(model):
             return self.adapter.reconstruct(self.images, model=model, views=self.views, **self.generation_kwargs)
-        finally:
-            model.train(was_training)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero:
@@ -127,13 +135,9 @@ def swap_probe(adapter: UMMAdapter, model, images: list, views: ViewSpec, instru
         logits, codes = adapter.target_logits(model, batch)
         return logits.argmax(-1), codes
 
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         own_predictions, codes = predictions(conditions)
         swapped_predictions, _ = predictions([conditions[j] for j in partner])
-    finally:
-        model.train(was_training)
     partner_codes = codes[partner]
     differ = codes != partner_codes
     counted = max(int(differ.sum()), 1)

@@ -118,13 +118,13 @@ class MixedTaskDataset(Dataset):
 
 
 class EvalTasksDataset(Dataset):
-    """An eval set of images, each evaluated on reconstruction and, when it has a caption, image-to-text."""
+    """An eval set of captioned images, each evaluated on reconstruction and on image-to-text."""
 
     reca_indexed = True
+    tasks = (RECONSTRUCTION, IMAGE_TO_TEXT)
 
-    def __init__(self, dataset, has_caption: bool):
+    def __init__(self, dataset):
         self.dataset = dataset
-        self.tasks = (RECONSTRUCTION, IMAGE_TO_TEXT) if has_caption else (RECONSTRUCTION,)
 
     def __len__(self) -> int:
         return len(self.dataset) * len(self.tasks)

@@ -270,7 +270,7 @@ class RecATrainer(Trainer):
         if not args.eval_on_start:
             logger.info("The eval set has captions: evaluating image-to-text at step 0 too (eval_on_start=True).")
             args.eval_on_start = True
-        return EvalTasksDataset(eval_dataset, has_caption=True)
+        return EvalTasksDataset(eval_dataset)
 
     def _configured_views(self, args) -> ViewSpec:
         condition, generation = self.adapter.resolve_resolutions(args.condition_resolution, args.generation_resolution)
