@@ -1,0 +1,19 @@
+"""Model classes that transformers and diffusers do not ship, composed from their parts.
+
+Each architecture lives in its own subpackage and is imported on first use, so ``import reca_hf`` does not
+pull in diffusers.
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "OpenUniConfig": "openuni",
+    "OpenUniModel": "openuni",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'reca_hf.models' has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
