@@ -1,0 +1,215 @@
+"""OpenUniModel: save/load, the released-checkpoint converter, the authors' flow loss, checkpointing, sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from reca_hf.models.openuni import OpenUniConfig, OpenUniModel
+from reca_hf.models.openuni.convert import main as convert_main
+from reca_hf.models.openuni.tiny import TINY_IMAGE_SIZE, tiny_openuni
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_openuni(seed=0)
+
+
+def _batch(processor, size: int = 2):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the image"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + "<img>"
+    images = [Image.new("RGB", (40, 40), colour) for colour in ("red", "blue")[:size]]
+    encoded = processor(images=images, text=[text] * size, return_tensors="pt")
+    pixels = torch.Generator().manual_seed(7)
+    target = torch.rand(size, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=pixels) * 2 - 1
+    return encoded.input_ids, encoded.attention_mask, target
+
+
+def _encoder_states(model, processor):
+    input_ids, attention_mask, pixels = _batch(processor)
+    features = model.semantic_features(pixels)
+    return model.encoder_states(model.query_states(input_ids, attention_mask, features)), pixels
+
+
+def test_processor_writes_the_authors_layout(tiny):
+    _, processor = tiny
+    input_ids, _, _ = _batch(processor, size=1)
+    tokens = processor.tokenizer.convert_ids_to_tokens(input_ids[0].tolist())
+    n = tiny[0].config.internvl_config.image_seq_length
+    assert tokens[:3] == ["<|im_start|>", "user", "<img>"]
+    assert tokens[3 : 3 + n] == ["<IMG_CONTEXT>"] * n
+    assert tokens[3 + n :] == ["</img>", "describe", "the", "image", "<|im_end|>", "<|im_start|>", "assistant", "<img>"]
+
+
+def test_save_load_round_trip_gives_identical_outputs(tiny, tmp_path):
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = OpenUniModel.from_pretrained(tmp_path).eval()
+    input_ids, attention_mask, pixels = _batch(processor)
+    with torch.no_grad():
+        before = model(input_ids, attention_mask, pixels, generator=torch.Generator().manual_seed(3), reduction="none")
+        after = loaded(input_ids, attention_mask, pixels, generator=torch.Generator().manual_seed(3), reduction="none")
+    assert torch.equal(before, after)
+    assert loaded.config.to_dict()["transformer_config"] == model.config.to_dict()["transformer_config"]
+
+
+def test_config_refuses_a_connector_narrower_than_the_llm(tiny):
+    config = tiny[0].config.to_dict()
+    config["connector_config"]["hidden_size"] = 32
+    with pytest.raises(ValueError, match=r"connector_config.hidden_size is 32 .* set connector_config.hidden_size=64"):
+        OpenUniConfig(**{k: config[k] for k in ("internvl_config", "connector_config")})
+
+
+def test_query_states_refuse_a_feature_count_that_misses_the_slots(tiny):
+    model, processor = tiny
+    input_ids, attention_mask, pixels = _batch(processor)
+    features = model.semantic_features(pixels)
+    with pytest.raises(ValueError, match="image-context tokens"):
+        model.query_states(input_ids, attention_mask, features[:, :-1])
+
+
+def test_flow_loss_is_reproducible_and_matches_the_authors_formula(tiny):
+    model, processor = tiny
+    states, pixels = _encoder_states(model, processor)
+    latents = model.encode_latents(pixels)
+    with torch.no_grad():
+        first = model.flow_loss(latents, states, generator=torch.Generator().manual_seed(11), reduction="none")
+        second = model.flow_loss(latents, states, generator=torch.Generator().manual_seed(11), reduction="none")
+        mean = model.flow_loss(latents, states, generator=torch.Generator().manual_seed(11))
+        # The authors' diff_loss by hand: noise, then u; t on the 1000-step grid, sigma = t / 1000 (shift 1).
+        draws = torch.Generator().manual_seed(11)
+        noise = torch.randn(latents.shape, generator=draws)
+        u = torch.rand(latents.shape[0], generator=draws)
+        t = 1000.0 - (u * 1000).long().float()
+        sigma = (t / 1000).view(-1, 1, 1, 1)
+        noisy = (1 - sigma) * latents + sigma * noise
+        prediction = model.transformer(noisy, encoder_hidden_states=states, timestep=t, return_dict=False)[0]
+        expected = ((prediction - (noise - latents)) ** 2).flatten(1).mean(1)
+    assert torch.equal(first, second)
+    assert first.shape == (latents.shape[0],)
+    torch.testing.assert_close(first, expected, rtol=1e-6, atol=1e-7)
+    assert torch.equal(mean, first.mean())
+
+
+def test_flow_loss_takes_timesteps_and_noise_from_the_caller(tiny):
+    model, processor = tiny
+    states, pixels = _encoder_states(model, processor)
+    latents = model.encode_latents(pixels)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(5))
+    timesteps = torch.tensor([1000.0, 500.0])
+    with torch.no_grad():
+        loss = model.flow_loss(latents, states, noise=noise, timesteps=timesteps, reduction="none")
+        sigma = torch.tensor([1.0, 0.5]).view(-1, 1, 1, 1)
+        prediction = model.transformer(
+            (1 - sigma) * latents + sigma * noise, encoder_hidden_states=states, timestep=timesteps, return_dict=False
+        )[0]
+    torch.testing.assert_close(loss, ((prediction - (noise - latents)) ** 2).flatten(1).mean(1))
+    with pytest.raises(ValueError, match=r"timesteps \[500.5\] are not on the training schedule"):
+        model.flow_loss(latents, states, noise=noise, timesteps=torch.tensor([1000.0, 500.5]))
+
+
+def _transformer_grads(model, processor) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    input_ids, attention_mask, pixels = _batch(processor)
+    model(input_ids, attention_mask, pixels, generator=torch.Generator().manual_seed(2)).backward()
+    return {name: p.grad.clone() for name, p in model.transformer.named_parameters() if p.grad is not None}
+
+
+def test_gradient_checkpointing_reaches_sana_and_keeps_the_gradients():
+    model, processor = tiny_openuni(seed=0)
+    model.train()
+    plain = _transformer_grads(model, processor)
+    with pytest.warns(FutureWarning):  # transformers 5 renamed it activation_checkpointing_enable
+        model.gradient_checkpointing_enable()
+    assert model.transformer.gradient_checkpointing
+    assert all(layer.gradient_checkpointing for layer in model.connector.layers)
+    calls = []
+    checkpoint = model.transformer._gradient_checkpointing_func
+    model.transformer._gradient_checkpointing_func = lambda *a, **k: calls.append(1) or checkpoint(*a, **k)
+    checkpointed = _transformer_grads(model, processor)
+    assert len(calls) == len(model.transformer.transformer_blocks)
+    assert plain.keys() == checkpointed.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
+
+
+def test_generate_returns_images_of_the_generation_size(tiny):
+    model, processor = tiny
+    states, _ = _encoder_states(model, processor)
+    images = model.generate(states, states.flip(0), num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert [image.size for image in images] == [(TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)] * 2
+    with pytest.raises(ValueError, match="needs negative_encoder_states"):
+        model.generate(states, num_inference_steps=1)
+
+
+# --- the released-checkpoint converter ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def public_parts(tmp_path_factory, tiny):
+    """The tiny model's parts saved as the public checkpoints would be: InternVL-hf, a SANA pipeline, DC-AE."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    model, processor = tiny
+    root = tmp_path_factory.mktemp("public")
+    model.lmm.save_pretrained(root / "internvl")
+    processor.tokenizer.save_pretrained(root / "internvl")
+    model.transformer.save_pretrained(root / "sana" / "transformer")
+    DPMSolverMultistepScheduler.from_config(model.config.scheduler_config).save_pretrained(root / "sana" / "scheduler")
+    model.vae.save_pretrained(root / "dcae")
+    return root
+
+
+@pytest.fixture(scope="module")
+def released(tiny):
+    """A state dict with the authors' key names, from a differently seeded model (so values are traceable)."""
+    other, _ = tiny_openuni(seed=1)
+    state = {"meta_queries": other.meta_queries.weight.detach().clone()}
+    for part in ("connector", "projector", "transformer"):
+        state |= {f"{part}.{k}": v.clone() for k, v in getattr(other, part).state_dict().items()}
+    state["lmm.language_model.model.norm.weight"] = torch.ones(64)  # remote-code naming; skipped
+    return state
+
+
+def _convert(public_parts, state, tmp_path) -> str:
+    torch.save(state, tmp_path / "openuni.pth")
+    out = tmp_path / "converted"
+    argv = [str(tmp_path / "openuni.pth"), str(out), "--internvl", str(public_parts / "internvl")]
+    argv += ["--sana", str(public_parts / "sana"), "--dc-ae", str(public_parts / "dcae"), "--connector-heads", "4"]
+    assert convert_main(argv) == 0
+    return out
+
+
+def test_converter_puts_each_checkpoint_key_where_the_key_map_says(public_parts, released, tiny, tmp_path):
+    model, _ = tiny
+    converted = OpenUniModel.from_pretrained(_convert(public_parts, released, tmp_path))
+    assert torch.equal(converted.meta_queries.weight, released["meta_queries"])
+    for key, value in converted.state_dict().items():
+        part = key.split(".", 1)[0]
+        if part in ("connector", "projector", "transformer"):
+            assert torch.equal(value, released[key]), key
+        elif part in ("lmm", "vae"):
+            assert torch.equal(value, model.state_dict()[key]), key
+    assert converted.config.connector_config.num_attention_heads == 4
+    assert converted.config.image_size == TINY_IMAGE_SIZE
+    assert converted.config.scheduler_config["flow_shift"] == 3.0
+
+
+def test_converter_refuses_an_unknown_key(public_parts, released, tmp_path):
+    state = dict(released, **{"connector.position_embedding.weight": torch.zeros(8, 64)})
+    with pytest.raises(ValueError, match=r"not in the OpenUni key map: 'connector.position_embedding.weight'"):
+        _convert(public_parts, state, tmp_path)
+
+
+def test_converter_refuses_a_missing_key(public_parts, released, tmp_path):
+    state = {k: v for k, v in released.items() if k != "connector.layers.1.mlp.fc2.bias"}
+    with pytest.raises(ValueError, match=r"lacks 1 keys the model needs: 'connector.layers.1.mlp.fc2.bias'"):
+        _convert(public_parts, state, tmp_path)
+
+
+def test_converter_refuses_a_partial_transformer(public_parts, released, tmp_path):
+    state = {k: v for k, v in released.items() if k != "transformer.proj_out.bias"}
+    with pytest.raises(ValueError, match=r"'transformer.proj_out.bias'"):
+        _convert(public_parts, state, tmp_path)
