@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -108,6 +111,19 @@ def test_flow_loss_takes_timesteps_and_noise_from_the_caller(tiny):
     torch.testing.assert_close(loss, ((prediction - (noise - latents)) ** 2).flatten(1).mean(1))
     with pytest.raises(ValueError, match=r"timesteps \[500.5\] are not on the training schedule"):
         model.flow_loss(latents, states, noise=noise, timesteps=torch.tensor([1000.0, 500.5]))
+
+
+def test_loss_matches_the_authors_code_on_the_tiny_model(tiny):
+    """The golden value is the authors' own loss chain on these weights (see the JSON's note for how)."""
+    golden = json.loads((Path(__file__).parent / "golden" / "openuni_flow_loss.json").read_text())
+    model, processor = tiny
+    states, pixels = _encoder_states(model, processor)
+    latents = model.encode_latents(pixels)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(golden["noise_seed"]))
+    timesteps = model.train_scheduler.timesteps[(torch.tensor(golden["u"]) * 1000).long()]
+    with torch.no_grad():
+        loss = model.flow_loss(latents, states, noise=noise, timesteps=timesteps)
+    assert loss.item() == pytest.approx(golden["authors_diff_loss"], rel=1e-5)
 
 
 def _transformer_grads(model, processor) -> dict[str, torch.Tensor]:
