@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoModel
 
 from reca_hf.models.openuni import OpenUniConfig, OpenUniModel
 from reca_hf.models.openuni.convert import main as convert_main
@@ -49,13 +50,21 @@ def test_save_load_round_trip_gives_identical_outputs(tiny, tmp_path):
     model, processor = tiny
     model.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
-    loaded = OpenUniModel.from_pretrained(tmp_path).eval()
+    loaded = AutoModel.from_pretrained(tmp_path).eval()  # model_type "openuni" is registered with the Auto classes
+    assert isinstance(loaded, OpenUniModel)
     input_ids, attention_mask, pixels = _batch(processor)
     with torch.no_grad():
         before = model(input_ids, attention_mask, pixels, generator=torch.Generator().manual_seed(3), reduction="none")
         after = loaded(input_ids, attention_mask, pixels, generator=torch.Generator().manual_seed(3), reduction="none")
     assert torch.equal(before, after)
     assert loaded.config.to_dict()["transformer_config"] == model.config.to_dict()["transformer_config"]
+
+
+def test_train_mode_leaves_the_autoencoder_in_eval_mode():
+    model, _ = tiny_openuni(seed=0)
+    model.train()
+    assert model.transformer.training and model.connector.training
+    assert not any(module.training for module in model.vae.modules())
 
 
 def test_config_refuses_a_connector_narrower_than_the_llm(tiny):

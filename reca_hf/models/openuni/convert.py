@@ -30,6 +30,7 @@ heads: 14 for OpenUni-B, 24 for OpenUni-L), so it defaults to ``hidden_size // 6
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 from pathlib import Path
 
@@ -44,6 +45,7 @@ _CONNECTOR_KEY = re.compile(
     r"(layer_norm[12]\.(weight|bias)|self_attn\.(q|k|v|out)_proj\.(weight|bias)|mlp\.fc[12]\.(weight|bias))"
 )
 _CONNECTOR_HEAD_DIM = 64
+logger = logging.getLogger(__name__)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -159,7 +161,9 @@ def convert_openuni_checkpoint(
     public = {f"lmm.{k}": v for k, v in lmm.state_dict().items()}
     public |= {f"transformer.{k}": v for k, v in transformer.state_dict().items()}
     public |= {f"vae.{k}": v for k, v in vae.state_dict().items()}
-    mapped, _ = map_checkpoint_keys(state, set(model.state_dict()))
+    mapped, skipped = map_checkpoint_keys(state, set(model.state_dict()))
+    if skipped:
+        logger.info("convert openuni: skipped %d lmm.* keys; InternVL comes from %s", len(skipped), internvl)
     model.load_state_dict(public | mapped, strict=True)
     model.save_pretrained(output_dir)
     AutoTokenizer.from_pretrained(internvl).save_pretrained(output_dir)

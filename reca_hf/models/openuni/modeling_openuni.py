@@ -118,6 +118,18 @@ class OpenUniModel(PreTrainedModel):
             init.copy_(self.vit_mean, torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
             init.copy_(self.vit_std, torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.lmm.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.lmm.set_input_embeddings(value)
+
+    def train(self, mode: bool = True) -> OpenUniModel:
+        """As the authors' ``train()``: the autoencoder stays in eval mode (it is never trained)."""
+        super().train(mode)
+        self.vae.eval()
+        return self
+
     @property
     def image_token_id(self) -> int:
         return self.config.internvl_config.image_token_id
