@@ -107,7 +107,11 @@ def connector_config_from_checkpoint(checkpoint: dict[str, torch.Tensor], num_at
     layers = {int(m.group(1)) for k in checkpoint if (m := _CONNECTOR_KEY.fullmatch(k))}
     if not layers:
         raise ValueError("convert openuni: the checkpoint has no connector.layers.N.* keys; is it an OpenUni one?")
-    fc1 = checkpoint["connector.layers.0.mlp.fc1.weight"]
+    if (fc1 := checkpoint.get("connector.layers.0.mlp.fc1.weight")) is None:
+        raise ValueError(
+            "convert openuni: the checkpoint lacks 'connector.layers.0.mlp.fc1.weight', which gives the "
+            "connector's widths; is it a complete OpenUni state dict?"
+        )
     hidden_size = fc1.shape[1]
     return {
         "hidden_size": hidden_size,
