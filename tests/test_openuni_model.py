@@ -61,6 +61,18 @@ def test_save_load_round_trip_gives_identical_outputs(tiny, tmp_path):
     assert loaded.config.to_dict()["transformer_config"] == model.config.to_dict()["transformer_config"]
 
 
+def test_new_parts_get_the_authors_initialisation(tiny):
+    model, _ = tiny
+    queries = model.meta_queries.weight
+    assert abs(queries.std().item() - 64**-0.5) < 0.02  # normal with std 1/sqrt(llm width)
+    for layer in model.connector.layers:
+        assert all(not proj.bias.any() for proj in (layer.self_attn.q_proj, layer.self_attn.out_proj))
+        assert torch.equal(layer.layer_norm1.weight, torch.ones(64))
+        assert layer.mlp.fc1.bias.abs().max() < 1e-4  # normal with std 1e-6
+    bound = 64**-0.5  # PyTorch's default Linear init keeps the projector inside +-1/sqrt(fan_in)
+    assert model.projector.weight.abs().max() <= bound and model.projector.weight.abs().max() > 0.9 * bound
+
+
 def test_train_mode_leaves_the_autoencoder_in_eval_mode():
     model, _ = tiny_openuni(seed=0)
     model.train()

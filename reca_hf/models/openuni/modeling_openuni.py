@@ -95,28 +95,35 @@ class OpenUniModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """The authors' initialisation of the parts that are new in OpenUni (queries, connector, projector)."""
+        """The authors' initialisation of the parts that are new in OpenUni (queries, connector, projector).
+
+        transformers only hands modules that own tensors to this hook, so the connector's attention and MLP
+        rules (which need to know the Linear's role) run from the top-level call.
+        """
         if isinstance(module, MetaQueries):
             init.normal_(module.weight, std=1 / math.sqrt(module.weight.shape[-1]))
-        elif isinstance(module, SiglipAttention):
-            for proj in (module.q_proj, module.k_proj, module.v_proj, module.out_proj):
-                init.xavier_uniform_(proj.weight)
-                init.zeros_(proj.bias)
-        elif isinstance(module, SiglipMLP):
-            for fc in (module.fc1, module.fc2):
-                init.xavier_uniform_(fc.weight)
-                init.normal_(fc.bias, std=1e-6)
-        elif isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
         elif module is getattr(self, "projector", None):
             # PyTorch's default nn.Linear init, which the authors keep for the projector.
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             bound = 1 / math.sqrt(module.in_features)
             init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
         elif module is self:
             init.copy_(self.vit_mean, torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
             init.copy_(self.vit_std, torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+            for layer in self.connector.layers:
+                self._init_connector_layer(layer.self_attn, layer.mlp)
+
+    @staticmethod
+    def _init_connector_layer(attention: SiglipAttention, mlp: SiglipMLP) -> None:
+        for proj in (attention.q_proj, attention.k_proj, attention.v_proj, attention.out_proj):
+            init.xavier_uniform_(proj.weight)
+            init.zeros_(proj.bias)
+        for fc in (mlp.fc1, mlp.fc2):
+            init.xavier_uniform_(fc.weight)
+            init.normal_(fc.bias, std=1e-6)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.lmm.get_input_embeddings()
