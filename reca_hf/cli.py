@@ -3,12 +3,15 @@
 
 Recipes are YAML files whose keys are `RecAConfig` fields (plus an optional `env:` block). Parsing
 goes through trl's `TrlParser`, so command-line flags override the recipe and unknown keys are errors.
+`reca train RECIPE --accelerate_config NAME [--num_processes N ...]` relaunches the run through
+`accelerate launch`, as `trl sft --accelerate_config` does.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -85,6 +88,7 @@ def train(recipe: str, overrides: list[str]) -> None:
                 text_column=config.caption_column,
             )
     trainer = RecATrainer(config.model_name_or_path, args=config, train_dataset=dataset, **extra)
+    _check_processes_train_together(trainer)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_state()
     try:
@@ -98,6 +102,105 @@ def train(recipe: str, overrides: list[str]) -> None:
         if losses:
             print(f"{name}: {losses[0]:.4f} (first log) -> {losses[-1]:.4f} (last log)")
     print(f"Saved to {config.output_dir}")
+
+
+# ---- multi-process launches ----
+
+ACCELERATE_CONFIGS = Path(__file__).resolve().parent / "accelerate_configs"
+_SHARDED = ("FSDP", "DEEPSPEED")
+
+
+def accelerate_config_path(name: str) -> Path:
+    """An accelerate config file: a path as given, or the name of one shipped in reca_hf/accelerate_configs
+    (e.g. 'multi_gpu', 'fsdp2', 'zero3'), as trl's --accelerate_config resolves names."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = ACCELERATE_CONFIGS / f"{name.removesuffix('.yaml')}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in ACCELERATE_CONFIGS.glob("*.yaml")))
+    raise SystemExit(
+        f"reca train: --accelerate_config {name!r} is neither a file nor a config shipped with reca_hf; "
+        f"give a path to an accelerate config file or one of: {names}"
+    )
+
+
+def split_launch_args(args: list[str]) -> tuple[str, list[str], list[str]]:
+    """Split `reca train` arguments into (the --accelerate_config value, `accelerate launch` flags such as
+    --num_processes, recipe overrides). A flag that is both a launch flag and a RecAConfig field
+    (--gradient_accumulation_steps, --debug) stays a recipe override, as in trl."""
+    from accelerate.commands.launch import launch_command_parser
+
+    from .config import RecAConfig
+
+    fields = {f"--{f.name}" for f in dataclasses.fields(RecAConfig)}
+    takes_value = {"--accelerate_config": True}
+    for action in launch_command_parser()._actions:
+        for option in action.option_strings:
+            if option.startswith("--") and option not in fields:
+                takes_value[option] = action.nargs != 0
+    config, launch, overrides = None, [], []
+    rest = iter(args)
+    for arg in rest:
+        flag, inline, value = arg.partition("=")
+        if flag not in takes_value:
+            overrides.append(arg)
+            continue
+        token = [arg]
+        if takes_value[flag] and not inline:
+            value = next(rest, None)
+            if value is None:
+                raise SystemExit(f"reca train: {flag} needs a value")
+            token.append(value)
+        if flag == "--accelerate_config":
+            config = value
+        else:
+            launch += token
+    if config is None:
+        raise SystemExit("reca train: --accelerate_config needs a value: a shipped config name or a file")
+    return config, launch, overrides
+
+
+def launch(recipe: str, args: list[str]) -> None:
+    """Check the recipe here, then run `reca train RECIPE OVERRIDES` in every process that `accelerate launch`
+    starts with the chosen config and launch flags."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    name, launch_args, overrides = split_launch_args(args)
+    config_file = accelerate_config_path(name)
+    settings = yaml.safe_load(config_file.read_text()) or {}
+    config = parse_recipe(recipe, overrides)  # recipe errors before any process starts
+    on_cpu = bool(settings.get("use_cpu")) or config.use_cpu or "--cpu" in launch_args
+    kind = str(settings.get("distributed_type", "NO")).upper()
+    if on_cpu and kind in _SHARDED:
+        raise SystemExit(
+            f"reca train: {config_file} asks for {kind} on CPU processes; accelerate runs FSDP and DeepSpeed only on "
+            "accelerators (on CPUs it would fall back to plain DDP without saying so). On CPUs use "
+            "--accelerate_config multi_cpu; on GPUs drop use_cpu."
+        )
+    if on_cpu:
+        # The torchrun launcher does not pass use_cpu on; without it CPU-only processes would not form a group.
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+    command = [*launch_args, "--config_file", str(config_file), "--module", "reca_hf.cli", "train", recipe, *overrides]
+    launch_command(launch_command_parser().parse_args(command))
+
+
+def _check_processes_train_together(trainer) -> None:
+    """Several launched processes must form one run; otherwise each would train alone into the same output_dir."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    joined = trainer.accelerator.num_processes
+    if launched > 1 and joined != launched:
+        raise SystemExit(
+            f"reca train: {launched} processes were launched (WORLD_SIZE={launched}), but they did not join one "
+            f"run ({joined} process in this one): each would train alone. On CPUs set use_cpu: true (--use_cpu "
+            "true) or launch with --accelerate_config multi_cpu."
+        )
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not trainer.is_fsdp_enabled:
+        raise SystemExit(
+            f"reca train: FSDP was asked for, but accelerate set up {trainer.accelerator.distributed_type} (FSDP runs "
+            "only on accelerators): use a DDP config such as --accelerate_config multi_cpu on CPUs."
+        )
 
 
 def validate(recipe: str) -> list[str]:
@@ -235,7 +338,10 @@ def main(argv: list[str] | None = None) -> None:
     card_parser.add_argument("--eval-results", help=results_help)
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":
-        train(args.recipe, rest)
+        if any(arg.partition("=")[0] == "--accelerate_config" for arg in rest):
+            launch(args.recipe, rest)
+        else:
+            train(args.recipe, rest)
         return
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

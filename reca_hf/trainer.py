@@ -187,7 +187,7 @@ class RecATrainer(Trainer):
         # Our loss is a mean over the batch: let the Trainer divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}  # name -> [(sum, count)]
-        self.task_counts = dict.fromkeys(TASKS, 0)  # training samples seen per task (this process)
+        self.task_counts = dict.fromkeys(TASKS, 0)  # training samples seen per task (all processes)
         self._train_start_time: float | None = None
         if isinstance(data_collator, RecACollator):
             self.add_callback(PromptEpochCallback(data_collator, train_data))
@@ -363,7 +363,7 @@ class RecATrainer(Trainer):
             if count:
                 self._metrics[mode][f"{task}_loss"].append((total, count))
             if mode == "train":
-                self.task_counts[task] += size
+                self.task_counts[task] += int(count)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)

@@ -1,0 +1,167 @@
+"""Multi-process training: the shipped accelerate configs, `reca train --accelerate_config`, and 2-process CPU runs
+(gloo) checked against a single process training on the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from accelerate.commands.config.config_args import load_config_from_file
+
+from reca_hf import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = str(ROOT / "recipes" / "janus" / "tiny_demo.yaml")
+# A few steps at a constant learning rate, so that the weights move between the compared logs.
+SHORT_RUN = ["--max_steps", "4", "--logging_steps", "1", "--warmup_steps", "0", "--lr_scheduler_type", "constant",
+             "--save_strategy", "no", "--num_reconstruction_images", "0"]  # fmt: skip
+# Relative tolerances, 2 processes x 4 vs 1 process x 8, measured here (4 steps): reconstruction_loss 2.9e-6,
+# loss 7.6e-5, image_to_text_loss 1.2e-4, grad_norm 2.4e-3. Reconstruction-only runs agree to 1.2e-7. The image-to-
+# text gap is DDP's: that loss is a mean over each process's caption tokens, so when caption lengths differ between
+# the processes, their averaged gradient weighs tokens unlike the one-process mean over all tokens.
+RTOL = {"reconstruction_loss": 1e-5, "loss": 1e-3, "image_to_text_loss": 1e-3, "grad_norm": 1e-2}
+SHIPPED = {"multi_gpu": "MULTI_GPU", "multi_cpu": "MULTI_GPU", "fsdp2": "FSDP", "zero2": "DEEPSPEED",
+           "zero3": "DEEPSPEED"}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_accelerate_configs_load_and_leave_precision_to_the_recipe(name):
+    config = load_config_from_file(str(cli.accelerate_config_path(name)))
+    assert config.distributed_type == SHIPPED[name]
+    assert config.mixed_precision == "no"  # bf16 / fp16 come from the recipe, not from the launch
+    assert config.use_cpu == (name == "multi_cpu")
+
+
+def test_accelerate_config_is_a_shipped_name_or_a_path(tmp_path):
+    assert cli.accelerate_config_path("zero3") == cli.ACCELERATE_CONFIGS / "zero3.yaml"
+    own = tmp_path / "mine.yaml"
+    own.write_text("distributed_type: MULTI_GPU\n")
+    assert cli.accelerate_config_path(str(own)) == own
+    with pytest.raises(SystemExit, match=r"'zero9' is neither a file nor a config shipped.*multi_cpu, multi_gpu"):
+        cli.accelerate_config_path("zero9")
+
+
+def test_launch_flags_go_to_accelerate_and_the_rest_to_the_recipe():
+    args = ["--accelerate_config", "multi_cpu", "--num_processes", "2", "--max_steps", "3", "--main_process_port=0",
+            "--gradient_accumulation_steps", "2", "--cpu", "--output_dir", "out"]  # fmt: skip
+    name, launch, overrides = cli.split_launch_args(args)
+    assert name == "multi_cpu"
+    assert launch == ["--num_processes", "2", "--main_process_port=0", "--cpu"]
+    # --gradient_accumulation_steps is also an accelerate launch flag: the recipe field wins, as in trl
+    assert overrides == ["--max_steps", "3", "--gradient_accumulation_steps", "2", "--output_dir", "out"]
+    with pytest.raises(SystemExit, match="needs a value"):
+        cli.split_launch_args(["--accelerate_config"])
+
+
+def test_train_relaunches_itself_through_accelerate_launch(monkeypatch):
+    launched = []
+    monkeypatch.setattr("accelerate.commands.launch.launch_command", launched.append)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    cli.main(["train", RECIPE, "--accelerate_config", "multi_cpu", "--num_processes", "2", "--max_steps", "3"])
+    (args,) = launched
+    assert Path(args.config_file) == cli.ACCELERATE_CONFIGS / "multi_cpu.yaml"
+    assert args.num_processes == 2 and args.module
+    assert [args.training_script, *args.training_script_args] == ["reca_hf.cli", "train", RECIPE, "--max_steps", "3"]
+    assert os.environ["ACCELERATE_USE_CPU"] == "true"  # torchrun's launcher does not pass use_cpu on itself
+
+
+def test_recipe_errors_stop_the_launch_before_any_process_starts(monkeypatch):
+    monkeypatch.setattr("accelerate.commands.launch.launch_command", lambda args: pytest.fail("launched"))
+    with pytest.raises(SystemExit, match="max_stepz"):
+        cli.main(["train", RECIPE, "--accelerate_config", "multi_cpu", "--max_stepz", "3"])
+
+
+def test_fsdp_on_cpu_processes_is_refused_before_launching(monkeypatch):
+    monkeypatch.setattr("accelerate.commands.launch.launch_command", lambda args: pytest.fail("launched"))
+    with pytest.raises(SystemExit, match="asks for FSDP on CPU processes.*--accelerate_config multi_cpu"):
+        cli.main(["train", RECIPE, "--accelerate_config", "fsdp2", "--use_cpu", "true"])
+
+
+def test_processes_that_would_each_train_alone_are_stopped(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    alone = SimpleNamespace(accelerator=SimpleNamespace(num_processes=1, distributed_type="NO"), is_fsdp_enabled=False)
+    with pytest.raises(SystemExit, match=r"2 processes were launched.*--use_cpu true"):
+        cli._check_processes_train_together(alone)
+    together = SimpleNamespace(accelerator=SimpleNamespace(num_processes=2), is_fsdp_enabled=False)
+    cli._check_processes_train_together(together)
+
+
+# ---- real 2-process runs (gloo on the CPU) ----
+
+
+def _run(tmp_path: Path, command: list[str], **env: str) -> subprocess.CompletedProcess:
+    """Run ``command`` with this checkout's reca_hf and one thread per process (2 cores in CI)."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
+    environment.update(env, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    run = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    return run
+
+
+def _reca(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return _run(tmp_path, [sys.executable, "-m", "reca_hf.cli", *args], **env)
+
+
+def _logged(output_dir: Path) -> list[dict[str, float]]:
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    names = ("loss", "reconstruction_loss", "image_to_text_loss", "grad_norm")
+    return [{name: log[name] for name in names} for log in history if "reconstruction_loss" in log]
+
+
+def _card_samples(output_dir: Path) -> list[int]:
+    mix = json.loads((output_dir / "reca_run.json").read_text())["settings"]["task mix"]
+    return [int(n.replace(",", "")) for n in re.findall(r"\(([\d,]+) samples\)", mix)]
+
+
+def _assert_same_training(two_processes: Path, one_process: Path) -> None:
+    many, one = _logged(two_processes), _logged(one_process)
+    assert len(many) == len(one) == 4
+    for step, (a, b) in enumerate(zip(many, one), start=1):
+        for name, rtol in RTOL.items():
+            assert a[name] == pytest.approx(b[name], rel=rtol), f"{name} at step {step}"
+    assert many[-1]["loss"] != pytest.approx(many[0]["loss"], rel=1e-3)  # the weights did move
+    # The card counts every process's samples: 4 steps x 8 samples, split as in the single-process run.
+    assert _card_samples(two_processes) == _card_samples(one_process)
+    assert sum(_card_samples(two_processes)) == 32
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory) -> Path:
+    """The reference: one process, a batch of 8 (the global batch of 2 processes x 4)."""
+    folder = tmp_path_factory.mktemp("single")
+    run = _reca(folder, "train", RECIPE, *SHORT_RUN, "--per_device_train_batch_size", "8", "--output_dir", "out")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return folder / "out"
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process_on_the_same_global_batch(tmp_path, single_process):
+    ddp = _reca(tmp_path, "train", RECIPE, "--accelerate_config", "multi_cpu", "--num_processes", "2",
+                "--main_process_port", "0", *SHORT_RUN, "--per_device_train_batch_size", "4", "--output_dir", "ddp")  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert "2 processes" not in ddp.stderr  # they formed one run (not two runs of one)
+    _assert_same_training(tmp_path / "ddp", single_process)
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_on_cpu(tmp_path, single_process):
+    """FSDP needs an accelerator with accelerate 1.15: its AcceleratorState enables the FSDP plugin only for accelerator
+    process groups (MULTI_GPU, MULTI_XPU, ...), so CPU processes given an FSDP config silently train as plain DDP.
+    reca train refuses that rather than claim FSDP; should a later accelerate shard on CPUs, this test runs FSDP."""
+    config = tmp_path / "fsdp2_cpu.yaml"
+    config.write_text((cli.ACCELERATE_CONFIGS / "fsdp2.yaml").read_text().replace("use_cpu: false", "use_cpu: true"))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes",
+               "2", "--main_process_port", "0", "-m", "reca_hf.cli", "train", RECIPE, *SHORT_RUN,
+               "--per_device_train_batch_size", "4", "--output_dir", "fsdp"]  # fmt: skip
+    run = _run(tmp_path, command, ACCELERATE_USE_CPU="true")
+    refusal = re.search(r"reca train: FSDP was asked for, but accelerate set up \S+", run.stdout + run.stderr)
+    if refusal:
+        assert run.returncode != 0
+        pytest.skip(f"FSDP does not run on CPU processes with this accelerate: {refusal.group(0)}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    _assert_same_training(tmp_path / "fsdp", single_process)
