@@ -133,9 +133,9 @@ def load_image_dataset(
 def image_folder(folder: str | Path, split: str = "train"):
     """A folder of images (with ``metadata.csv``/``.jsonl`` captions, as ``imagefolder`` reads them) as a dataset.
 
-    The listing is cached, keyed by the folder's state (every file's relative path, size and mtime), in
-    memory and under the ``datasets`` cache: loading an unchanged folder again reads the saved listing
-    instead of re-scanning it. A folder without image files is an error naming the folder.
+    The listing (file paths and metadata columns, not the image bytes) is cached, keyed by the folder's
+    state (every file's relative path, size and mtime), in memory and under the ``datasets`` cache:
+    loading an unchanged folder again reads the saved listing instead of re-scanning it. A folder without image files is an error naming the folder.
     """
     import datasets
 
@@ -149,15 +149,24 @@ def image_folder(folder: str | Path, split: str = "train"):
     key = hashlib.sha256(repr((str(folder), split, datasets.__version__, state)).encode()).hexdigest()[:24]
     if key in _FOLDER_CACHE:
         return _FOLDER_CACHE[key]
-    saved = Path(datasets.config.HF_DATASETS_CACHE) / "reca_folders" / key
-    if (saved / "state.json").is_file():
-        dataset = datasets.load_from_disk(str(saved))
-    else:
-        dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), split=split)
-        dataset.save_to_disk(str(saved))
-        dataset = datasets.load_from_disk(str(saved))
+    saved = Path(datasets.config.HF_DATASETS_CACHE) / "reca_folders" / f"{key}.arrow"
+    if not saved.is_file():
+        listing = datasets.load_dataset("imagefolder", data_dir=str(folder), split=split)
+        _write_arrow(listing.data.table, saved)  # paths only: save_to_disk would copy every image's bytes
+    dataset = datasets.Dataset.from_file(str(saved))
     _FOLDER_CACHE[key] = dataset
     return dataset
+
+
+def _write_arrow(table, path: Path) -> None:
+    """Write ``table`` (with its ``datasets`` features in the schema) as an Arrow stream, atomically."""
+    import pyarrow as pa
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    os.replace(partial, path)
 
 
 def _folder_state(folder: Path) -> list[tuple[str, int, int]]:
