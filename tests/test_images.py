@@ -247,3 +247,32 @@ def test_folders_are_checked_at_load(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match="has no image files"):
         image_folder(tmp_path)
+
+
+def _decoding_dataset(n: int, bad: dict[int, bytes]):
+    """Like ``_captioned`` but with a decoding ``Image()`` column, as user datasets have: datasets would
+    decode (and crash on) a bad row itself unless the trainer casts it to ``decode=False``."""
+    return _captioned(n, bad).cast_column("image", datasets.Image())
+
+
+def test_trainer_names_the_original_row_of_a_bad_image_with_image_to_text_mixed_in(make_args, tiny_janus):
+    from reca_hf import RecATrainer
+
+    model, processor = tiny_janus
+    train, i2t = _decoding_dataset(12, {8: _truncated_jpeg()}), _decoding_dataset(12, {})
+    args = make_args(max_steps=6, collapse_action="off")  # 6 x 4 = the whole 24-slot epoch
+    trainer = RecATrainer(model, args=args, train_dataset=train, i2t_dataset=i2t, processing_class=processor)
+    with pytest.raises(BadImageError, match=r"^train dataset row 8: column 'image' could not be decoded"):
+        trainer.train()
+
+
+def test_trainer_skips_bad_images_when_told(make_args, tiny_janus):
+    from reca_hf import RecATrainer
+
+    model, processor = tiny_janus
+    train = _decoding_dataset(12, {8: _truncated_jpeg(), 3: b"junk"})
+    args = make_args(max_steps=3, collapse_action="off", bad_image_policy="skip", require_understanding_data=False)
+    trainer = RecATrainer(model, args=args, train_dataset=train, processing_class=processor)
+    trainer.train()
+    assert trainer.data_collator.skipped_rows == {"train": 2}
+    assert trainer.task_counts[RECONSTRUCTION] == 12  # every batch whole
