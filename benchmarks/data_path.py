@@ -9,6 +9,9 @@ Inputs are 1024-px JPEGs (undecoded bytes, as an ``Image(decode=False)`` column 
 - ``naive``: full PIL decode, one resize per view, numpy -> torch.
 - ``floor``: JPEG draft decode + one resize + tensor conversion, nothing else.
 
+It also times loading an image folder of ``--folder-files`` files again (warm caches): ``datasets``'
+``imagefolder`` (what a load cost before) vs :func:`reca_hf.data.image_folder` reading its saved listing.
+
 Run with one thread, e.g. ``OMP_NUM_THREADS=1 python benchmarks/data_path.py --baseline 61e26f3``.
 The best of ``--repeats`` interleaved rounds is reported (other processes share the cores).
 """
@@ -121,6 +124,36 @@ def measure(contenders: dict, repeats: int, batch: int) -> dict[str, dict[str, f
     }
 
 
+def folder_loads(files: int, repeats: int) -> dict[str, float]:
+    """Seconds to load an unchanged folder of ``files`` images again: imagefolder vs the cached listing."""
+    import datasets
+
+    from reca_hf import data
+
+    with tempfile.TemporaryDirectory() as root:
+        folder = Path(root) / "images"
+        folder.mkdir()
+        for i in range(files):
+            Image.new("RGB", (8, 8), (i % 256, 0, 0)).save(folder / f"{i:06d}.png")
+        datasets.config.HF_DATASETS_CACHE = str(Path(root) / "cache")
+        datasets.disable_progress_bars()
+        datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")  # warm its cache
+        data.image_folder(folder)
+        times = {"imagefolder": [], "cached listing (new process)": [], "cached listing (same process)": []}
+        for _ in range(repeats):
+            start = time.perf_counter()
+            datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
+            times["imagefolder"].append(time.perf_counter() - start)
+            data._FOLDER_CACHE.clear()  # as in a new process: the listing is read back from the cache dir
+            start = time.perf_counter()
+            data.image_folder(folder)
+            times["cached listing (new process)"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            data.image_folder(folder)
+            times["cached listing (same process)"].append(time.perf_counter() - start)
+    return {name: min(t) for name, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", help="git revision whose collator is timed as 'baseline' (e.g. 61e26f3)")
@@ -128,6 +161,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--resolution", type=int, default=384)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--folder-files", type=int, default=2000, help="files in the folder-loading test (0: skip)")
     parser.add_argument("--output", type=Path, default=RESULTS / "data_path.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -150,17 +184,21 @@ def main() -> None:
     }
     if "baseline" in best:
         ratios["collator / baseline"] = best["collator"] / best["baseline"]
+    folder = folder_loads(args.folder_files, 3) if args.folder_files else {}
     report = {
         "command": " ".join(["OMP_NUM_THREADS=1", "python", *sys.argv]),
         "setup": f"{args.images} x {args.size}-px JPEG (q=90) -> {args.resolution}/{args.resolution} Janus-shaped batch, "
         f"1 thread, best of {args.repeats} interleaved rounds",
         "results": results,
         "ratios": ratios,
+        "folder_load_seconds": {"files": args.folder_files, **folder},
     }
     for name, r in results.items():
         print(f"{name:>10}: {r['best_images_per_s']:7.1f} images/s best, {r['median_images_per_s']:7.1f} median")
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}")
+    for name, seconds in folder.items():
+        print(f"load a {args.folder_files}-file folder again, {name}: {seconds * 1000:.1f} ms")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
 

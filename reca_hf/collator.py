@@ -94,7 +94,8 @@ class RecACollator:
     def _image(self, example: dict[str, Any], index: int, draft: int):
         if self.image_column not in example:
             raise KeyError(
-                f"dataset row {index} has no column {self.image_column!r} (columns: {sorted(k for k in example if k != INDEX_KEY)}); "
+                f"{_row_name(example, index)} has no column {self.image_column!r} (columns: "
+                f"{sorted(k for k in example if not k.startswith('__reca'))}); "
                 "set image_column to the column that holds the images"
             )
         value = example[self.image_column]

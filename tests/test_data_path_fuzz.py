@@ -18,6 +18,7 @@ from reca_hf.images import BadImageError
 from reca_hf.tasks import IMAGE_TO_TEXT, INDEX_KEY, RECONSTRUCTION, TASK_KEY, TASKS, TEXT_TO_IMAGE
 from reca_hf.testing import _BUILDERS, tiny_umm
 
+pytestmark = pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")  # corrupt inputs are the point
 ADAPTERS = sorted(_BUILDERS)  # every registered tiny architecture
 EXAMPLES_PER_ADAPTER = 120
 FORMAT_MODES = (
