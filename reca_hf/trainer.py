@@ -23,7 +23,7 @@ from .callbacks import CollapseDetector, PromptEpochCallback, ReconstructionGrid
 from .cards import PAPER_ID, PAPER_TITLE
 from .collator import RecACollator
 from .config import RecAConfig
-from .data import as_source, synthetic_shapes
+from .data import ROW_KEY, SOURCE_KEY, as_source, synthetic_shapes
 from .freeze import apply_freeze, format_table, parameter_table
 from .hub import (
     HubPushError,
@@ -318,7 +318,8 @@ class RecATrainer(Trainer):
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = [self.args.image_column, self.args.caption_column, INDEX_KEY, TASK_KEY]
+            self._signature_columns = [self.args.image_column, self.args.caption_column, INDEX_KEY, TASK_KEY,
+                                       SOURCE_KEY, ROW_KEY]  # fmt: skip
 
     def _get_dataloader(self, dataset, *args, **kwargs):
         if not isinstance(dataset, torch.utils.data.IterableDataset) and not getattr(dataset, "reca_indexed", False):

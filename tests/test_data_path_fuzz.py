@@ -14,6 +14,7 @@ from PIL import Image
 
 from reca_hf.adapters import get_adapter
 from reca_hf.collator import RecACollator
+from reca_hf.data import SourceRows
 from reca_hf.images import BadImageError
 from reca_hf.tasks import IMAGE_TO_TEXT, INDEX_KEY, RECONSTRUCTION, TASK_KEY, TASKS, TEXT_TO_IMAGE
 from reca_hf.testing import _BUILDERS, tiny_umm
@@ -34,6 +35,14 @@ FORMAT_MODES = (
 def _collator(arch: str) -> RecACollator:
     model, processor = tiny_umm(arch)
     return RecACollator(get_adapter(model, processor), cond_dropout_prob=0.0, max_image_pixels=300 * 300)
+
+
+@cache
+def _skipping_collator(arch: str) -> RecACollator:
+    model, processor = tiny_umm(arch)
+    return RecACollator(
+        get_adapter(model, processor), cond_dropout_prob=0.0, max_image_pixels=300 * 300, bad_image_policy="skip"
+    )
 
 
 def _picture(mode: str, width: int, height: int, seed: int) -> Image.Image:
@@ -137,3 +146,36 @@ def _tensors(batch):
             yield from _tensors(value)
         elif isinstance(value, torch.Tensor):
             yield value
+
+
+@pytest.mark.parametrize("arch", ADAPTERS)
+@settings(max_examples=EXAMPLES_PER_ADAPTER // 2, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+@given(drawn=st.lists(st.tuples(image_values(), st.sampled_from(TASKS)), min_size=1, max_size=4))
+def test_skip_always_gives_a_whole_batch_with_its_own_captions(arch, drawn):
+    """Under bad_image_policy=skip, any mix of good and bad rows (the dataset ends with one good row) comes out
+    as a batch of exactly one example per row, each bad row replaced by a later good one."""
+    collator = _skipping_collator(arch)
+    drawn = [(value, genuine, task) for (value, genuine), task in drawn if collator.adapter.supports(task)]
+    good = {"bytes": _encoded(_picture("RGB", 20, 30, 0)), "path": None}
+    dataset = SourceRows([{"image": value, "caption": "a red circle"} for value, _, _ in drawn]
+                         + [{"image": good, "caption": "a red circle"}], "train")  # fmt: skip
+    examples = [{**dataset[i], TASK_KEY: task, INDEX_KEY: i} for i, (_, _, task) in enumerate(drawn)]
+    collator.add_sources({"train": dataset})
+    before = collator.skipped_rows["train"]
+    batch = collator(examples) if examples else {}
+    counts = {task: sum(t == task for _, _, t in drawn) for task in TASKS}
+    if counts[RECONSTRUCTION]:
+        assert batch["condition_pixel_values"].shape[0] == counts[RECONSTRUCTION] == len(batch["instructions"])
+        assert batch["dataset_index"].tolist() == [i for i, (_, _, t) in enumerate(drawn) if t == RECONSTRUCTION]
+    for task, key in ((IMAGE_TO_TEXT, "condition_pixel_values"), (TEXT_TO_IMAGE, "target_pixel_values")):
+        if counts[task]:
+            assert batch[task][key].shape[0] == counts[task] == batch[task]["input_ids"].shape[0]
+    if all(genuine for _, genuine, _ in drawn):
+        assert collator.skipped_rows["train"] == before  # intact images are never skipped
+
+
+def _encoded(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
