@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .adapters.base import AUTO, UMMAdapter
-from .images import ViewSpec, load_image, pad_to_square
+from .data import ROW_KEY, SOURCE_KEY
+from .images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, ViewSpec, load_image, pad_to_square, source_file
 from .prompts import PromptSampler, load_prompts
 from .tasks import IMAGE_TO_TEXT, INDEX_KEY, RECONSTRUCTION, TASK_KEY, TASKS, TEXT_TO_IMAGE, caption_column_in
+
+logger = logging.getLogger(__name__)
+BAD_IMAGE_POLICIES = ("error", "skip")
 
 
 class RecACollator:
@@ -34,6 +40,12 @@ class RecACollator:
 
     The row index comes from the ``__reca_index__`` key that :class:`~reca_hf.RecATrainer` adds to
     every row; rows without it are numbered in the order this collator sees them.
+
+    An image that cannot be used (undecodable, truncated, over ``max_image_pixels``) raises
+    :class:`~reca_hf.images.BadImageError` naming the dataset, its original row and the file, for rows
+    from :func:`~reca_hf.data.as_source` datasets. With ``bad_image_policy="skip"`` such a row is
+    replaced by the next good row of the same dataset (registered with :meth:`add_sources`), so batches
+    keep their size and every prompt its image; skips are counted per dataset in :attr:`skipped_rows`.
     """
 
     def __init__(
@@ -49,7 +61,15 @@ class RecACollator:
         seed: int = 0,
         allow_shortcut: bool = False,
         caption_column: str = "caption",
+        bad_image_policy: str = "error",
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ):
+        if bad_image_policy not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"bad_image_policy={bad_image_policy!r}: choose one of {', '.join(BAD_IMAGE_POLICIES)}")
+        self.bad_image_policy = bad_image_policy
+        self.max_image_pixels = int(max_image_pixels)
+        self.sources: dict[str, Any] = {}
+        self.skipped_rows: Counter[str] = Counter()
         self.adapter = adapter
         condition, generation = adapter.resolve_resolutions(condition_resolution, generation_resolution)
         self.views = ViewSpec(condition, generation, condition_bottleneck, blur_factor, adapter.background_color)
@@ -67,19 +87,63 @@ class RecACollator:
             index, self._rows_seen = self._rows_seen, self._rows_seen + 1
         return int(index)
 
-    def _image(self, example: dict[str, Any], index: int):
+    def add_sources(self, sources: dict[str, Any]) -> None:
+        """Register the datasets (by name, from :func:`~reca_hf.data.as_source`) that bad rows are replaced from."""
+        self.sources.update({name: dataset for name, dataset in sources.items() if dataset is not None})
+
+    def _image(self, example: dict[str, Any], index: int, draft: int):
         if self.image_column not in example:
             raise KeyError(
-                f"dataset row {index} has no column {self.image_column!r} (columns: {sorted(k for k in example if k != INDEX_KEY)}); "
+                f"{_row_name(example, index)} has no column {self.image_column!r} (columns: "
+                f"{sorted(k for k in example if not k.startswith('__reca'))}); "
                 "set image_column to the column that holds the images"
             )
+        value = example[self.image_column]
         try:
-            return load_image(example[self.image_column])
+            return load_image(value, self.max_image_pixels, draft)
         except Exception as error:
-            raise ValueError(
-                f"dataset row {index}: column {self.image_column!r} could not be decoded as an image "
-                f"({type(error).__name__}: {error}); fix or remove that row"
+            file = source_file(value)
+            where = f" (file {file})" if file else ""
+            raise BadImageError(
+                f"{_row_name(example, index)}: column {self.image_column!r}{where} could not be decoded as an image "
+                f"({type(error).__name__}: {error}); fix or remove that row, or set bad_image_policy: skip",
+                file,
             ) from error
+
+    def _decoded(self, examples: list[dict[str, Any]], draft: int) -> tuple[list[dict[str, Any]], list]:
+        """``(rows, images)``: each row with its decoded image; under ``skip``, bad rows replaced (see class doc)."""
+        rows, images = [], []
+        for example, index in zip(examples, [self._row_index(example) for example in examples]):
+            row = {**example, INDEX_KEY: index}
+            for _ in range(_MAX_REPLACEMENTS):
+                try:
+                    images.append(self._image(row, index, draft))
+                    break
+                except BadImageError as error:
+                    if self.bad_image_policy == "error":
+                        raise
+                    row = self._replacement(row, error)
+            else:
+                raise BadImageError(
+                    f"{_MAX_REPLACEMENTS} consecutive bad images from {_row_name(example, index)} on; that dataset "
+                    "looks broken (check it with reca validate --check-images)"
+                )
+            rows.append(row)
+        return rows, images
+
+    def _replacement(self, row: dict[str, Any], error: BadImageError) -> dict[str, Any]:
+        """The row after ``row`` in its source dataset, keeping ``row``'s task and slot index; counts the skip."""
+        source = self.sources.get(row.get(SOURCE_KEY))
+        if source is None or ROW_KEY not in row:
+            raise BadImageError(
+                f"{error} (bad_image_policy: skip replaces a bad row by the next row of its dataset, which this "
+                "collator does not know: wrap the dataset with reca_hf.data.as_source and pass it to add_sources)",
+                error.file,
+            ) from error
+        self.skipped_rows[row[SOURCE_KEY]] += 1
+        logger.warning("Skipped a bad image (bad_image_policy: skip): %s", error)
+        nxt = (int(row[ROW_KEY]) + 1) % len(source)
+        return {**source[nxt], **{key: row[key] for key in (INDEX_KEY, TASK_KEY) if key in row}}
 
     def _text(self, example: dict[str, Any], index: int, task: str):
         """``(question, answer)`` of an image-to-text row, or ``(caption, None)`` of a text-to-image row.
@@ -108,15 +172,12 @@ class RecACollator:
         )
 
     def _reconstruction(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        indices = [self._row_index(example) for example in examples]
-        images = [self._image(example, index) for example, index in zip(examples, indices)]
+        rows, images = self._decoded(examples, self.views.largest_side)
+        indices = [row[INDEX_KEY] for row in rows]
         draws = [self.sampler.draw(index, self.epoch) for index in indices]
         instructions = [instruction for instruction, _ in draws]
-        batch = self.adapter.prepare(
-            [self.views.condition_view(image) for image in images],
-            [self.views.target_view(image) for image in images],
-            instructions,
-        )
+        conditions, targets = zip(*(self.views.views(image) for image in images))
+        batch = self.adapter.prepare(list(conditions), list(targets), instructions)
         batch["dataset_index"] = torch.tensor(indices)
         batch["prompt_dropped"] = torch.tensor([dropped for _, dropped in draws])
         batch["instructions"] = instructions
@@ -124,12 +185,11 @@ class RecACollator:
 
     def _image_to_text(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         """The image at the understanding resolution (no bottleneck), a question, and the caption as answer."""
-        indices = [self._row_index(example) for example in examples]
         resolution = self.adapter.understanding_resolution
-        images = [
-            pad_to_square(self._image(e, i), resolution, self.views.background) for e, i in zip(examples, indices)
-        ]
-        texts = [self._text(example, index, IMAGE_TO_TEXT) for example, index in zip(examples, indices)]
+        rows, images = self._decoded(examples, resolution)
+        indices = [row[INDEX_KEY] for row in rows]
+        images = [pad_to_square(image, resolution, self.views.background) for image in images]
+        texts = [self._text(row, self._report_index(row), IMAGE_TO_TEXT) for row in rows]
         questions = [q if q is not None else self.sampler.template(i, self.epoch) for (q, _), i in zip(texts, indices)]
         batch = self.adapter.prepare_image_to_text(images, questions, [answer for _, answer in texts])
         batch["dataset_index"] = torch.tensor(indices)
@@ -137,17 +197,24 @@ class RecACollator:
 
     def _text_to_image(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         """The caption as the generation prompt (dropped to the null prompt like instructions are) and the target."""
-        indices = [self._row_index(example) for example in examples]
-        targets = [self.views.target_view(self._image(e, i)) for e, i in zip(examples, indices)]
+        resolution = self.views.generation_resolution
+        rows, images = self._decoded(examples, resolution)
+        indices = [row[INDEX_KEY] for row in rows]
+        targets = [pad_to_square(image, resolution, self.views.background) for image in images]
         dropped = [self.sampler.draw(index, self.epoch)[1] for index in indices]
         captions = [
-            self.adapter.null_prompt if drop else self._text(example, index, TEXT_TO_IMAGE)[1]
-            for example, index, drop in zip(examples, indices, dropped)
+            self.adapter.null_prompt if drop else self._text(row, self._report_index(row), TEXT_TO_IMAGE)[1]
+            for row, drop in zip(rows, dropped)
         ]
         batch = self.adapter.prepare_text_to_image(captions, targets)
         batch["dataset_index"] = torch.tensor(indices)
         batch["prompt_dropped"] = torch.tensor(dropped)
         return batch
+
+    @staticmethod
+    def _report_index(row: dict[str, Any]) -> int:
+        """The row number to name in errors: the row of its own dataset where known, else the slot index."""
+        return int(row.get(ROW_KEY, row[INDEX_KEY]))
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         """A RecA batch: reconstruction inputs at the top level, other tasks' inputs under their task name."""
@@ -163,6 +230,16 @@ class RecACollator:
         if TEXT_TO_IMAGE in by_task:
             batch[TEXT_TO_IMAGE] = self._text_to_image(by_task[TEXT_TO_IMAGE])
         return batch
+
+
+_MAX_REPLACEMENTS = 16  # bad rows in a row before a dataset counts as broken
+
+
+def _row_name(example: dict[str, Any], index: int) -> str:
+    """``"train dataset row 8"`` for rows tagged by :func:`~reca_hf.data.as_source`, else ``"dataset row N"``."""
+    if SOURCE_KEY in example and ROW_KEY in example:
+        return f"{example[SOURCE_KEY]} dataset row {example[ROW_KEY]}"
+    return f"dataset row {index}"
 
 
 def _message_text(message: dict[str, Any]) -> str:

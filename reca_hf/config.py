@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import TrainingArguments
 
-from .images import BOTTLENECKS
+from .images import BOTTLENECKS, DEFAULT_MAX_IMAGE_PIXELS
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,12 @@ class RecAConfig(TrainingArguments):
             Split of the dataset to train on.
         image_column (`str`, *optional*, defaults to `"image"`):
             Column holding the images (PIL images, file paths, or datasets Image values).
+        bad_image_policy (`str`, *optional*, defaults to `"error"`):
+            What an image that cannot be decoded (corrupt, truncated, over max_image_pixels) does: 'error' stops with
+            the dataset, row and file named; 'skip' replaces the row by the next good row of the same dataset, counts
+            and logs it.
+        max_image_pixels (`int`, *optional*, defaults to `89478485`):
+            Largest image (width x height) decoded; larger ones are bad images (a decompression-bomb guard).
         max_train_samples (`int` or `None`, *optional*, defaults to `None`):
             Use at most this many training images (for 'synthetic_shapes': how many to make; default 256).
         i2t_dataset_name (`str` or `None`, *optional*, defaults to `None`):
@@ -204,6 +210,20 @@ class RecAConfig(TrainingArguments):
     image_column: str = field(
         default="image",
         metadata={"help": "Column holding the images (PIL images, file paths, or datasets Image values)."},
+    )
+    bad_image_policy: str = field(
+        default="error",
+        metadata={
+            "help": "What an image that cannot be decoded (corrupt, truncated, over max_image_pixels) does: 'error' "
+            "stops with the dataset, row and file named; 'skip' replaces the row by the next good row of the same "
+            "dataset, counts and logs it."
+        },
+    )
+    max_image_pixels: int = field(
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        metadata={
+            "help": "Largest image (width x height) decoded; larger ones are bad images (a decompression-bomb guard)."
+        },
     )
     max_train_samples: int | None = field(
         default=None,

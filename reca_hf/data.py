@@ -1,13 +1,23 @@
-"""Datasets for RecA: synthetic shapes built in code, and loading user data (hub, folder, disk)."""
+"""Datasets for RecA: synthetic shapes built in code, loading user data (hub, folder, disk), and the
+undecoded, source-tagged rows the collator decodes itself (so a bad image names its dataset, row and file).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
 
 SYNTHETIC = "synthetic_shapes"
+SOURCE_KEY = "__reca_source__"  # the name of the dataset a row comes from: train, i2t, t2i or eval
+ROW_KEY = "__reca_row__"  # the row's index in that dataset, whatever mixes or wrappers re-index it later
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+_FOLDER_CACHE: dict[str, Any] = {}  # folder-state key -> dataset, for loads within one process
 _COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -98,7 +108,11 @@ def load_image_dataset(
         if isinstance(dataset, datasets.DatasetDict):
             dataset = dataset[split]
     elif path.is_dir() and not any(path.glob("*.py")) and not (path / "README.md").is_file() and _has_images(path):
-        dataset = datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
+        dataset = image_folder(path, split)
+    elif path.is_dir() and not any(p.is_file() for p in path.rglob("*")):
+        raise ValueError(f"dataset {name!r} is an empty folder; set dataset_name to a folder of images or a hub id")
+    elif _looks_local(name) and not path.exists():
+        raise FileNotFoundError(f"dataset {name!r}: no such folder; set dataset_name to an existing folder or a hub id")
     else:
         dataset = datasets.load_dataset(name, config_name, split=split)
     if image_column not in dataset.column_names:
@@ -116,6 +130,138 @@ def load_image_dataset(
     return dataset
 
 
+def image_folder(folder: str | Path, split: str = "train"):
+    """A folder of images (with ``metadata.csv``/``.jsonl`` captions, as ``imagefolder`` reads them) as a dataset.
+
+    The listing (file paths and metadata columns, not the image bytes) is cached, keyed by the folder's
+    state (every file's relative path, size and mtime), in memory and under the ``datasets`` cache:
+    loading an unchanged folder again reads the saved listing instead of re-scanning it. A folder without image files is an error naming the folder.
+    """
+    import datasets
+
+    folder = Path(folder).expanduser().resolve()
+    state = _folder_state(folder)
+    if not any(relative.lower().endswith(IMAGE_SUFFIXES) for relative, _, _ in state):
+        raise ValueError(
+            f"dataset folder {str(folder)!r} has no image files ({', '.join(IMAGE_SUFFIXES)}); set dataset_name to a "
+            "folder of images"
+        )
+    key = hashlib.sha256(repr((str(folder), split, datasets.__version__, state)).encode()).hexdigest()[:24]
+    if key in _FOLDER_CACHE:
+        return _FOLDER_CACHE[key]
+    saved = Path(datasets.config.HF_DATASETS_CACHE) / "reca_folders" / f"{key}.arrow"
+    if not saved.is_file():
+        listing = datasets.load_dataset("imagefolder", data_dir=str(folder), split=split)
+        _write_arrow(listing.data.table, saved)  # paths only: save_to_disk would copy every image's bytes
+    dataset = datasets.Dataset.from_file(str(saved))
+    _FOLDER_CACHE[key] = dataset
+    return dataset
+
+
+def _write_arrow(table, path: Path) -> None:
+    """Write ``table`` (with its ``datasets`` features in the schema) as an Arrow stream, atomically."""
+    import pyarrow as pa
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    os.replace(partial, path)
+
+
+def _folder_state(folder: Path) -> list[tuple[str, int, int]]:
+    """``(relative path, size, mtime_ns)`` of every file under ``folder``, sorted; one ``stat`` per file."""
+    state, pending = [], [folder]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=True):
+                    pending.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=True):
+                    info = entry.stat()
+                    state.append((os.path.relpath(entry.path, folder), info.st_size, info.st_mtime_ns))
+    return sorted(state)
+
+
 def _has_images(folder: Path) -> bool:
-    suffixes = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-    return any(p.suffix.lower() in suffixes for p in folder.rglob("*") if p.is_file())
+    return any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.rglob("*") if p.is_file())
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub id (``owner/name``): absolute, relative to ``.`` or ``~``, or deeper than one slash."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def undecoded(dataset, column: str):
+    """``dataset`` with its ``datasets.Image`` column ``column`` cast to ``Image(decode=False)``.
+
+    Rows then hold ``{"bytes", "path"}``: the collator decodes them (with JPEG draft mode, and errors that
+    name the row and file) instead of ``datasets`` decoding every image in full when the row is read.
+    Datasets without such a column (plain lists, path strings) are returned as they are.
+    """
+    import datasets
+
+    features = getattr(dataset, "features", None) or {}
+    feature = features.get(column) if hasattr(features, "get") else None
+    if isinstance(feature, datasets.Image) and feature.decode:
+        return dataset.cast_column(column, datasets.Image(decode=False))
+    return dataset
+
+
+class SourceRows(Dataset):
+    """A map-style dataset whose rows carry their dataset's name and their own index (``SOURCE_KEY``, ``ROW_KEY``).
+
+    The task mix and the trainer re-index rows; these two keys survive that, so an error names the row of
+    the dataset the user gave, and ``bad_image_policy: skip`` can read the next row of the same dataset.
+    """
+
+    def __init__(self, dataset, name: str):
+        self.dataset = dataset
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.dataset[index], SOURCE_KEY: self.name, ROW_KEY: int(index)}
+
+    @property
+    def column_names(self) -> list[str] | None:
+        return getattr(self.dataset, "column_names", None)
+
+    @property
+    def features(self):
+        return getattr(self.dataset, "features", None)
+
+
+def as_source(dataset, name: str, image_column: str):
+    """The trainer's view of one of its datasets (``name``: train, i2t, t2i or eval): image column undecoded,
+    rows tagged with ``name`` and their index. ``None`` and iterable datasets pass through (only undecoded)."""
+    from torch.utils.data import IterableDataset
+
+    if dataset is None:
+        return None
+    dataset = undecoded(dataset, image_column)
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        return dataset
+    return SourceRows(dataset, name)
+
+
+def find_bad_images(dataset, image_column: str = "image", max_pixels: int | None = None) -> list[str]:
+    """Decode every image of ``dataset`` and describe each that fails (row, file, reason); ``[]`` when all decode.
+
+    This is the full check behind ``reca validate --check-images``: it reads every image, so it costs one
+    decode per row (the start-of-training check only looks at the folder).
+    """
+    from .images import DEFAULT_MAX_IMAGE_PIXELS, load_image, source_file
+
+    dataset = undecoded(dataset, image_column)
+    problems = []
+    for row in range(len(dataset)):
+        value = dataset[row][image_column]
+        try:
+            load_image(value, max_pixels or DEFAULT_MAX_IMAGE_PIXELS)
+        except Exception as error:  # every failure is reported, whatever Pillow raised
+            file = source_file(value)
+            problems.append(f"row {row}{f' (file {file})' if file else ''}: {type(error).__name__}: {error}")
+    return problems

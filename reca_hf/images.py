@@ -14,6 +14,7 @@ processor does for understanding. Nothing is cropped away.
 from __future__ import annotations
 
 import io
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -24,24 +25,76 @@ from PIL import Image, ImageOps
 
 BOTTLENECKS = ("resize", "blur", "none")
 _HIGH_BIT_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0}
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own warning threshold: a 0.25 GiB RGB image
+_DERIVE_RATIO = 2  # a smaller view is resized from a larger one at least this much larger (see ViewSpec.views)
 
 
-def load_image(value: Any) -> Image.Image:
-    """Decode one dataset value (a PIL image, a file path, or a ``datasets`` Image dict) to an RGB image."""
+class BadImageError(ValueError):
+    """An image that cannot be used: undecodable, truncated, or over the pixel limit.
+
+    ``file`` is the path it was read from, when the value held one.
+    """
+
+    def __init__(self, message: str, file: str | None = None):
+        super().__init__(message)
+        self.file = file
+
+
+def source_file(value: Any) -> str | None:
+    """The file a dataset value was read from (a path string or a ``datasets`` Image dict's path), if any."""
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    if isinstance(value, dict) and value.get("path"):
+        return str(value["path"])
+    return getattr(value, "filename", None) or None
+
+
+def open_image(value: Any, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open one dataset value lazily (header only), refusing images over ``max_pixels`` before decoding them.
+
+    Accepts a PIL image, a file path, bytes, or a ``datasets`` Image dict (``{"bytes", "path"}``, what an
+    ``Image(decode=False)`` column holds). Pillow's global bomb check is replaced by ``max_pixels`` here.
+    """
     if isinstance(value, Image.Image):
         image = value
-    elif isinstance(value, (str, os.PathLike)):
-        image = Image.open(value)
-    elif isinstance(value, dict) and (value.get("bytes") is not None or value.get("path") is not None):
-        source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
-        image = Image.open(source)
-    elif isinstance(value, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(value))
     else:
-        raise TypeError(
-            f"expected a PIL image, a file path or a datasets Image dict with 'bytes' or 'path', "
-            f"got {type(value).__name__}"
+        if isinstance(value, (str, os.PathLike)):
+            source = value
+        elif isinstance(value, dict) and (value.get("bytes") is not None or value.get("path") is not None):
+            source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value["path"]
+        elif isinstance(value, (bytes, bytearray)):
+            source = io.BytesIO(value)
+        else:
+            raise TypeError(
+                f"expected a PIL image, a file path or a datasets Image dict with 'bytes' or 'path', "
+                f"got {type(value).__name__}"
+            )
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # ours below, with the field to set
+        try:
+            image = Image.open(source)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+    width, height = image.size
+    if width * height > max_pixels:
+        raise BadImageError(
+            f"{width}x{height} = {width * height} pixels is over max_image_pixels={max_pixels} (a decompression-bomb "
+            "guard); raise max_image_pixels if such images are expected",
+            source_file(value),
         )
+    return image
+
+
+def load_image(value: Any, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, draft: int | None = None) -> Image.Image:
+    """Decode one dataset value (see :func:`open_image`) to an RGB image, EXIF orientation applied.
+
+    ``draft``: the largest view side that will be made from the image. JPEGs are then decoded at the
+    smallest DCT scale (1/2, 1/4, 1/8) whose longer side is still at least ``draft``, several times
+    faster than a full decode and, after the view's resize, within a few levels of it.
+    """
+    image = open_image(value, max_pixels)
+    if draft is not None and image.format == "JPEG" and not isinstance(value, Image.Image):
+        scale = draft / max(image.size)
+        image.draft(image.mode, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
     image.load()  # decode now, so a truncated or corrupt file fails here and not later
     return to_rgb(ImageOps.exif_transpose(image))
 
@@ -66,15 +119,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def pad_to_square(image: Image.Image, resolution: int, background: tuple[int, int, int]) -> Image.Image:
     """Resize the longer side to ``resolution`` and centre the image on a square background."""
+    return _pad(fit(image, resolution), resolution, background)
+
+
+def fit(image: Image.Image, resolution: int) -> Image.Image:
+    """Resize (bicubic) so that the longer side is ``resolution``, keeping the aspect ratio."""
     width, height = image.size
     scale = resolution / max(width, height)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    if size != image.size:
-        image = image.resize(size, Image.Resampling.BICUBIC)
-    if size == (resolution, resolution):
+    return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
+
+
+def _pad(image: Image.Image, resolution: int, background: tuple[int, int, int]) -> Image.Image:
+    if image.size == (resolution, resolution):
         return image
     canvas = Image.new("RGB", (resolution, resolution), tuple(background))
-    canvas.paste(image, ((resolution - size[0]) // 2, (resolution - size[1]) // 2))
+    canvas.paste(image, ((resolution - image.width) // 2, (resolution - image.height) // 2))
     return canvas
 
 
@@ -100,18 +160,39 @@ class ViewSpec:
             raise ValueError(f"condition_bottleneck={self.bottleneck!r}: choose one of {BOTTLENECKS}.")
 
     def condition_view(self, image: Image.Image) -> Image.Image:
-        view = pad_to_square(image, self.condition_resolution, self.background)
-        return blur(view, self.blur_factor) if self.bottleneck == "blur" else view
+        return self.views(image)[0]
 
     def target_view(self, image: Image.Image) -> Image.Image:
-        return pad_to_square(image, self.generation_resolution, self.background)
+        return self.views(image)[1]
+
+    @property
+    def largest_side(self) -> int:
+        """The largest view side: what an image needs to be decoded at (see :func:`load_image`'s ``draft``)."""
+        return max(self.condition_resolution, self.generation_resolution)
+
+    def views(self, image: Image.Image) -> tuple[Image.Image, Image.Image]:
+        """``(condition view, target view)`` of ``image`` with as few resizes as exactness allows.
+
+        Views of one size share one resize. A smaller view is resized from the larger one's content when
+        that is at least twice its size (a bicubic downscale from 2x or more above the target size is
+        within a level or two of one from the source), else from the source.
+        """
+        larger, smaller = sorted((self.condition_resolution, self.generation_resolution), reverse=True)
+        big = fit(image, larger)
+        small = big if smaller == larger else fit(big if larger >= _DERIVE_RATIO * smaller else image, smaller)
+        fitted = {larger: big, smaller: small}
+        condition = _pad(fitted[self.condition_resolution], self.condition_resolution, self.background)
+        if self.bottleneck == "blur":
+            condition = blur(condition, self.blur_factor)
+        return condition, _pad(fitted[self.generation_resolution], self.generation_resolution, self.background)
 
 
 def to_tensor(images: list[Image.Image], mean, std) -> torch.Tensor:
     """Stack RGB images into a float tensor ``(B, 3, H, W)`` normalised as ``(x / 255 - mean) / std``."""
-    array = np.stack([np.asarray(image, dtype=np.float32) for image in images]) / 255.0
-    array = (array - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+    pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2).contiguous()
+    std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    bias = -torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std
+    return pixels.float().mul_(1.0 / (255.0 * std)).add_(bias)  # in place: one float pass after the cast
 
 
 def to_pil(pixels: torch.Tensor, mean, std) -> list[Image.Image]:

@@ -23,7 +23,7 @@ from .callbacks import CollapseDetector, PromptEpochCallback, ReconstructionGrid
 from .cards import PAPER_ID, PAPER_TITLE
 from .collator import RecACollator
 from .config import RecAConfig
-from .data import synthetic_shapes
+from .data import ROW_KEY, SOURCE_KEY, as_source, synthetic_shapes
 from .freeze import apply_freeze, format_table, parameter_table
 from .hub import (
     HubPushError,
@@ -150,6 +150,8 @@ class RecATrainer(Trainer):
                 seed=args.seed,
                 allow_shortcut=args.allow_shortcut,
                 caption_column=args.caption_column,
+                bad_image_policy=args.bad_image_policy,
+                max_image_pixels=args.max_image_pixels,
             )
         else:  # the user's own collator: the shortcut guard still applies to the configured views
             self.adapter.check_shortcut(self._configured_views(args), args.allow_shortcut)
@@ -159,6 +161,12 @@ class RecATrainer(Trainer):
             _check_column(dataset, "image_column", args.image_column, name)
         for name in ("i2t_dataset", "t2i_dataset"):
             _check_column(datasets[name], "caption_column", args.caption_column, name)
+        # the collator decodes images (errors name dataset, original row and file; bad_image_policy applies)
+        sources = {name: as_source(datasets[f"{name}_dataset"], name, args.image_column)
+                   for name in ("train", "eval", "i2t", "t2i")}  # fmt: skip
+        train_dataset, eval_dataset, i2t_dataset, t2i_dataset = sources.values()
+        if isinstance(data_collator, RecACollator):
+            data_collator.add_sources(sources)
         self.task_ratios, self.task_weights = self._task_mix(args, train_dataset, i2t_dataset, t2i_dataset)
         apply_freeze(model, self.adapter, args.freeze)
         model = prepare_peft_model(model, self.adapter, args, peft_config, model_id)
@@ -310,7 +318,8 @@ class RecATrainer(Trainer):
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = [self.args.image_column, self.args.caption_column, INDEX_KEY, TASK_KEY]
+            self._signature_columns = [self.args.image_column, self.args.caption_column, INDEX_KEY, TASK_KEY,
+                                       SOURCE_KEY, ROW_KEY]  # fmt: skip
 
     def _get_dataloader(self, dataset, *args, **kwargs):
         if not isinstance(dataset, torch.utils.data.IterableDataset) and not getattr(dataset, "reca_indexed", False):
