@@ -286,9 +286,6 @@ class RecATrainer(Trainer):
         args = self.args
         if args.collapse_action == "off" or args.collapse_probe_images < 2:
             return None
-        if type(self.adapter).target_logits is UMMAdapter.target_logits:
-            logger.info("Collapse detector off: the %s adapter has no target_logits for the probe.", self.adapter.name)
-            return None
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             logger.info("Collapse detector off: the swap probe cannot run on a sharded model.")
             return None
