@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import HubStrategy
 
-from .adapters import UMMAdapter, get_adapter, unwrap_model
+from .adapters import get_adapter, unwrap_model
 from .callbacks import CollapseDetector, PromptEpochCallback, ReconstructionGridCallback
 from .cards import PAPER_ID, PAPER_TITLE
 from .collator import RecACollator

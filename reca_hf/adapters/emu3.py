@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..images import ViewSpec, load_image, to_pil, to_tensor
-from .targets import GenerationTarget, LossNoise, per_sample_cross_entropy, reduce_loss
 from .base import (
     AUTO,
     IGNORE_INDEX,
@@ -41,6 +40,7 @@ from .base import (
     register_adapter,
     unwrap_model,
 )
+from .targets import GenerationTarget, LossNoise, per_sample_cross_entropy, reduce_loss
 
 _VQ_MEAN = _VQ_STD = (0.5, 0.5, 0.5)  # Emu3's VQ reads pixels in [-1, 1] (used when there is no processor)
 _IGNORE = IGNORE_INDEX
