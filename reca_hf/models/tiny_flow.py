@@ -160,6 +160,24 @@ class TinyFlowModel(PreTrainedModel):
         """Images in [-1, 1] from scaled latents."""
         return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample.clamp(-1, 1)
 
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        # transformers loads on the meta device and re-creates non-persistent buffers through this hook:
+        # diffusers' sin-cos position table is one, so it is recomputed here.
+        from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
+
+        if isinstance(module, PatchEmbed) and getattr(module, "pos_embed", None) is not None:
+            table = get_2d_sincos_pos_embed(
+                module.proj.out_channels,
+                module.height,
+                base_size=module.base_size,
+                interpolation_scale=module.interpolation_scale,
+                output_type="pt",
+            )
+            with torch.no_grad():
+                module.pos_embed.copy_(table.float().unsqueeze(0))
+            return
+        super()._init_weights(module)
+
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None):
         super()._set_gradient_checkpointing(enable, gradient_checkpointing_func)
         self.transformer.gradient_checkpointing = enable  # the diffusers part has its own flag
@@ -204,6 +222,7 @@ def tiny_flow_config(tokenizer, *, condition_encoder: str = "vision", image_size
             "mlp_ratio": 2.0,
             "sample_size": image_size // 4,
             "patch_size": 1,
+            "interpolation_scale": 1,  # sin-cos position embeddings (SANA's default at this size has none)
         },
         vae_config={
             "in_channels": 3,
