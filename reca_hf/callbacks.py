@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 from transformers import TrainerCallback
 
 from .adapters.base import UMMAdapter
+from .adapters.targets import LossNoise
 from .images import ViewSpec, load_image
 
 logger = logging.getLogger(__name__)
@@ -104,9 +105,15 @@ def image_grid(columns: dict[str, list[Image.Image]], cell: int = 96) -> Image.I
 
 # ---- collapse --------------------------------------------------------------------------------
 
+
+def has_target_logits(adapter: UMMAdapter) -> bool:
+    """Whether the adapter exposes teacher-forced token logits (the token swap probe needs them)."""
+    return type(adapter).target_logits is not UMMAdapter.target_logits
+
 PLATEAU_RATIO = 0.25  # loss signal: the logged loss falls below this fraction of its earlier plateau...
 FLOOR_RATIO = 0.1  # ...or below this fraction of the uniform-guess loss, ln(codebook size)
 COPY_THRESHOLD = 0.5  # probe signal: at least this share of the predictions follows the swapped-in condition
+GAIN_THRESHOLD = 0.5  # loss-probe signal: own-condition loss at most half the swapped-condition loss
 _PLATEAU_WINDOW = 3  # the plateau is the highest median of this many consecutive logged losses
 
 
@@ -148,6 +155,47 @@ def swap_probe(adapter: UMMAdapter, model, images: list, views: ViewSpec, instru
     }
 
 
+PROBE_NOISE = LossNoise(seed=0, timesteps=(0.5, 0.75, 0.9))  # mid and high noise: x_t alone hides the target
+
+
+@torch.no_grad()
+def condition_swap_loss(
+    adapter: UMMAdapter, model, images: list, views: ViewSpec, noise: LossNoise | None = None
+) -> dict[str, float]:
+    """The loss-based condition-swap probe, for every kind of generation target.
+
+    Each image's target is scored twice under identical noise (the same seed, noise levels and masks): once
+    with its own condition, once with the next image's (cyclically). ``condition_gain = 1 - own / swapped``:
+    near 0 the condition is ignored, near 1 it determines the target. A model that copies its condition
+    drives its own loss toward 0 (for flow and epsilon targets at every noise level above 0), so its gain
+    approaches 1. Each of ``noise.timesteps`` (default 0.5, 0.75, 0.9: where the noisy input alone does not
+    reveal the target) is scored separately and the losses are summed. Forward passes only, so every rank of
+    a sharded run can take part with the same images.
+    """
+    noise = noise or PROBE_NOISE
+    pictures = [load_image(image) for image in images]
+    if len(pictures) < 2:
+        raise ValueError("the condition-swap probe needs at least two images")
+    instruction = getattr(adapter, "default_instruction", "")
+    conditions = [views.condition_view(p) for p in pictures]
+    targets = [views.target_view(p) for p in pictures]
+    swapped = conditions[1:] + conditions[:1]
+    device = next(model.parameters()).device
+    own_batch, other_batch = (
+        {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        for batch in (adapter.prepare(c, targets, [instruction] * len(targets)) for c in (conditions, swapped))
+    )
+    levels = noise.timesteps or (None,)
+    own = other = 0.0
+    with evaluating(model):
+        for level in levels:
+            fixed = LossNoise(noise.seed, timesteps=None if level is None else (level,), mask_ratio=noise.mask_ratio)
+            own += float(adapter.loss(model, own_batch, reduction="none", noise=fixed).float().mean())
+            other += float(adapter.loss(model, other_batch, reduction="none", noise=fixed).float().mean())
+    own, other = own / len(levels), other / len(levels)
+    return {"condition_gain": 1.0 - own / other if other > 0 else 0.0, "swap_own_loss": own, "swap_other_loss": other}
+
+
 class CollapseDetector(TrainerCallback):
     """Detects the copy-and-paste collapse of RecA while training (on by default in `RecATrainer`).
 
@@ -156,21 +204,26 @@ class CollapseDetector(TrainerCallback):
 
     * **loss**: a logged ``reconstruction_loss`` below ``plateau_ratio`` (0.25) times its earlier plateau
       (the highest median of three consecutive logged losses so far), or below ``floor_ratio`` (0.1) times
-      the uniform-guess loss ``ln(codebook size)``;
-    * **condition-swap probe** (:func:`swap_probe`, on a few held-out images, every ``probe_steps`` steps
-      and at the first log where the loss signal appears): at least ``copy_threshold`` (0.5) of the
-      predictions follow the swapped-in condition, and more of them than follow the target. A memorising
-      model has nothing to copy on images it has never seen; a copying one copies them all.
+      a reference: the uniform-guess loss ``ln(codebook size)`` for token targets, the first logged loss
+      for continuous (diffusion, flow) targets;
+    * **condition-swap probe** on a few held-out images, every ``probe_steps`` steps and at the first log
+      where the loss signal appears. Token targets (adapters with ``target_logits``) use :func:`swap_probe`:
+      at least ``copy_threshold`` (0.5) of the predictions follow the swapped-in condition, and more of them
+      than follow the target. Every other target uses :func:`condition_swap_loss`: a ``condition_gain`` of
+      at least ``gain_threshold``. A memorising model has nothing to copy on images it has never seen; a
+      copying one copies them all.
 
-    Logged with the training logs: ``collapse_score`` (the probe's copy rate, 0 healthy .. 1 copying),
-    ``swap_copy_rate`` and ``swap_target_rate``. On detection it logs a warning naming the cause and
-    the fix; with ``action="stop"`` it also saves a checkpoint and ends training.
+    Logged with the next training log: ``collapse_score`` (0 healthy .. 1 copying: the copy rate, or the
+    condition gain) and the probe's own readings (``swap_copy_rate`` and ``swap_target_rate``, or
+    ``condition_gain``, ``swap_own_loss`` and ``swap_other_loss``). On detection it logs a warning naming
+    the cause and the fix; with ``action="stop"`` it also saves a checkpoint and ends training.
 
     Args:
         adapter, views, probe_images: what the default probe runs on (``views`` as the collator's).
         action: "warn" or "stop".
-        probe: a replacement probe, ``probe(model) -> {"swap_copy_rate": ..., "swap_target_rate": ...}``.
-        uniform_loss: the uniform-guess loss; by default ``ln(adapter.codebook_size)`` when known.
+        probe: a replacement probe, ``probe(model) -> dict`` with either the token readings or
+            ``condition_gain``.
+        uniform_loss: the loss signal's reference; by default ``ln(codebook size)`` for token targets.
     """
 
     def __init__(
@@ -185,6 +238,7 @@ class CollapseDetector(TrainerCallback):
         copy_threshold: float = COPY_THRESHOLD,
         probe=None,
         uniform_loss: float | None = None,
+        gain_threshold: float = GAIN_THRESHOLD,
     ):
         if action not in ("warn", "stop"):
             raise ValueError(f"CollapseDetector action={action!r}: choose 'warn' or 'stop'")
@@ -193,15 +247,18 @@ class CollapseDetector(TrainerCallback):
             if adapter is None or views is None or not probe_images or len(probe_images) < 2:
                 raise ValueError("CollapseDetector needs a probe, or an adapter, views and two or more probe_images")
             probe_images = [load_image(image) for image in probe_images]
-            probe = lambda model: swap_probe(adapter, model, probe_images, views)  # noqa: E731
-        if uniform_loss is None and adapter is not None and adapter.codebook_size:
-            uniform_loss = math.log(adapter.codebook_size)
+            function = swap_probe if has_target_logits(adapter) else condition_swap_loss
+            probe = lambda model: function(adapter, model, probe_images, views)  # noqa: E731
+        codebook = adapter.generation_target.codebook_size if adapter is not None else None
+        if uniform_loss is None and codebook:
+            uniform_loss = math.log(codebook)
         self.probe = probe
         self.action = action
         self.probe_steps = probe_steps
         self.plateau_ratio = plateau_ratio
         self.floor_ratio = floor_ratio
         self.copy_threshold = copy_threshold
+        self.gain_threshold = gain_threshold
         self.uniform_loss = uniform_loss
         self.losses: list[tuple[int, float]] = []
         self.plateau: float | None = None
@@ -220,8 +277,9 @@ class CollapseDetector(TrainerCallback):
         if len(recent) == _PLATEAU_WINDOW:
             median = recent[_PLATEAU_WINDOW // 2]
             self.plateau = median if self.plateau is None else max(self.plateau, median)
+        reference = self.uniform_loss if self.uniform_loss is not None else self.losses[0][1]
         below_plateau = self.plateau is not None and loss < self.plateau_ratio * self.plateau
-        below_floor = self.uniform_loss is not None and loss < self.floor_ratio * self.uniform_loss
+        below_floor = loss < self.floor_ratio * reference
         signal = bool(below_plateau or below_floor)
         if signal and not self.loss_signal:
             self._probe_due = True  # probe at once rather than waiting for the next scheduled probe
@@ -230,11 +288,16 @@ class CollapseDetector(TrainerCallback):
 
     def observe_probe(self, step: int, result: dict[str, float]) -> bool:
         """Record a probe result; returns whether collapse is detected (both signals agree)."""
-        copy_rate, target_rate = float(result["swap_copy_rate"]), float(result["swap_target_rate"])
-        metrics = {"collapse_score": copy_rate, "swap_copy_rate": copy_rate, "swap_target_rate": target_rate}
+        if "condition_gain" in result:
+            gain = float(result["condition_gain"])
+            metrics = {"collapse_score": max(gain, 0.0), **{k: float(v) for k, v in result.items()}}
+            copying = gain >= self.gain_threshold
+        else:
+            copy_rate, target_rate = float(result["swap_copy_rate"]), float(result["swap_target_rate"])
+            metrics = {"collapse_score": copy_rate, "swap_copy_rate": copy_rate, "swap_target_rate": target_rate}
+            copying = copy_rate >= self.copy_threshold and copy_rate > target_rate
         self.history.append({"step": step, **metrics, "loss_signal": float(self.loss_signal)})
         self._pending.update(metrics)
-        copying = copy_rate >= self.copy_threshold and copy_rate > target_rate
         detected = self.loss_signal and copying
         if detected and self.fired_at_step is None:
             self.fired_at_step = step
@@ -263,20 +326,30 @@ class CollapseDetector(TrainerCallback):
         if not detected:
             return
         if first and state.is_world_process_zero:
-            last = self.history[-1]
             logger.warning(
-                "RecA collapse detected at step %d: the reconstruction loss fell to %.3g (plateau %.3g), and "
-                "given another image's condition the model predicts that image's tokens %.0f%% of the time: it "
-                "copies its condition instead of understanding it. Cause: the condition view carries the target "
-                "token for token (same representation, no information bottleneck). Fix: lower "
-                "condition_resolution (e.g. 'auto', at most half the generation resolution) with "
-                "condition_bottleneck='resize', or use condition_bottleneck='blur'; do not set allow_shortcut.%s",
+                "RecA collapse detected at step %d: the reconstruction loss fell to %.3g (plateau %.3g), and %s: "
+                "it copies its condition instead of understanding it. Cause: the condition view carries the target "
+                "(same representation, no information bottleneck). Fix: lower condition_resolution (e.g. 'auto', "
+                "at most half the generation resolution) with condition_bottleneck='resize', or use "
+                "condition_bottleneck='blur'; do not set allow_shortcut.%s",
                 state.global_step,
                 self.losses[-1][1] if self.losses else float("nan"),
                 self.plateau or float("nan"),
-                100 * last["swap_copy_rate"],
+                self._evidence(self.history[-1]),
                 " Stopping after a checkpoint (collapse_action='stop')." if self.action == "stop" else "",
             )
         if self.action == "stop":
             control.should_save = True
             control.should_training_stop = True
+
+    @staticmethod
+    def _evidence(reading: dict[str, float]) -> str:
+        if "swap_copy_rate" in reading:
+            return (
+                f"given another image's condition the model predicts that image's tokens "
+                f"{100 * reading['swap_copy_rate']:.0f}% of the time"
+            )
+        return (
+            f"its loss with the image's own condition is {100 * reading['condition_gain']:.0f}% lower than with "
+            "another image's (condition_gain)"
+        )

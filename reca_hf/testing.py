@@ -269,7 +269,21 @@ def _tiny_emu3(seed: int):
     return model, processor
 
 
-_BUILDERS = {"emu3": _tiny_emu3, "janus": _tiny_janus}
+def _tiny_flow(seed: int, condition_encoder: str = "vision"):
+    """A tiny flow-matching UMM (SigLIP + Llama + queries + SANA on KL latents) and its tokenizer."""
+    from .models.tiny_flow import TinyFlowModel, tiny_flow_config
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    model = TinyFlowModel(tiny_flow_config(tokenizer, condition_encoder=condition_encoder)).eval()
+    return model, tokenizer
+
+
+def _tiny_flow_latents(seed: int):
+    return _tiny_flow(seed, condition_encoder="latents")
+
+
+_BUILDERS = {"emu3": _tiny_emu3, "flow": _tiny_flow, "flow_latents": _tiny_flow_latents, "janus": _tiny_janus}
 
 
 def tiny_umm(arch: str, seed: int = 0):

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import HubStrategy
 
-from .adapters import UMMAdapter, get_adapter, unwrap_model
+from .adapters import get_adapter, unwrap_model
 from .callbacks import CollapseDetector, PromptEpochCallback, ReconstructionGridCallback
 from .cards import PAPER_ID, PAPER_TITLE
 from .collator import RecACollator
@@ -293,9 +293,6 @@ class RecATrainer(Trainer):
                 return callback
         args = self.args
         if args.collapse_action == "off" or args.collapse_probe_images < 2:
-            return None
-        if type(self.adapter).target_logits is UMMAdapter.target_logits:
-            logger.info("Collapse detector off: the %s adapter has no target_logits for the probe.", self.adapter.name)
             return None
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             logger.info("Collapse detector off: the swap probe cannot run on a sharded model.")

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from reca_hf import RecACollator
-from reca_hf.adapters import UMMAdapter, get_adapter, register_adapter, registered_adapters
+from reca_hf.adapters import LossNoise, UMMAdapter, get_adapter, register_adapter, registered_adapters
 from reca_hf.freeze import apply_freeze, parameter_table
 from reca_hf.testing import tiny_umm
 
@@ -50,11 +50,12 @@ def test_one_step_changes_only_trainable_parameters(arch, shapes):
 def test_save_load_gives_the_same_loss(arch, shapes, tmp_path):
     model, processor, adapter, batch = _batch(arch, shapes)
     model.eval()
-    expected = adapter.loss(model, batch)
+    noise = LossNoise(seed=0)  # the same draws for a stochastic (diffusion, flow) loss
+    expected = adapter.loss(model, batch, noise=noise)
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     reloaded = type(model).from_pretrained(tmp_path).eval()
-    assert torch.allclose(get_adapter(reloaded).loss(reloaded, batch), expected, atol=1e-6)
+    assert torch.allclose(get_adapter(reloaded).loss(reloaded, batch, noise=noise), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -10,11 +10,17 @@ from .base import (
     unwrap_model,
 )
 from .emu3 import Emu3Adapter
+from .flow import FlowAdapter, FlowLatentsAdapter
 from .janus import JanusAdapter
+from .targets import GenerationTarget, LossNoise
 
 __all__ = [
     "Emu3Adapter",
+    "FlowAdapter",
+    "FlowLatentsAdapter",
+    "GenerationTarget",
     "JanusAdapter",
+    "LossNoise",
     "UMMAdapter",
     "adapter_class_for",
     "get_adapter",

@@ -8,6 +8,7 @@ dataloader workers without touching the model, and a model face (:meth:`UMMAdapt
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import warnings
@@ -17,8 +18,10 @@ import torch
 from PIL import Image
 
 from ..images import ViewSpec
+from .targets import GenerationTarget
 
 AUTO = "auto"
+CONDITION_RELATIONS = ("same", "derived", "separate")
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,10 @@ class UMMAdapter:
     tokenizer_modules: ClassVar[tuple[str, ...]]  # image tokenizers/autoencoders (always frozen)
     default_freeze: ClassVar[tuple[str, ...]]  # what `freeze="auto"` freezes
     null_prompt: ClassVar[str]  # the instruction used for prompt dropout (classifier-free guidance)
+    generation_target: ClassVar[GenerationTarget]  # what the generator predicts (instances fill in the codebook)
+    # How the condition relates to the target: "same" (the target's own tokens: copyable, guarded), "derived"
+    # (a trainable encoder over the target's own latents at its resolution: warned), "separate" (no guard).
+    condition_relation: ClassVar[str]
 
     # LoRA (optional; full-name regular expressions of Linear layers, see reca_hf.lora)
     lora_generation_targets: ClassVar[tuple[str, ...]] = ()  # generation-only Linear layers
@@ -66,6 +73,8 @@ class UMMAdapter:
         "tokenizer_modules",
         "default_freeze",
         "null_prompt",
+        "generation_target",
+        "condition_relation",
     )
 
     def __init_subclass__(cls, **kwargs):
@@ -75,6 +84,10 @@ class UMMAdapter:
             raise TypeError(f"adapter {cls.__name__} does not declare {', '.join(missing)}")
         if cls.parameter_sharing not in ("shared", "decoupled"):
             raise TypeError(f"adapter {cls.__name__}: parameter_sharing must be 'shared' or 'decoupled'")
+        if cls.condition_relation not in CONDITION_RELATIONS:
+            raise TypeError(f"adapter {cls.__name__}: condition_relation must be one of {', '.join(CONDITION_RELATIONS)}")
+        if not isinstance(cls.generation_target, GenerationTarget):
+            raise TypeError(f"adapter {cls.__name__}: generation_target must be a reca_hf.adapters.GenerationTarget")
 
     def __init__(self, config, processor=None, model=None):
         self.config = config
@@ -83,6 +96,10 @@ class UMMAdapter:
         # On an instance, the resolutions are this model's (from its config), not the public checkpoints'.
         self.min_condition_resolution = self.condition_resolution_floor
         self.native_generation_resolution = self.generation_resolution_native
+        target = type(self).generation_target
+        if target.is_tokens and target.codebook_size is None and self.codebook_size:
+            target = dataclasses.replace(target, codebook_size=self.codebook_size)
+        self.generation_target = target
 
     def __getstate__(self):
         # Dataloader workers need the CPU face only: never pickle the model into them.
@@ -110,8 +127,9 @@ class UMMAdapter:
 
     @classmethod
     def shares_representation(cls) -> bool:
-        """True when the condition and the target live in one representation space (e.g. both VQ ids)."""
-        return cls.condition_space == cls.generation_space
+        """True when the condition is the target's own representation (``condition_relation == "same"``: e.g.
+        both VQ ids), which a model can copy."""
+        return cls.condition_relation == "same"
 
     @classmethod
     def shortcut_problem(cls, condition: int, generation: int, bottleneck: str) -> str | None:
@@ -214,8 +232,13 @@ class UMMAdapter:
         """CPU face: build the model inputs of a batch (no model access; runs in dataloader workers)."""
         raise NotImplementedError
 
-    def loss(self, model, batch: dict[str, Any]) -> torch.Tensor:
-        """Model face: the reconstruction loss of a prepared batch, in the model's native generation loss."""
+    def loss(self, model, batch: dict[str, Any], *, reduction: str = "mean", noise=None) -> torch.Tensor:
+        """Model face: the reconstruction loss of a prepared batch, in the model's native generation loss.
+
+        ``reduction="none"`` returns one loss per sample ``(B,)`` (their mean is the ``"mean"`` loss up to
+        rounding); ``noise`` (a :class:`~reca_hf.adapters.LossNoise`) fixes every random draw, so two calls
+        with the same noise return the same value. Training passes ``noise=None``: fresh draws.
+        """
         raise NotImplementedError
 
     # ---- the other tasks of a mixed run (optional: adapters without them train reconstruction only) ----
@@ -259,7 +282,7 @@ class UMMAdapter:
     @property
     def codebook_size(self) -> int | None:
         """Number of entries of the generation codebook (the uniform-guess loss is its log), if discrete."""
-        return None
+        return type(self).generation_target.codebook_size
 
     def reconstruct(self, images, **kwargs) -> list[Image.Image]:
         """Generate images conditioned on the understanding embeddings of ``images``."""

@@ -40,6 +40,7 @@ from .base import (
     register_adapter,
     unwrap_model,
 )
+from .targets import GenerationTarget, LossNoise, per_sample_cross_entropy, reduce_loss
 
 _VQ_MEAN = _VQ_STD = (0.5, 0.5, 0.5)  # Emu3's VQ reads pixels in [-1, 1] (used when there is no processor)
 _IGNORE = IGNORE_INDEX
@@ -67,6 +68,8 @@ class Emu3Adapter(UMMAdapter):
     model_types = ("emu3",)
     model_class = "Emu3ForConditionalGeneration"
     condition_space = "vq"
+    condition_relation = "same"
+    generation_target = GenerationTarget("autoregressive_tokens")
     generation_space = "vq"
     min_condition_resolution = 512  # Emu3's image processor enlarges understanding images to 512x512 pixels
     native_generation_resolution = 720  # Emu3's processor generates 720x720-pixel images (image_area)
@@ -408,20 +411,26 @@ class Emu3Adapter(UMMAdapter):
         ).last_hidden_state
         return hidden[:, -length - 1 :], inputs["labels"][:, -length - 1 :], codes
 
-    def loss(self, model, batch: dict[str, Any]) -> torch.Tensor:
+    def loss(
+        self, model, batch: dict[str, Any], *, reduction: str = "mean", noise: LossNoise | None = None
+    ) -> torch.Tensor:
         """Emu3's own causal-LM loss, labels on the target's ids and row ends (-100 elsewhere).
 
         It is ``model(**self.model_inputs(model, batch)).loss``, computed through the model's parts: the
         :class:`~reca_hf.RecATrainer` routes the top module's forward to this loss, and vocabulary-wide logits
-        are only needed from the position before the target on (``logits_to_keep``).
+        are only needed from the position before the target on (``logits_to_keep``). Deterministic: ``noise``
+        has nothing to fix. ``reduction="none"``: each sample's mean over its own target tokens.
         """
         emu3 = unwrap_model(model)
         hidden, labels, _ = self._target_hidden(emu3, batch)
         logits = emu3.lm_head(hidden)
-        return emu3.loss_function(logits=logits, labels=labels, vocab_size=emu3.config.text_config.vocab_size)
+        if reduction == "none":  # the causal shift of loss_function: position t predicts label t + 1
+            return per_sample_cross_entropy(logits[:, :-1], labels[:, 1:].to(logits.device))
+        loss = emu3.loss_function(logits=logits, labels=labels, vocab_size=emu3.config.text_config.vocab_size)
+        return reduce_loss(loss, reduction)
 
-    def text_to_image_loss(self, model, batch: dict[str, Any]) -> torch.Tensor:
-        return self.loss(model, batch)
+    def text_to_image_loss(self, model, batch, *, reduction: str = "mean", noise: LossNoise | None = None):
+        return self.loss(model, batch, reduction=reduction, noise=noise)
 
     def image_to_text_loss(self, model, batch: dict[str, Any]) -> torch.Tensor:
         """Cross-entropy of the answer tokens, the image's slots filled with its VQ ids."""

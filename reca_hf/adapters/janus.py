@@ -19,6 +19,7 @@ from PIL import Image
 
 from ..images import ViewSpec, load_image, to_pil, to_tensor
 from .base import UMMAdapter, answer_batch, answer_loss, next_code, register_adapter, unwrap_model
+from .targets import GenerationTarget, LossNoise, per_sample_cross_entropy, reduce_loss
 
 _VQ_MEAN = _VQ_STD = (0.5, 0.5, 0.5)  # Janus' VQ encoder reads pixels in [-1, 1]
 
@@ -32,6 +33,8 @@ class JanusAdapter(UMMAdapter):
     generation_space = "vq"
     min_condition_resolution = 384
     native_generation_resolution = 384
+    condition_relation = "separate"
+    generation_target = GenerationTarget("autoregressive_tokens")
     parameter_sharing = "shared"
     understanding_modules = ("model.vision_model", "model.aligner", "lm_head")
     generation_modules = ("model.generation_embeddings", "model.generation_aligner", "model.generation_head")
@@ -218,12 +221,17 @@ class JanusAdapter(UMMAdapter):
     def codebook_size(self) -> int:
         return int(self.config.vq_config.num_embeddings)
 
-    def loss(self, model, batch: dict[str, Any]) -> torch.Tensor:
+    def loss(
+        self, model, batch: dict[str, Any], *, reduction: str = "mean", noise: LossNoise | None = None
+    ) -> torch.Tensor:
+        """Cross-entropy of the teacher-forced VQ codes. Deterministic: ``noise`` has nothing to fix."""
         logits, codes = self.target_logits(model, batch)
-        return F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
+        if reduction == "none":
+            return per_sample_cross_entropy(logits, codes)
+        return reduce_loss(F.cross_entropy(logits.float().flatten(0, 1), codes.flatten()), reduction)
 
-    def text_to_image_loss(self, model, batch: dict[str, Any]) -> torch.Tensor:
-        return self.loss(model, batch)
+    def text_to_image_loss(self, model, batch, *, reduction: str = "mean", noise: LossNoise | None = None):
+        return self.loss(model, batch, reduction=reduction, noise=noise)
 
     def image_to_text_loss(self, model, batch: dict[str, Any]) -> torch.Tensor:
         janus = unwrap_model(model)

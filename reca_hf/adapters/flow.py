@@ -1,0 +1,226 @@
+"""The tiny flow-matching UMM of `reca_hf.models.tiny_flow`: SigLIP features in, flow matching on latents out.
+
+Sequence of one RecA example::
+
+    <bos> <|User|>: <boi> [condition slots: SigLIP features, projected] <eoi> {instruction} \\n\\n <|Assistant|>:
+    [learnable queries] -> hidden states at the queries -> projector -> SANA transformer (cross-attention)
+
+Loss: rectified-flow matching on the target's autoencoder latents, as OpenUni trains SANA: a noise level
+sigma ~ U(0, 1) per sample, x_t = (1 - sigma) x0 + sigma eps, the transformer predicts the velocity eps - x0,
+mean squared error per sample. Condition and target live in different spaces (``condition_relation
+"separate"``); :class:`FlowLatentsAdapter` is the same model reading the target's own latents instead, the
+copyable setting of the bottleneck ablation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ..images import ViewSpec, load_image, to_pil, to_tensor
+from .base import UMMAdapter, left_pad, register_adapter, unwrap_model
+from .targets import GenerationTarget, LossNoise, reduce_loss
+
+_PIXEL_MEAN = _PIXEL_STD = (0.5, 0.5, 0.5)  # both encoders and the autoencoder read pixels in [-1, 1]
+
+
+@register_adapter
+class FlowAdapter(UMMAdapter):
+    name = "flow"
+    model_types = ("reca_tiny_flow",)
+    model_class = "reca_hf.models.tiny_flow.TinyFlowModel"
+    condition_space = "siglip"
+    generation_space = "kl-latents"
+    condition_relation = "separate"
+    generation_target = GenerationTarget("flow")
+    min_condition_resolution = 32
+    native_generation_resolution = 32
+    parameter_sharing = "decoupled"
+    understanding_modules = ("vision_model",)
+    generation_modules = ("queries", "query_projector", "transformer")
+    shared_modules = ("condition_projector", "language_model")
+    tokenizer_modules = ("vae",)
+    default_freeze = ("vision_model", "condition_projector", "language_model", "vae")
+    null_prompt = ""
+    default_cond_dropout_prob = 0.0
+    lora_generation_targets = (
+        r"transformer\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)",
+        r"query_projector",
+    )
+    lora_modules_to_save = ("queries",)
+    default_instruction = "Describe the image in detail."
+    default_num_inference_steps = 20
+
+    # ---- what this model's config says ----
+
+    @property
+    def condition_resolution_floor(self) -> int:
+        return int(self.config.image_size)
+
+    @property
+    def generation_resolution_native(self) -> int:
+        return int(self.config.image_size)
+
+    @property
+    def latent_stride(self) -> int:
+        return 2 ** (len(self.config.vae_config["block_out_channels"]) - 1)
+
+    def num_condition_tokens(self, resolution: int) -> int:
+        return (resolution // self.config.vision_config.patch_size) ** 2
+
+    def condition_resolution_errors(self, resolution: int) -> list[str]:
+        patch = self.config.vision_config.patch_size
+        if resolution % patch:
+            return [f"must be a multiple of the vision encoder's patch size {patch}"]
+        return []
+
+    def generation_resolution_errors(self, resolution: int) -> list[str]:
+        if resolution % self.latent_stride:
+            return [f"must be a multiple of the autoencoder's stride {self.latent_stride}"]
+        return []
+
+    # ---- CPU face ----
+
+    def _tokenizer(self):
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        if tokenizer is None:
+            raise ValueError(f"the {self.name} adapter needs the model's tokenizer: pass processing_class=...")
+        return tokenizer
+
+    def format_prompt(self, instruction: str, num_condition_tokens: int) -> str:
+        tokenizer = self._tokenizer()
+        slots = tokenizer.image_token * num_condition_tokens
+        image = f"{tokenizer.boi_token}{slots}{tokenizer.eoi_token} " if num_condition_tokens else ""
+        return f"<|User|>: {image}{instruction.strip()}\n\n<|Assistant|>:"
+
+    def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokenizer = self._tokenizer()
+        sequences = [tokenizer(text)["input_ids"] for text in texts]
+        return left_pad(sequences, tokenizer.pad_token_id)
+
+    def prepare(self, condition_images, target_images, instructions) -> dict[str, torch.Tensor]:
+        num_slots = self.num_condition_tokens(condition_images[0].size[0])
+        input_ids, attention_mask = self._encode([self.format_prompt(text, num_slots) for text in instructions])
+        image_token = self._tokenizer().convert_tokens_to_ids(self._tokenizer().image_token)
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "condition_mask": input_ids == image_token,
+            "condition_pixel_values": to_tensor(condition_images, _PIXEL_MEAN, _PIXEL_STD),
+        }
+        if target_images is not None:
+            batch["target_pixel_values"] = to_tensor(target_images, _PIXEL_MEAN, _PIXEL_STD)
+        return batch
+
+    def prepare_text_to_image(self, captions, target_images) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = self._encode([self.format_prompt(caption, 0) for caption in captions])
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "target_pixel_values": to_tensor(target_images, _PIXEL_MEAN, _PIXEL_STD),
+        }
+
+    # ---- model face ----
+
+    @staticmethod
+    def _states(model, batch: dict[str, Any]) -> torch.Tensor:
+        return model.encoder_states(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch.get("condition_pixel_values"),
+            batch.get("condition_mask"),
+        )
+
+    def loss(
+        self, model, batch: dict[str, Any], *, reduction: str = "mean", noise: LossNoise | None = None
+    ) -> torch.Tensor:
+        flow = unwrap_model(model)
+        states = self._states(flow, batch)
+        with torch.no_grad():
+            x0 = flow.latents(batch["target_pixel_values"]).float()
+        generator = noise.generator(x0.device) if noise is not None else None
+        sigmas = noise.levels(x0.shape[0], x0.device) if noise is not None else None
+        if sigmas is None:
+            sigmas = torch.rand(x0.shape[0], device=x0.device, generator=generator)
+        eps = torch.randn(x0.shape, device=x0.device, generator=generator)
+        s = sigmas.view(-1, 1, 1, 1)
+        noisy = (1 - s) * x0 + s * eps
+        prediction = flow.velocity(noisy, sigmas, states).float()
+        per_sample = (prediction - (eps - x0)).pow(2).flatten(1).mean(1)
+        return reduce_loss(per_sample, reduction)
+
+    def text_to_image_loss(self, model, batch, *, reduction: str = "mean", noise: LossNoise | None = None):
+        return self.loss(model, batch, reduction=reduction, noise=noise)
+
+    @torch.no_grad()
+    def round_trip(self, images, *, model=None, views: ViewSpec | None = None) -> list[Image.Image]:
+        flow = unwrap_model(self._bound_model(model))
+        views = views or self.default_views()
+        targets = to_tensor([views.target_view(load_image(image)) for image in images], _PIXEL_MEAN, _PIXEL_STD)
+        latents = flow.latents(targets.to(flow.device))
+        return to_pil(flow.decode(latents), _PIXEL_MEAN, _PIXEL_STD)
+
+    @torch.no_grad()
+    def reconstruct(
+        self,
+        images,
+        *,
+        model=None,
+        views: ViewSpec | None = None,
+        instruction: str | None = None,
+        guidance_scale: float = 1.0,
+        num_inference_steps: int | None = None,
+        seed: int | None = None,
+        **_: Any,
+    ) -> list[Image.Image]:
+        """Euler-integrate the flow from noise to latents, conditioned on the understanding features of
+        ``images``; with ``guidance_scale != 1`` the unconditional branch is the null prompt without an image."""
+        flow = unwrap_model(self._bound_model(model))
+        views = views or self.default_views()
+        pictures = [load_image(image) for image in images]
+        instruction = self.default_instruction if instruction is None else instruction
+        batch = self.prepare([views.condition_view(p) for p in pictures], None, [instruction] * len(pictures))
+        device = flow.device
+        states = self._states(flow, {k: v.to(device) for k, v in batch.items()})
+        if guidance_scale != 1.0:
+            unconditional = self.prepare_text_to_image([self.null_prompt] * len(pictures), pictures)
+            unconditional.pop("target_pixel_values")
+            states = torch.cat([states, self._states(flow, {k: v.to(device) for k, v in unconditional.items()})])
+        side = views.generation_resolution // self.latent_stride
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        channels = flow.vae.config.latent_channels
+        latents = torch.randn((len(pictures), channels, side, side), device=device, generator=generator)
+        steps = num_inference_steps or self.default_num_inference_steps
+        sigmas = torch.linspace(1.0, 0.0, steps + 1, device=device)
+        for sigma, next_sigma in zip(sigmas[:-1], sigmas[1:]):
+            level = sigma.expand(states.shape[0])
+            model_input = torch.cat([latents, latents]) if guidance_scale != 1.0 else latents
+            velocity = flow.velocity(model_input, level, states).float()
+            if guidance_scale != 1.0:
+                conditional, unconditional_velocity = velocity.chunk(2)
+                velocity = unconditional_velocity + guidance_scale * (conditional - unconditional_velocity)
+            latents = latents + (next_sigma - sigma) * velocity
+        return to_pil(flow.decode(latents), _PIXEL_MEAN, _PIXEL_STD)
+
+
+@register_adapter
+class FlowLatentsAdapter(FlowAdapter):
+    """The tiny flow model with the autoencoder as its understanding encoder: the condition is the target's
+    own latents, the same representation it generates. Only the bottleneck ablation wants this."""
+
+    name = "flow_latents"
+    model_types = ("reca_tiny_flow_latents",)
+    condition_space = "kl-latents"
+    condition_relation = "same"
+    understanding_modules = ()
+    default_freeze = ("condition_projector", "language_model", "vae")
+
+    def num_condition_tokens(self, resolution: int) -> int:
+        return (resolution // self.latent_stride) ** 2
+
+    def condition_resolution_errors(self, resolution: int) -> list[str]:
+        if resolution % self.latent_stride:
+            return [f"must be a multiple of the autoencoder's stride {self.latent_stride}"]
+        return []
