@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from pathlib import Path
@@ -11,23 +10,12 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import TrainerCallback
 
-from .adapters.base import UMMAdapter
+from .adapters.base import UMMAdapter, eval_mode
 from .images import ViewSpec, load_image
 
 logger = logging.getLogger(__name__)
 
 GRID_FILE = "reconstructions.png"
-
-
-@contextlib.contextmanager
-def evaluating(model):
-    """Run ``model`` in eval mode (no dropout) inside the block, then give it back its training flag."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 class PromptEpochCallback(TrainerCallback):
@@ -60,8 +48,7 @@ class ReconstructionGridCallback(TrainerCallback):
         self.start: tuple[int, list[Image.Image]] | None = None
 
     def _reconstruct(self, model) -> list[Image.Image]:
-        with evaluating(model):
-            return self.adapter.reconstruct(self.images, model=model, views=self.views, **self.generation_kwargs)
+        return self.adapter.reconstruct(self.images, model=model, views=self.views, **self.generation_kwargs)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero:
@@ -135,7 +122,7 @@ def swap_probe(adapter: UMMAdapter, model, images: list, views: ViewSpec, instru
         logits, codes = adapter.target_logits(model, batch)
         return logits.argmax(-1), codes
 
-    with evaluating(model):
+    with eval_mode(model):
         own_predictions, codes = predictions(conditions)
         swapped_predictions, _ = predictions([conditions[j] for j in partner])
     partner_codes = codes[partner]

@@ -106,7 +106,8 @@ def _word_level_tokenizer(
     )
 
 
-def _tiny_janus(seed: int):
+def build_tiny_janus(seed: int = 0):
+    """A tiny random Janus (32-px images, a 4x4 VQ grid from a 64-entry codebook) and its processor."""
     from transformers import (
         JanusConfig,
         JanusForConditionalGeneration,
@@ -198,7 +199,7 @@ _EMU3_CHAT_TEMPLATE = (
 )
 
 
-def _tiny_emu3(seed: int):
+def build_tiny_emu3(seed: int = 0):
     """A tiny Emu3: 32-px images become 4x4 grids of VQ ids from a 64-entry codebook (three 2x downsamples)."""
     from transformers import Emu3Config, Emu3ForConditionalGeneration, Emu3ImageProcessor, Emu3Processor
 
@@ -269,11 +270,15 @@ def _tiny_emu3(seed: int):
     return model, processor
 
 
-_BUILDERS = {"emu3": _tiny_emu3, "janus": _tiny_janus}
-
-
 def tiny_umm(arch: str, seed: int = 0):
-    """A tiny random ``(model, processor)`` of architecture ``arch``, built in code with no downloads."""
-    if arch not in _BUILDERS:
-        raise ValueError(f"tiny_umm: unknown arch {arch!r}; available: {', '.join(sorted(_BUILDERS))}")
-    return _BUILDERS[arch](seed)
+    """A tiny random ``(model, processor)`` of architecture ``arch``, built in code with no downloads.
+
+    ``arch`` is an architecture adapter's name; its builder is the one it registered with
+    (``register_adapter(tiny=...)``).
+    """
+    from .adapters import tiny_builders  # the registry imports this module's builders
+
+    builders = tiny_builders()
+    if arch not in builders:
+        raise ValueError(f"tiny_umm: unknown arch {arch!r}; available: {', '.join(sorted(builders))}")
+    return builders[arch](seed)
