@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from .adapters.base import AUTO, UMMAdapter
-from .images import ViewSpec, load_image, pad_to_square
+from .images import ViewSpec, load_image, pad_to_square, resolve_views
 from .prompts import PromptSampler, load_prompts
 from .tasks import IMAGE_TO_TEXT, INDEX_KEY, RECONSTRUCTION, TASK_KEY, TASKS, TEXT_TO_IMAGE, caption_column_in
 
@@ -51,15 +52,32 @@ class RecACollator:
         caption_column: str = "caption",
     ):
         self.adapter = adapter
-        condition, generation = adapter.resolve_resolutions(condition_resolution, generation_resolution)
-        self.views = ViewSpec(condition, generation, condition_bottleneck, blur_factor, adapter.background_color)
-        adapter.check_shortcut(self.views, allow_shortcut)
+        self.views: ViewSpec = resolve_views(
+            adapter, condition_resolution, generation_resolution, condition_bottleneck, blur_factor, allow_shortcut
+        )
         templates = prompts if isinstance(prompts, list) else load_prompts(prompts)
         self.sampler = PromptSampler(templates, adapter.null_prompt, cond_dropout_prob, seed)
         self.image_column = image_column
         self.caption_column = caption_column
         self.epoch = 0
         self._rows_seen = 0
+
+    @classmethod
+    def from_config(cls, adapter: UMMAdapter, args) -> RecACollator:
+        """The collator a :class:`~reca_hf.RecAConfig` describes: its views, prompts, dropout, columns and seed."""
+        return cls(
+            adapter,
+            condition_resolution=args.condition_resolution,
+            generation_resolution=args.generation_resolution,
+            condition_bottleneck=args.condition_bottleneck,
+            blur_factor=args.blur_factor,
+            prompts=args.prompt_templates,
+            cond_dropout_prob=args.cond_dropout_prob,
+            image_column=args.image_column,
+            seed=args.seed,
+            allow_shortcut=args.allow_shortcut,
+            caption_column=args.caption_column,
+        )
 
     def _row_index(self, example: dict[str, Any]) -> int:
         index = example.get(INDEX_KEY)
@@ -107,16 +125,17 @@ class RecACollator:
             "expected a non-empty caption string or chat messages with an assistant turn; fix or remove that row"
         )
 
+    def _row_views(self, example: dict[str, Any], index: int) -> tuple[Image.Image, Image.Image]:
+        """One row's image as its condition view and its target view."""
+        image = self._image(example, index)
+        return self.views.condition_view(image), self.views.target_view(image)
+
     def _reconstruction(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         indices = [self._row_index(example) for example in examples]
-        images = [self._image(example, index) for example, index in zip(examples, indices)]
+        conditions, targets = zip(*(self._row_views(example, index) for example, index in zip(examples, indices)))
         draws = [self.sampler.draw(index, self.epoch) for index in indices]
         instructions = [instruction for instruction, _ in draws]
-        batch = self.adapter.prepare(
-            [self.views.condition_view(image) for image in images],
-            [self.views.target_view(image) for image in images],
-            instructions,
-        )
+        batch = self.adapter.prepare(list(conditions), list(targets), instructions)
         batch["dataset_index"] = torch.tensor(indices)
         batch["prompt_dropped"] = torch.tensor([dropped for _, dropped in draws])
         batch["instructions"] = instructions
