@@ -11,11 +11,13 @@ from PIL import Image, ImageDraw
 from transformers import TrainerCallback
 
 from .adapters.base import UMMAdapter, eval_mode
+from .config import COLLAPSE_ACTIONS
 from .images import ViewSpec, load_image
 
 logger = logging.getLogger(__name__)
 
 GRID_FILE = "reconstructions.png"
+DETECTOR_ACTIONS = tuple(action for action in COLLAPSE_ACTIONS if action != "off")  # "off" means no detector
 
 
 class PromptEpochCallback(TrainerCallback):
@@ -173,8 +175,8 @@ class CollapseDetector(TrainerCallback):
         probe=None,
         uniform_loss: float | None = None,
     ):
-        if action not in ("warn", "stop"):
-            raise ValueError(f"CollapseDetector action={action!r}: choose 'warn' or 'stop'")
+        if action not in DETECTOR_ACTIONS:
+            raise ValueError(f"CollapseDetector action={action!r}: choose {' or '.join(map(repr, DETECTOR_ACTIONS))}")
         self._probe_needs_model = probe is None
         if probe is None:
             if adapter is None or views is None or not probe_images or len(probe_images) < 2:

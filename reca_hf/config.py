@@ -9,6 +9,8 @@ import logging
 import re
 from dataclasses import dataclass, field
 
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import TrainingArguments
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
@@ -21,6 +23,7 @@ logger = logging.getLogger(__name__)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 COLLAPSE_ACTIONS = ("warn", "stop", "off")
 LORA_TARGET_MODES = ("generation", "generation+llm")
+TINY_PREFIX = "tiny:"  # model_name_or_path "tiny:<arch>": the architecture's tiny builder
 _JSON_FIELDS = ("reconstruction_kwargs", "task_ratios", "task_weights", "eval_results")
 
 
@@ -550,7 +553,7 @@ class RecAConfig(TrainingArguments):
             )
         elif targets not in LORA_TARGET_MODES and (problem := _regex_problem(targets)):
             errors.append(f"lora_target_modules={targets!r} {problem}")
-        if self.base_model_id is not None and not _looks_like_repo_id(self.base_model_id):
+        if self.base_model_id is not None and not looks_like_repo_id(self.base_model_id):
             errors.append(base_model_id_error(self.base_model_id))
         return errors
 
@@ -626,12 +629,10 @@ def base_model_id_error(value: str) -> str:
     )
 
 
-def _looks_like_repo_id(name: str) -> bool:
-    """A namespace and a name that the Hub accepts (whether a local folder of that name exists is checked later)."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    if not isinstance(name, str) or name.count("/") != 1 or name.startswith("tiny:"):
+def looks_like_repo_id(name: str | None) -> bool:
+    """True for a name the Hub accepts as a repository id: a namespace and a name, not a 'tiny:' spec. (Whether a
+    local folder of that name exists, which would make it a path, is :func:`reca_hf.loading.is_hub_id`'s part.)"""
+    if not isinstance(name, str) or name.count("/") != 1 or name.startswith(TINY_PREFIX):
         return False
     try:
         validate_repo_id(name)

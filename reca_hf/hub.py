@@ -9,7 +9,7 @@ same card the trainer wrote, without loading any weights.
 The stock Trainer pushes checkpoints in the background (``upload_folder(run_as_future=True)``) and never reads the
 futures' exceptions. :class:`PushTracker` attaches a done-callback to each of them: a failure is logged at once and
 counted, and the checkpoint folder stays in :attr:`PushTracker.unpushed`, which checkpoint rotation never deletes and
-the final push retries.
+the final push retries. :class:`HubResilienceMixin` puts that (and ``hub_optional``) into a Trainer.
 """
 
 from __future__ import annotations
