@@ -1,6 +1,7 @@
-"""The adapter contract every architecture implements, and the registry that finds them.
+"""The architecture-adapter contract every architecture implements, and the registry that finds them.
 
-An adapter is the only place that knows how one architecture lays out a RecA sample. It has two
+An architecture adapter (not a LoRA adapter: those are trained weights, see reca_hf.lora) is the only place
+that knows how one architecture lays out a RecA sample. It has two
 faces: a CPU face (:meth:`UMMAdapter.prepare`) that turns images and instructions into tensors in
 dataloader workers without touching the model, and a model face (:meth:`UMMAdapter.loss`,
 :meth:`UMMAdapter.reconstruct`) that runs the model.
@@ -32,8 +33,10 @@ class UMMAdapter:
     """Base class of the per-architecture RecA adapters.
 
     Subclasses set every attribute below (checked when the subclass is defined) and implement
-    :meth:`prepare`, :meth:`loss` and :meth:`reconstruct`. Class-level resolutions describe the public
-    checkpoints; an instance derives the real values from the model config it was built for.
+    :meth:`prepare`, :meth:`loss` and the two hooks of :meth:`reconstruct` (:meth:`sample_codes`,
+    :meth:`decode_codes`). Class-level resolutions describe the public checkpoints; an instance reads the real
+    values from the model config it was built for (:meth:`config_min_condition_resolution`,
+    :meth:`config_native_generation_resolution`).
     """
 
     name: ClassVar[str]  # registry key, e.g. "janus"
