@@ -17,6 +17,7 @@ from .images import ViewSpec, load_image
 logger = logging.getLogger(__name__)
 
 GRID_FILE = "reconstructions.png"
+evaluating = eval_mode  # the old name of this module's eval-mode helper, now the one per-module helper
 DETECTOR_ACTIONS = tuple(action for action in COLLAPSE_ACTIONS if action != "off")  # "off" means no detector
 
 

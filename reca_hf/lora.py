@@ -298,6 +298,9 @@ def lora_record(model: torch.nn.Module, adapter: UMMAdapter) -> dict[str, Any] |
     }
 
 
+lora_card_data = lora_record  # the old name (the card reads lora_target_modules and generation_scoped)
+
+
 def write_reca_adapter_file(output_dir: str | Path, run: dict[str, Any]) -> Path:
     """Write ``reca_adapter.json`` beside the PEFT files, from the run's record (what ``reca_run.json`` holds):
     the architecture adapter's name, the LoRA targets and scoping, and the run's RecA settings (resolutions,
