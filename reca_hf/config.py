@@ -481,7 +481,7 @@ class RecAConfig(TrainingArguments):
         errors = []
         for name in ("condition_resolution", "generation_resolution"):
             value = getattr(self, name)
-            if value != AUTO and not (_is_number(value) and isinstance(value, int) and value > 0):
+            if value != AUTO and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
                 errors.append(f"{name}={value!r}: use 'auto' or a positive number of pixels such as 384.")
         errors += _choice_error("condition_bottleneck", self.condition_bottleneck, BOTTLENECKS)
         if not isinstance(self.blur_factor, int) or self.blur_factor < 2:
