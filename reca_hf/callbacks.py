@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from pathlib import Path
@@ -11,24 +10,16 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import TrainerCallback
 
-from .adapters.base import UMMAdapter
+from .adapters.base import UMMAdapter, eval_mode
 from .adapters.targets import LossNoise
+from .config import COLLAPSE_ACTIONS
 from .images import ViewSpec, load_image
 
 logger = logging.getLogger(__name__)
 
 GRID_FILE = "reconstructions.png"
-
-
-@contextlib.contextmanager
-def evaluating(model):
-    """Run ``model`` in eval mode (no dropout) inside the block, then give it back its training flag."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
+evaluating = eval_mode  # the old name of this module's eval-mode helper, now the one per-module helper
+DETECTOR_ACTIONS = tuple(action for action in COLLAPSE_ACTIONS if action != "off")  # "off" means no detector
 
 
 class PromptEpochCallback(TrainerCallback):
@@ -61,8 +52,7 @@ class ReconstructionGridCallback(TrainerCallback):
         self.start: tuple[int, list[Image.Image]] | None = None
 
     def _reconstruct(self, model) -> list[Image.Image]:
-        with evaluating(model):
-            return self.adapter.reconstruct(self.images, model=model, views=self.views, **self.generation_kwargs)
+        return self.adapter.reconstruct(self.images, model=model, views=self.views, **self.generation_kwargs)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero:
@@ -110,6 +100,7 @@ def has_target_logits(adapter: UMMAdapter) -> bool:
     """Whether the adapter exposes teacher-forced token logits (the token swap probe needs them)."""
     return type(adapter).target_logits is not UMMAdapter.target_logits
 
+
 PLATEAU_RATIO = 0.25  # loss signal: the logged loss falls below this fraction of its earlier plateau...
 FLOOR_RATIO = 0.1  # ...or below this fraction of the uniform-guess loss, ln(codebook size)
 COPY_THRESHOLD = 0.5  # probe signal: at least this share of the predictions follows the swapped-in condition
@@ -142,7 +133,7 @@ def swap_probe(adapter: UMMAdapter, model, images: list, views: ViewSpec, instru
         logits, codes = adapter.target_logits(model, batch)
         return logits.argmax(-1), codes
 
-    with evaluating(model):
+    with eval_mode(model):
         own_predictions, codes = predictions(conditions)
         swapped_predictions, _ = predictions([conditions[j] for j in partner])
     partner_codes = codes[partner]
@@ -187,7 +178,7 @@ def condition_swap_loss(
     )
     levels = noise.timesteps or (None,)
     own = other = 0.0
-    with evaluating(model):
+    with eval_mode(model):
         for level in levels:
             fixed = LossNoise(noise.seed, timesteps=None if level is None else (level,), mask_ratio=noise.mask_ratio)
             own += float(adapter.loss(model, own_batch, reduction="none", noise=fixed).float().mean())
@@ -240,8 +231,8 @@ class CollapseDetector(TrainerCallback):
         uniform_loss: float | None = None,
         gain_threshold: float = GAIN_THRESHOLD,
     ):
-        if action not in ("warn", "stop"):
-            raise ValueError(f"CollapseDetector action={action!r}: choose 'warn' or 'stop'")
+        if action not in DETECTOR_ACTIONS:
+            raise ValueError(f"CollapseDetector action={action!r}: choose {' or '.join(map(repr, DETECTOR_ACTIONS))}")
         self._probe_needs_model = probe is None
         if probe is None:
             if adapter is None or views is None or not probe_images or len(probe_images) < 2:

@@ -31,13 +31,28 @@ def _recipe_path(recipe: str) -> Path:
     raise SystemExit(f"reca: recipe {recipe!r} not found (also looked in {resource_dir('recipes')})")
 
 
-def parse_recipe(recipe: str, overrides: list[str] | None = None):
-    """Parse a recipe plus command-line overrides into a `RecAConfig` with trl's `TrlParser`."""
+def _parser():
+    """trl's `TrlParser` for `RecAConfig`, where the union-typed fields take their parser from
+    ``reca_hf.config.STRING_PARSERS`` (the parser alone would keep one member of the union)."""
     from trl import TrlParser
 
-    from .config import RecAConfig
+    from .config import STRING_PARSERS, RecAConfig
 
-    parser = TrlParser([RecAConfig], prog="reca train")
+    class RecAParser(TrlParser):
+        @staticmethod
+        def _parse_dataclass_field(parser, field):
+            parse = STRING_PARSERS.get(field.name)
+            if parse is None:
+                return TrlParser._parse_dataclass_field(parser, field)
+            names = [f"--{field.name}", f"--{field.name.replace('_', '-')}"]
+            parser.add_argument(*names, type=parse, default=field.default, help=field.metadata.get("help"))
+
+    return RecAParser([RecAConfig], prog="reca train")
+
+
+def parse_recipe(recipe: str, overrides: list[str] | None = None):
+    """Parse a recipe plus command-line overrides into a `RecAConfig` with trl's `TrlParser`."""
+    parser = _parser()
     path = _recipe_path(recipe)
     try:
         (config,) = parser.parse_args_and_config(["--config", str(path), *(overrides or [])])
@@ -224,36 +239,29 @@ def validate(recipe: str) -> list[str]:
 
 
 def _model_errors(config) -> list[str]:
+    """The trainer's own checks of the fields that need the model (reca_hf.checks), on its config alone."""
     from .adapters import get_adapter
+    from .checks import file_errors, run_errors
     from .loading import TINY_PREFIX
 
     name = config.model_name_or_path
     if not name:
-        return ["model_name_or_path is not set: give a hub id, a local folder or 'tiny:janus'"]
+        return ["model_name_or_path is not set: give a hub id, a local folder or 'tiny:janus'", *file_errors(config)]
     try:
         if name.startswith(TINY_PREFIX):
             from .testing import tiny_umm
 
             model, processor = tiny_umm(name[len(TINY_PREFIX) :])
-            model_config = model.config
+            adapter = get_adapter(model.config, processor)
         else:
             from transformers import AutoConfig
 
-            model_config = AutoConfig.from_pretrained(name)
-        adapter = get_adapter(model_config)
-        condition, generation = adapter.resolve_resolutions(config.condition_resolution, config.generation_resolution)
-        shortcut = adapter.shortcut_error(condition, generation, config.condition_bottleneck)
-        if shortcut and not config.allow_shortcut:
-            raise ValueError(shortcut)
-        if config.use_peft:
-            from .lora import resolve_target_modules
-
-            resolve_target_modules(adapter, config.lora_target_modules)
+            adapter = get_adapter(AutoConfig.from_pretrained(name))
     except ValueError as error:
-        return [str(line) for line in str(error).splitlines()]
+        return [*str(error).splitlines(), *file_errors(config)]
     except OSError as error:
-        return [f"model_name_or_path={name!r}: its config could not be read ({error})"]
-    return []
+        return [f"model_name_or_path={name!r}: its config could not be read ({error})", *file_errors(config)]
+    return run_errors(config, adapter)
 
 
 def _dataset_errors(config) -> list[str]:

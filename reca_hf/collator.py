@@ -11,7 +11,15 @@ import torch
 
 from .adapters.base import AUTO, UMMAdapter
 from .data import ROW_KEY, SOURCE_KEY
-from .images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, ViewSpec, load_image, pad_to_square, source_file
+from .images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    BadImageError,
+    ViewSpec,
+    load_image,
+    pad_to_square,
+    resolve_views,
+    source_file,
+)
 from .prompts import PromptSampler, load_prompts
 from .tasks import IMAGE_TO_TEXT, INDEX_KEY, RECONSTRUCTION, TASK_KEY, TASKS, TEXT_TO_IMAGE, caption_column_in
 
@@ -71,15 +79,34 @@ class RecACollator:
         self.sources: dict[str, Any] = {}
         self.skipped_rows: Counter[str] = Counter()
         self.adapter = adapter
-        condition, generation = adapter.resolve_resolutions(condition_resolution, generation_resolution)
-        self.views = ViewSpec(condition, generation, condition_bottleneck, blur_factor, adapter.background_color)
-        adapter.check_shortcut(self.views, allow_shortcut)
+        self.views: ViewSpec = resolve_views(
+            adapter, condition_resolution, generation_resolution, condition_bottleneck, blur_factor, allow_shortcut
+        )
         templates = prompts if isinstance(prompts, list) else load_prompts(prompts)
         self.sampler = PromptSampler(templates, adapter.null_prompt, cond_dropout_prob, seed)
         self.image_column = image_column
         self.caption_column = caption_column
         self.epoch = 0
         self._rows_seen = 0
+
+    @classmethod
+    def from_config(cls, adapter: UMMAdapter, args) -> RecACollator:
+        """The collator a :class:`~reca_hf.RecAConfig` describes: its views, prompts, dropout, columns and seed."""
+        return cls(
+            adapter,
+            condition_resolution=args.condition_resolution,
+            generation_resolution=args.generation_resolution,
+            condition_bottleneck=args.condition_bottleneck,
+            blur_factor=args.blur_factor,
+            prompts=args.prompt_templates,
+            cond_dropout_prob=args.cond_dropout_prob,
+            image_column=args.image_column,
+            seed=args.seed,
+            allow_shortcut=args.allow_shortcut,
+            caption_column=args.caption_column,
+            bad_image_policy=args.bad_image_policy,
+            max_image_pixels=args.max_image_pixels,
+        )
 
     def _row_index(self, example: dict[str, Any]) -> int:
         index = example.get(INDEX_KEY)

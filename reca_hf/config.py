@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from transformers import TrainingArguments
+from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
-from .images import BOTTLENECKS, DEFAULT_MAX_IMAGE_PIXELS
+from .images import AUTO, BOTTLENECKS, DEFAULT_MAX_IMAGE_PIXELS
+from .tasks import TASKS
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Each set of choices, defined once.
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 COLLAPSE_ACTIONS = ("warn", "stop", "off")
+LORA_TARGET_MODES = ("generation", "generation+llm")
+TINY_PREFIX = "tiny:"  # model_name_or_path "tiny:<arch>": the architecture's tiny builder
+_JSON_FIELDS = ("reconstruction_kwargs", "task_ratios", "task_weights", "eval_results")
 
 
 @dataclass
@@ -263,7 +271,7 @@ class RecAConfig(TrainingArguments):
     )
 
     # ---- RecA ----
-    condition_resolution: str = field(
+    condition_resolution: int | str = field(
         default="auto",
         metadata={
             "help": "Resolution of the condition view the understanding encoder sees. 'auto' is the adapter's "
@@ -274,7 +282,7 @@ class RecAConfig(TrainingArguments):
             "understanding features better than 512 px for BAGEL (GenEval 82.4 vs 79.2)."
         },
     )
-    generation_resolution: str = field(
+    generation_resolution: int | str = field(
         default="auto",
         metadata={
             "help": "Resolution of the target view the generation loss reconstructs. 'auto' is the model's native one."
@@ -308,7 +316,7 @@ class RecAConfig(TrainingArguments):
             "condition is kept), which trains the branch classifier-free guidance contrasts against."
         },
     )
-    freeze: str = field(  # or a list of patterns (from Python or YAML); a comma-separated string on the CLI
+    freeze: str | list[str] = field(  # a comma-separated string on the command line
         default="auto",
         metadata={
             "help": "Parameters to freeze: 'auto' (the adapter's default: understanding-only modules and image "
@@ -340,7 +348,7 @@ class RecAConfig(TrainingArguments):
         default=32, metadata={"help": "LoRA scaling numerator: the update is scaled by lora_alpha / lora_r."}
     )
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout probability on the input of the LoRA update."})
-    lora_target_modules: str = field(  # or a list of module names (from Python or YAML)
+    lora_target_modules: str | list[str] = field(
         default="generation",
         metadata={
             "help": "Where LoRA goes: 'generation' (the adapter's generation-only Linear layers; for Janus the "
@@ -390,7 +398,7 @@ class RecAConfig(TrainingArguments):
             "detector). The rule: the logged reconstruction loss falls below 0.25 x its earlier plateau or below "
             "0.1 x ln(codebook size), AND the condition-swap probe finds at least half of the predictions "
             "following the swapped-in condition instead of the target.",
-            "choices": ["warn", "stop", "off"],
+            "choices": list(COLLAPSE_ACTIONS),
         },
     )
     collapse_probe_steps: int = field(
@@ -452,6 +460,7 @@ class RecAConfig(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log every X update steps (or a ratio of the run)."})
 
     def __post_init__(self):
+        self.normalise()
         errors = self.reca_errors()
         if self.bf16 and not self.use_cpu and not _bf16_accelerator_available():
             logger.info("bf16=True with no bf16-capable accelerator: training on the CPU (use_cpu=True).")
@@ -463,68 +472,114 @@ class RecAConfig(TrainingArguments):
         if errors:
             raise ValueError("Invalid RecAConfig:\n" + "\n".join(f"- {e}" for e in errors))
 
+    # ---- normalising: values given as strings (the command line, JSON) become what the fields hold ----
+
+    def normalise(self) -> None:
+        """Turn string forms into the values the fields describe: resolutions of digits into ints, a
+        comma-separated ``freeze`` into a list, JSON strings into dicts, task numbers into floats, tuples into
+        lists. A value that cannot be converted is left as it is, for :meth:`reca_errors` to name."""
+        self.condition_resolution = parse_resolution(self.condition_resolution)
+        self.generation_resolution = parse_resolution(self.generation_resolution)
+        self.freeze = parse_freeze(self.freeze)
+        if isinstance(self.lora_target_modules, tuple):
+            self.lora_target_modules = list(self.lora_target_modules)
+        for name in _JSON_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, str):
+                with contextlib.suppress(json.JSONDecodeError):
+                    setattr(self, name, json.loads(value))
+        for name in ("task_ratios", "task_weights"):
+            value = getattr(self, name)
+            if isinstance(value, dict) and all(_is_number(n) for n in value.values()):
+                setattr(self, name, {key: float(number) for key, number in value.items()})
+
+    # ---- validating: every problem of the (normalised) fields, each naming its field; nothing is changed ----
+
     def reca_errors(self) -> list[str]:
-        """Check (and normalise) the RecA fields; returns every problem found, each naming its field."""
+        """Every problem of the RecA fields that the fields alone show (no file, network or model is read: see
+        :func:`reca_hf.checks.run_errors` for those); each names its field."""
         errors = []
         for name in ("condition_resolution", "generation_resolution"):
             value = getattr(self, name)
-            parsed = _parse_resolution(value)
-            if parsed is None:
+            if value != AUTO and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
                 errors.append(f"{name}={value!r}: use 'auto' or a positive number of pixels such as 384.")
-            else:
-                setattr(self, name, parsed)
-        if self.condition_bottleneck not in BOTTLENECKS:
-            errors.append(
-                f"condition_bottleneck={self.condition_bottleneck!r}: choose one of {', '.join(BOTTLENECKS)}."
-            )
+        errors += _choice_error("condition_bottleneck", self.condition_bottleneck, BOTTLENECKS)
         if not isinstance(self.blur_factor, int) or self.blur_factor < 2:
             errors.append(f"blur_factor={self.blur_factor!r}: use an integer of at least 2 (e.g. 4 or 8).")
         if not 0.0 <= self.cond_dropout_prob < 1.0:
             errors.append(f"cond_dropout_prob={self.cond_dropout_prob!r}: use a probability in [0, 1), e.g. 0.1.")
-        if self.prompt_templates != "default" and not Path(self.prompt_templates).expanduser().is_file():
-            errors.append(
-                f"prompt_templates={self.prompt_templates!r}: no such file; give a file with one instruction per "
-                "line, a JSON list, or 'default'."
-            )
-        errors += self._normalise_freeze()
-        if self.model_dtype not in _DTYPES:
-            errors.append(f"model_dtype={self.model_dtype!r}: choose one of {', '.join(_DTYPES)}.")
+        errors += self._freeze_errors()
+        errors += _choice_error("model_dtype", self.model_dtype, DTYPES)
         if not isinstance(self.num_reconstruction_images, int) or self.num_reconstruction_images < 0:
             errors.append(f"num_reconstruction_images={self.num_reconstruction_images!r}: use 0 or a positive integer.")
-        errors += self._parse_json_field("reconstruction_kwargs")
-        if self.reconstruction_kwargs is not None and not isinstance(self.reconstruction_kwargs, dict):
+        for name in _JSON_FIELDS:
+            errors += _json_error(name, getattr(self, name))
+        if self.reconstruction_kwargs is not None and not isinstance(self.reconstruction_kwargs, dict | str):
             errors.append(f"reconstruction_kwargs={self.reconstruction_kwargs!r}: use a mapping such as {{}}.")
-        if self.collapse_action not in COLLAPSE_ACTIONS:
-            errors.append(f"collapse_action={self.collapse_action!r}: choose one of {', '.join(COLLAPSE_ACTIONS)}.")
+        errors += _choice_error("collapse_action", self.collapse_action, COLLAPSE_ACTIONS)
         if not isinstance(self.collapse_probe_steps, int) or self.collapse_probe_steps < 1:
             errors.append(f"collapse_probe_steps={self.collapse_probe_steps!r}: use a positive integer.")
         if not isinstance(self.collapse_probe_images, int) or self.collapse_probe_images < 0:
             errors.append(f"collapse_probe_images={self.collapse_probe_images!r}: use 0 (off) or a positive integer.")
-        errors += self._shortcut_errors()
         for name in ("task_ratios", "task_weights"):
-            errors += self._normalise_task_dict(name)
+            errors += self._task_dict_errors(name)
         if self.max_train_samples is not None and self.max_train_samples < 1:
             errors.append(f"max_train_samples={self.max_train_samples!r}: use a positive integer or leave it unset.")
         errors += self._lora_errors()
         errors += self._eval_results_errors()
         return errors
 
-    def _parse_json_field(self, name: str) -> list[str]:
-        """A dict-valued field given as a JSON string (the command line) is parsed in place; returns the error."""
-        value = getattr(self, name)
-        if not isinstance(value, str):
+    def _freeze_errors(self) -> list[str]:
+        freeze = self.freeze
+        if freeze in ("auto", "none"):
             return []
-        try:
-            setattr(self, name, json.loads(value))
-        except json.JSONDecodeError as error:
-            return [f"{name}={value!r}: not valid JSON ({error})."]
-        return []
+        if not isinstance(freeze, list) or not freeze:
+            return [f"freeze={freeze!r}: use 'auto', 'none', or a list of module-name patterns."]
+        if {"auto", "none"} & set(freeze):
+            return [f"freeze={freeze!r}: 'auto' and 'none' cannot be mixed with patterns."]
+        return [f"freeze pattern {pattern!r} {problem}" for pattern in freeze if (problem := _regex_problem(pattern))]
+
+    def _task_dict_errors(self, name: str) -> list[str]:
+        value = getattr(self, name)
+        if value is None or isinstance(value, str):  # a string is invalid JSON, named by _json_error
+            return []
+        example = '{"reconstruction": 1, "image_to_text": 1}'
+        if not isinstance(value, dict):
+            return [f"{name}={value!r}: use a mapping of task to number such as {example}."]
+        errors = [f"{name}: unknown task {key!r}; tasks are {', '.join(TASKS)}." for key in value if key not in TASKS]
+        for key, number in value.items():
+            if not _is_number(number) or number < 0:
+                errors.append(f"{name}[{key!r}]={number!r}: use a non-negative number.")
+        if not errors and name == "task_ratios" and not any(value.values()):
+            errors.append(f"task_ratios={value!r}: at least one task needs a positive share, e.g. {example}.")
+        return errors
+
+    def _lora_errors(self) -> list[str]:
+        errors = []
+        if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 1:
+            errors.append(f"lora_r={self.lora_r!r}: use a positive integer such as 16.")
+        if not _is_number(self.lora_alpha) or self.lora_alpha <= 0:
+            errors.append(f"lora_alpha={self.lora_alpha!r}: use a positive number such as 32 (often 2 x lora_r).")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            errors.append(f"lora_dropout={self.lora_dropout!r}: use a probability in [0, 1), e.g. 0.05.")
+        targets = self.lora_target_modules
+        if isinstance(targets, list):
+            if not targets or not all(isinstance(t, str) and t for t in targets):
+                errors.append(f"lora_target_modules={targets!r}: a list must hold one or more module names.")
+        elif not isinstance(targets, str) or not targets:
+            errors.append(
+                f"lora_target_modules={targets!r}: use {' or '.join(map(repr, LORA_TARGET_MODES))}, a regular "
+                "expression or a list of module names."
+            )
+        elif targets not in LORA_TARGET_MODES and (problem := _regex_problem(targets)):
+            errors.append(f"lora_target_modules={targets!r} {problem}")
+        if self.base_model_id is not None and not looks_like_repo_id(self.base_model_id):
+            errors.append(base_model_id_error(self.base_model_id))
+        return errors
 
     def _eval_results_errors(self) -> list[str]:
-        if errors := self._parse_json_field("eval_results"):
-            return errors
         value = self.eval_results
-        if value is None:
+        if value is None or isinstance(value, str):  # a string is invalid JSON, named by _json_error
             return []
         example = '{"GenEval": 0.85, "DPGBench": 84.2}'
         if not isinstance(value, dict) or not value:
@@ -533,7 +588,7 @@ class RecAConfig(TrainingArguments):
         for name, score in value.items():
             if not isinstance(name, str) or not name.strip():
                 errors.append(f"eval_results: benchmark name {name!r} must be a non-empty string.")
-            if isinstance(score, bool) or not isinstance(score, int | float):
+            if not _is_number(score):
                 errors.append(f"eval_results[{name!r}]={score!r}: use a number, e.g. {example}.")
         return errors
 
@@ -555,126 +610,83 @@ class RecAConfig(TrainingArguments):
         clone.__dict__.update(copy.deepcopy(self.__dict__, memo))  # __getstate__ is for files: a copy keeps the token
         return clone
 
-    def _lora_errors(self) -> list[str]:
-        from .loading import is_hub_id
-        from .lora import TARGET_MODES
 
-        errors = []
-        if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 1:
-            errors.append(f"lora_r={self.lora_r!r}: use a positive integer such as 16.")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, int | float) or self.lora_alpha <= 0:
-            errors.append(f"lora_alpha={self.lora_alpha!r}: use a positive number such as 32 (often 2 x lora_r).")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            errors.append(f"lora_dropout={self.lora_dropout!r}: use a probability in [0, 1), e.g. 0.05.")
-        targets = self.lora_target_modules
-        if isinstance(targets, list | tuple):
-            self.lora_target_modules = targets = list(targets)
-            if not targets or not all(isinstance(t, str) and t for t in targets):
-                errors.append(f"lora_target_modules={targets!r}: a list must hold one or more module names.")
-        elif not isinstance(targets, str) or not targets:
-            errors.append(
-                f"lora_target_modules={targets!r}: use {' or '.join(map(repr, TARGET_MODES))}, a regular expression "
-                "or a list of module names."
-            )
-        elif targets not in TARGET_MODES:
-            try:
-                re.compile(targets)
-            except re.error as error:
-                errors.append(f"lora_target_modules={targets!r} is not a valid regular expression ({error}).")
-        if self.base_model_id is not None and not is_hub_id(self.base_model_id):
-            errors.append(
-                f"base_model_id={self.base_model_id!r}: give the base model's Hub id such as "
-                "'deepseek-community/Janus-Pro-7B' (not a local path)."
-            )
-        return errors
-
-    def _normalise_task_dict(self, name: str) -> list[str]:
-        from .tasks import TASKS
-
-        if errors := self._parse_json_field(name):
-            return errors
-        value = getattr(self, name)
-        if value is None:
-            return []
-        example = '{"reconstruction": 1, "image_to_text": 1}'
-        if not isinstance(value, dict):
-            return [f"{name}={value!r}: use a mapping of task to number such as {example}."]
-        errors = [f"{name}: unknown task {key!r}; tasks are {', '.join(TASKS)}." for key in value if key not in TASKS]
-        for key, number in value.items():
-            if isinstance(number, bool) or not isinstance(number, (int, float)) or number < 0:
-                errors.append(f"{name}[{key!r}]={number!r}: use a non-negative number.")
-        if not errors and name == "task_ratios" and not any(value.values()):
-            errors.append(f"task_ratios={value!r}: at least one task needs a positive share, e.g. {example}.")
-        setattr(self, name, {key: float(number) for key, number in value.items()} if not errors else value)
-        return errors
-
-    def _shortcut_errors(self) -> list[str]:
-        """The shortcut guard, when the model's adapter and both resolutions are known without loading anything.
-
-        Otherwise the same check runs when the trainer (or ``reca validate``) meets the model.
-        """
-        resolutions = (self.condition_resolution, self.generation_resolution)
-        if self.allow_shortcut or not all(isinstance(r, int) for r in resolutions):
-            return []
-        adapter_cls = _adapter_class_of(self.model_name_or_path)
-        error = adapter_cls.shortcut_error(*resolutions, self.condition_bottleneck) if adapter_cls else None
-        return [error] if error else []
-
-    def _normalise_freeze(self) -> list[str]:
-        freeze = self.freeze
-        if isinstance(freeze, str):
-            freeze = [p.strip() for p in freeze.split(",") if p.strip()]
-        freeze = list(freeze or [])
-        if freeze in (["auto"], ["none"]):
-            self.freeze = freeze[0]
-            return []
-        if not freeze:
-            return ["freeze=[]: use 'auto', 'none', or a list of module-name patterns."]
-        if {"auto", "none"} & set(freeze):
-            return [f"freeze={self.freeze!r}: 'auto' and 'none' cannot be mixed with patterns."]
-        errors = []
-        for pattern in freeze:
-            try:
-                re.compile(pattern)
-            except re.error as error:
-                errors.append(f"freeze pattern {pattern!r} is not a valid regular expression ({error}).")
-        self.freeze = freeze
-        return errors
+# ---- the string forms, parsed once: by RecAConfig.normalise and by the `reca` command line ----------------
 
 
-def _adapter_class_of(model_name_or_path: str | None):
-    """The adapter class of a 'tiny:<arch>' spec or a local checkpoint folder; None when that needs a download."""
-    from .adapters import adapter_class_for
-    from .loading import TINY_PREFIX
-
-    if not model_name_or_path:
-        return None
-    if model_name_or_path.startswith(TINY_PREFIX):
-        model_type = model_name_or_path[len(TINY_PREFIX) :]
-    else:
-        config_file = Path(model_name_or_path).expanduser() / "config.json"
-        try:
-            model_type = json.loads(config_file.read_text()).get("model_type")
-        except (OSError, json.JSONDecodeError):
-            return None
-    try:
-        return adapter_class_for(str(model_type))
-    except ValueError:
-        return None
-
-
-def _parse_resolution(value) -> int | str | None:
-    """'auto', or a positive integer given as an int or a string of digits; None when it is neither."""
-    if value == "auto":
-        return "auto"
+def parse_resolution(value: int | str) -> int | str:
+    """A resolution given as a string of digits becomes an int; anything else is returned as it is."""
     if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
+        return int(value)
+    return value
+
+
+def parse_freeze(value: str | list[str] | tuple[str, ...]) -> str | list[str]:
+    """``freeze`` as the field holds it: 'auto', 'none', or a list of patterns (a comma-separated string is split)."""
+    if isinstance(value, str):
+        patterns = [p.strip() for p in value.split(",") if p.strip()]
+        return patterns[0] if patterns in (["auto"], ["none"]) else patterns
+    if isinstance(value, list | tuple):
+        patterns = list(value)
+        return patterns[0] if patterns in (["auto"], ["none"]) else patterns
+    return value
+
+
+# Fields whose command-line string needs a parser of its own (the annotation is a union the argument parser
+# cannot express); every other field is parsed by its annotation.
+STRING_PARSERS = {
+    "condition_resolution": parse_resolution,
+    "generation_resolution": parse_resolution,
+    "freeze": parse_freeze,
+    "lora_target_modules": str,  # one mode or regular expression; lists come from Python or YAML
+}
+
+
+def base_model_id_error(value: str) -> str:
+    return (
+        f"base_model_id={value!r}: give the base model's Hub id such as 'deepseek-community/Janus-Pro-7B' "
+        "(not a local path)."
+    )
+
+
+def looks_like_repo_id(name: str | None) -> bool:
+    """True for a name the Hub accepts as a repository id: a namespace and a name, not a 'tiny:' spec. (Whether a
+    local folder of that name exists, which would make it a path, is :func:`reca_hf.loading.is_hub_id`'s part.)"""
+    if not isinstance(name, str) or name.count("/") != 1 or name.startswith(TINY_PREFIX):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _regex_problem(pattern: str) -> str | None:
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        return f"is not a valid regular expression ({error})."
     return None
 
 
-def _bf16_accelerator_available() -> bool:
-    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+def _choice_error(name: str, value, choices: tuple[str, ...]) -> list[str]:
+    return [] if value in choices else [f"{name}={value!r}: choose one of {', '.join(choices)}."]
 
+
+def _json_error(name: str, value) -> list[str]:
+    """A dict field still holding a string after normalising is invalid JSON: say why."""
+    if not isinstance(value, str):
+        return []
+    try:
+        json.loads(value)
+    except json.JSONDecodeError as error:
+        return [f"{name}={value!r}: not valid JSON ({error})."]
+    return [f"{name}={value!r}: use a JSON mapping."]
+
+
+def _bf16_accelerator_available() -> bool:
     return is_torch_bf16_gpu_available() or is_torch_xla_available()

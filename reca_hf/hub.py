@@ -9,24 +9,23 @@ same card the trainer wrote, without loading any weights.
 The stock Trainer pushes checkpoints in the background (``upload_folder(run_as_future=True)``) and never reads the
 futures' exceptions. :class:`PushTracker` attaches a done-callback to each of them: a failure is logged at once and
 counted, and the checkpoint folder stays in :attr:`PushTracker.unpushed`, which checkpoint rotation never deletes and
-the final push retries.
+the final push retries. :class:`HubResilienceMixin` puts that (and ``hub_optional``) into a Trainer.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
 import logging
 import os
 import shlex
 import shutil
 import threading
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard
+from transformers.trainer_utils import HubStrategy
 
 from .callbacks import GRID_FILE
 from .cards import render_model_card
@@ -218,23 +217,145 @@ def rotate_checkpoints(
         remaining -= 1
 
 
-@contextlib.contextmanager
-def rotation_keeping(keep: Callable[[], set[str]]) -> Iterator[None]:
-    """Inside the block, the stock Trainer's checkpoint rotation (``save_total_limit``, run at the end of
-    ``Trainer._save_checkpoint``) also spares the folders ``keep()`` names when it runs."""
-    import transformers.trainer as stock
+class HubResilienceMixin:
+    """What a Trainer needs, beyond the stock one, to survive a failing Hub (mix in before ``Trainer``).
 
-    original = stock.rotate_checkpoints
+    * Background checkpoint pushes are tracked (:class:`PushTracker`): a failure is logged at once and counted
+      (:attr:`hub_push_failures`), and the folder is kept on disk, also beyond ``save_total_limit``.
+    * With ``hub_optional=True`` an unreachable Hub at start is logged, not raised; creating the repo is retried
+      at every checkpoint and at the end.
+    * :meth:`push_to_hub` first waits for the background pushes and uploads again the checkpoints whose push
+      failed; a final failure raises :class:`HubPushError` naming ``reca push`` (with ``hub_optional``, an
+      unreachable Hub is logged instead).
+    """
 
-    def rotate(output_dir, save_total_limit=None, best_model_checkpoint=None, use_mtime=False, checkpoint_prefix=None):
-        prefix = checkpoint_prefix or CHECKPOINT_PREFIX
-        rotate_checkpoints(output_dir, save_total_limit, best_model_checkpoint, keep(), use_mtime, prefix)
+    def __init__(self, *args, **kwargs):
+        self._hub_pushes = PushTracker()
+        super().__init__(*args, **kwargs)
 
-    stock.rotate_checkpoints = rotate
-    try:
-        yield
-    finally:
-        stock.rotate_checkpoints = original
+    @property
+    def hub_push_failures(self) -> int:
+        """How many background pushes (and repo creations) have failed in this run so far."""
+        return self._hub_pushes.failure_count
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        try:
+            super().init_hf_repo(token=token, private=private)
+        except Exception as error:
+            if not (self.args.hub_optional and is_unreachable(error)):
+                raise
+            self.hub_model_id, self.push_in_progress = None, None
+            logger.warning(
+                "The Hub is unreachable (%s): training goes on without it (hub_optional=True). Creating the repo and "
+                "pushing are retried at each checkpoint and at the end; every file stays in %s.",
+                type(error).__name__, self.args.output_dir,
+            )  # fmt: skip
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return super()._push_from_checkpoint(checkpoint_folder)
+        if self.hub_model_id is None:  # the Hub was unreachable at start (hub_optional): try again
+            try:
+                super().init_hf_repo()
+            except Exception as error:
+                if not is_unreachable(error):
+                    raise
+                self._hub_pushes.fail(checkpoint_folder, error, "creating the repo")
+                return
+        before = {id(job) for job in self._push_jobs()}
+        super()._push_from_checkpoint(checkpoint_folder)
+        jobs = [job for job in self._push_jobs() if id(job) not in before]
+        if jobs:
+            self._hub_pushes.track(checkpoint_folder, jobs)
+        elif self.args.hub_strategy == HubStrategy.ALL_CHECKPOINTS:
+            # Skipped while an earlier push runs (hub_always_push=False): this folder has its own place in the repo.
+            self._hub_pushes.begin(checkpoint_folder)
+
+    def _push_jobs(self) -> list:
+        return list(self.push_in_progress.jobs) if self.push_in_progress else []
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # The stock rotation (save_total_limit) would delete a checkpoint whose push failed: it is switched off for
+        # the stock save and run here instead, sparing every unpushed folder.
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            rotate_checkpoints(self._get_output_dir(trial=trial), limit, self.state.best_model_checkpoint,
+                               self._hub_pushes.unpushed_now(), use_mtime=True)  # fmt: skip
+
+    def _finish_current_push(self) -> None:
+        super()._finish_current_push()
+        self._hub_pushes.wait()  # the end of train(): every push's outcome is recorded (and logged) before it returns
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token=None,
+                    revision=None, private=None, **kwargs):  # fmt: skip
+        """Upload the model, its card and the run's files; first wait for the background pushes and retry the
+        checkpoints whose push failed. Raises :class:`HubPushError` (naming ``reca push``) when the push fails;
+        with ``hub_optional=True`` an unreachable Hub is logged instead and None returned."""
+        if not self.is_world_process_zero():
+            return super().push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
+        self._hub_pushes.wait()
+        try:
+            if self.hub_model_id is None:
+                self.save_model(_internal_call=True)  # and its card: the stock push saves after creating the repo
+                super().init_hf_repo(token=token, private=private)
+            self._retry_unpushed_checkpoints(token, revision)
+            result = super().push_to_hub(commit_message, blocking, token, revision, private, **kwargs)
+        except hub_errors() as error:
+            return self._final_push_failed(error)
+        if blocking:
+            self._hub_pushes.settled(self._hub_pushes.unpushed_now())  # the final push supersedes them
+        else:
+            self._hub_pushes.track(self.args.output_dir, [result], "final push")
+        if self.hub_push_failures:
+            logger.warning(
+                "%d background push(es) to %s failed during training (%s); the final push sent their content.",
+                self.hub_push_failures, self.hub_model_id, self._hub_pushes.summary(),
+            )  # fmt: skip
+        return result
+
+    def _retry_unpushed_checkpoints(self, token: str | None, revision: str | None) -> None:
+        """Checkpoint folders have their own place in the repo with hub_strategy 'checkpoint' (the newest, as
+        last-checkpoint/) and 'all_checkpoints' (each): upload again what did not get there."""
+        from huggingface_hub import HfApi
+
+        strategy = self.args.hub_strategy
+        unpushed = [f for f in self._hub_pushes.unpushed_now() if checkpoint_step(f) >= 0 and os.path.isdir(f)]
+        unpushed.sort(key=checkpoint_step)
+        if not unpushed or strategy not in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            return
+        api = HfApi(token=token if token is not None else self.args.hub_token)
+        if strategy == HubStrategy.CHECKPOINT:
+            unpushed = unpushed[-1:]
+        for folder in unpushed:
+            name = "last-checkpoint" if strategy == HubStrategy.CHECKPOINT else os.path.basename(folder)
+            logger.info("Retrying the push of %s to %s/%s", folder, self.hub_model_id, name)
+            api.upload_folder(repo_id=self.hub_model_id, folder_path=folder, path_in_repo=name, revision=revision,
+                              commit_message=f"{os.path.basename(folder)} (retried push)")  # fmt: skip
+            self._hub_pushes.settled([folder])
+
+    def _final_push_failed(self, error: BaseException):
+        output_dir = self.args.output_dir
+        repo = self.hub_model_id or self.args.hub_model_id
+        kept = self._hub_pushes.failed()
+        message = (
+            f"The push to the Hub ({repo or 'repo not created'}) failed: {describe_error(error)}. Nothing is lost: "
+            f"every file is in {output_dir}"
+            + (f", including {len(kept)} checkpoint folder(s) whose push failed" if kept else "")
+            + f". Retry with: {retry_command(output_dir, repo)}"
+        )
+        if self.hub_push_failures:
+            message += (
+                f" ({self.hub_push_failures} background push(es) failed during training: {self._hub_pushes.summary()})"
+            )
+        if self.args.hub_optional and is_unreachable(error):
+            logger.error("%s (hub_optional=True: not raised)", message)
+            return None
+        raise HubPushError(message) from error
 
 
 # ---- run metadata, the loss plot and the card ----------------------------------------------------

@@ -14,14 +14,18 @@ processor does for understanding. Nothing is cropped away.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+logger = logging.getLogger(__name__)
 
 BOTTLENECKS = ("resize", "blur", "none")
 _HIGH_BIT_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0}
@@ -202,3 +206,91 @@ def to_pil(pixels: torch.Tensor, mean, std) -> list[Image.Image]:
     array = pixels.detach().float().cpu().numpy() * np.asarray(std) + np.asarray(mean)
     array = np.clip(array * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return [Image.fromarray(a) for a in array]
+
+
+# ---- the bottleneck policy: which views a run may use -------------------------------------------
+#
+# RecA's method, not any architecture's: an architecture adapter supplies its facts (the representation
+# its condition and target live in, its minimum understanding resolution, how sizes round), these rules
+# decide what "auto" means and which condition views are refused.
+
+AUTO = "auto"
+
+
+def shortcut_problem(kind, condition: int, generation: int, bottleneck: str) -> str | None:
+    """Why this view setting lets the model copy its condition into its target (None when it does not).
+
+    ``kind`` is an architecture adapter (class or instance). Only same-space adapters can copy: their
+    condition is the target's own tokens. A condition view at or above the generation resolution that is
+    not blurred carries every target token.
+    """
+    if not kind.shares_representation() or bottleneck == "blur" or condition < generation:
+        return None
+    return (
+        f"the {kind.name} adapter reads its condition in the same representation it generates "
+        f"({kind.condition_space!r}), and a condition view at {condition} px with condition_bottleneck="
+        f"{bottleneck!r} carries the target ({generation} px) token for token. The model then learns to copy "
+        "its input instead of understanding it: the reconstruction loss collapses toward zero within a few "
+        "thousand steps and generation ends up worse than before RecA. Fix: set condition_resolution to at "
+        f"most {generation // 2} (or 'auto') with condition_bottleneck='resize' (preferred), or keep the "
+        "resolution and set condition_bottleneck='blur' with blur_factor >= 4. For a deliberate ablation, "
+        "set allow_shortcut=True."
+    )
+
+
+def shortcut_error(kind, condition: int, generation: int, bottleneck: str) -> str | None:
+    """:func:`shortcut_problem` as an error message naming the two fields (None when there is no problem)."""
+    problem = shortcut_problem(kind, condition, generation, bottleneck)
+    if problem is None:
+        return None
+    return f"condition_resolution={condition}, condition_bottleneck={bottleneck!r}: {problem}"
+
+
+def check_shortcut(kind, views: ViewSpec, allow_shortcut: bool = False) -> None:
+    """Refuse (or, with ``allow_shortcut``, warn about) condition views the model could simply copy."""
+    condition, generation = views.condition_resolution, views.generation_resolution
+    problem = shortcut_problem(kind, condition, generation, views.bottleneck)
+    if problem is None:
+        return
+    if not allow_shortcut:
+        raise ValueError(shortcut_error(kind, condition, generation, views.bottleneck))
+    message = "allow_shortcut=True: training without an information bottleneck on purpose; " + problem
+    warnings.warn(message, UserWarning, stacklevel=4)
+    logger.warning(message)
+
+
+def auto_condition_resolution(kind, generation: int) -> int:
+    """What ``condition_resolution="auto"`` means: the minimum understanding resolution, and for same-space
+    adapters at most half the generation resolution per side (the guide's 512 -> 256), rounded down to a
+    size the adapter accepts."""
+    floor = kind.min_condition_resolution
+    if kind.shares_representation():
+        return min(floor, kind.round_condition_resolution(generation // 2))
+    return floor
+
+
+def resolve_views(
+    adapter,
+    condition_resolution: int | str = AUTO,
+    generation_resolution: int | str = AUTO,
+    bottleneck: str = "resize",
+    blur_factor: int = 4,
+    allow_shortcut: bool = False,
+) -> ViewSpec:
+    """The views of a run: ``"auto"`` resolved for this model, both resolutions checked, the shortcut guarded."""
+    condition, generation = adapter.resolve_resolutions(condition_resolution, generation_resolution)
+    views = ViewSpec(condition, generation, bottleneck, blur_factor, adapter.background_color)
+    check_shortcut(adapter, views, allow_shortcut)
+    return views
+
+
+def views_from_config(adapter, args) -> ViewSpec:
+    """:func:`resolve_views` from the view fields of a :class:`~reca_hf.RecAConfig`."""
+    return resolve_views(
+        adapter,
+        args.condition_resolution,
+        args.generation_resolution,
+        args.condition_bottleneck,
+        args.blur_factor,
+        args.allow_shortcut,
+    )

@@ -7,25 +7,13 @@ from pathlib import Path
 import torch
 
 from .adapters import adapter_class_for
-
-TINY_PREFIX = "tiny:"
+from .config import TINY_PREFIX, looks_like_repo_id
 
 
 def is_hub_id(name: str | None) -> bool:
     """True for a Hub repository id such as 'deepseek-community/Janus-Pro-7B': a namespace and a name, not a
     local path that exists, not a 'tiny:' spec."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    if not isinstance(name, str) or name.count("/") != 1 or name.startswith(TINY_PREFIX):
-        return False
-    if Path(name).expanduser().exists():
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
+    return looks_like_repo_id(name) and not Path(name).expanduser().exists()
 
 
 def load_model_and_processor(name_or_path: str, dtype: str = "float32"):

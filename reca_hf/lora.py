@@ -27,12 +27,13 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 
 from .adapters.base import UMMAdapter, adapter_class_for, get_adapter, unwrap_model
+from .config import LORA_TARGET_MODES
 from .freeze import matches
 from .loading import TINY_PREFIX, is_hub_id, load_model_and_processor
 
 logger = logging.getLogger(__name__)
 
-TARGET_MODES = ("generation", "generation+llm")
+TARGET_MODES = LORA_TARGET_MODES  # the choices of lora_target_modules, defined with the field
 RECA_ADAPTER_FILE = "reca_adapter.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 _TARGETS_ATTR = "reca_lora_target_modules"  # set on a PeftModel: the lora_target_modules it was built from
@@ -277,50 +278,38 @@ def leaves_understanding_intact(model: torch.nn.Module, adapter: UMMAdapter) -> 
 # ---- saving and publishing -------------------------------------------------------------------------
 
 
-def save_reca_adapter_config(
-    output_dir: str | Path, model: PeftModel, adapter: UMMAdapter, args, collator=None
-) -> Path:
-    """Write ``reca_adapter.json`` beside the PEFT files: the adapter kind, the LoRA targets and scoping, and
-    the run's RecA settings (resolutions, prompts), so the adapter can be applied and its training read back."""
-    from . import __version__
-
-    config = model.peft_config[model.active_adapter]
+def lora_record(model: torch.nn.Module, adapter: UMMAdapter) -> dict[str, Any] | None:
+    """The LoRA facts of a run, as ``reca_run.json`` records them (None for a full model): the base model the
+    adapter records, the target mode and modules, the generation scoping and the LoRA hyperparameters."""
+    if not is_peft_model(model):
+        return None
+    peft_model = unwrap_peft(model)
+    config = peft_model.peft_config[peft_model.active_adapter]
     targets = getattr(config, "target_modules", None)
-    views = getattr(collator, "views", None)
-    sampler = getattr(collator, "sampler", None)
-    record = {
-        "reca_hf_version": __version__,
-        "adapter": adapter.name,
+    return {
         "base_model": config.base_model_name_or_path,
-        "lora_target_modules": getattr(model, _TARGETS_ATTR, "custom"),
+        "lora_target_modules": getattr(peft_model, _TARGETS_ATTR, "custom"),
         "target_modules": sorted(targets) if isinstance(targets, set | list | tuple) else targets,
         "generation_scoped": is_generation_scoped(model, adapter),
         "understanding_entry": adapter.understanding_entry,
         "lora_r": getattr(config, "r", None),
         "lora_alpha": getattr(config, "lora_alpha", None),
         "lora_dropout": getattr(config, "lora_dropout", None),
-        "condition_resolution": views.condition_resolution if views else args.condition_resolution,
-        "generation_resolution": views.generation_resolution if views else args.generation_resolution,
-        "condition_bottleneck": args.condition_bottleneck,
-        "blur_factor": args.blur_factor,
-        "prompt_templates": args.prompt_templates,
-        "num_prompts": len(sampler.prompts) if sampler else None,
-        "null_prompt": adapter.null_prompt,
-        "cond_dropout_prob": args.cond_dropout_prob,
     }
+
+
+lora_card_data = lora_record  # the old name (the card reads lora_target_modules and generation_scoped)
+
+
+def write_reca_adapter_file(output_dir: str | Path, run: dict[str, Any]) -> Path:
+    """Write ``reca_adapter.json`` beside the PEFT files, from the run's record (what ``reca_run.json`` holds):
+    the architecture adapter's name, the LoRA targets and scoping, and the run's RecA settings (resolutions,
+    prompts), so the LoRA adapter can be applied and its training read back."""
+    record = {"reca_hf_version": run["reca_hf_version"], "adapter": run["architecture"], **run["lora"],
+              **run["reca"]}  # fmt: skip
     path = Path(output_dir) / RECA_ADAPTER_FILE
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path
-
-
-def lora_card_data(model: torch.nn.Module, adapter: UMMAdapter) -> dict[str, Any] | None:
-    """What the model card says about a LoRA adapter (None for a full model)."""
-    if not is_peft_model(model):
-        return None
-    return {
-        "lora_target_modules": getattr(unwrap_peft(model), _TARGETS_ATTR, "custom"),
-        "generation_scoped": is_generation_scoped(model, adapter),
-    }
 
 
 def check_publishable(target: torch.nn.Module | str | Path) -> None:

@@ -8,11 +8,17 @@ of the samples; the collator then splits each batch by task and the trainer sums
 
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
+
+from .data import as_source
+
+logger = logging.getLogger(__name__)
 
 RECONSTRUCTION, IMAGE_TO_TEXT, TEXT_TO_IMAGE = "reconstruction", "image_to_text", "text_to_image"
 TASKS = (RECONSTRUCTION, IMAGE_TO_TEXT, TEXT_TO_IMAGE)
@@ -142,3 +148,105 @@ def _apportion(total: int, shares: dict[str, float]) -> dict[str, int]:
     for task in by_remainder[: max(0, total - sum(counts.values()))]:
         counts[task] += 1
     return counts
+
+
+class IndexedDataset(Dataset):
+    """Adds each row's index under ``__reca_index__``, from which the collator draws its instruction."""
+
+    reca_indexed = True
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.dataset[index], INDEX_KEY: index}
+
+
+def indexed(dataset):
+    """``dataset`` with its row indices (:class:`IndexedDataset`), unless it has them or cannot be indexed."""
+    if dataset is None or isinstance(dataset, dict | IterableDataset) or getattr(dataset, "reca_indexed", False):
+        return dataset
+    return IndexedDataset(dataset)
+
+
+def check_column(dataset, field: str, column: str, name: str) -> None:
+    """A dataset with column names must hold the image column, or a caption column (with its fallbacks)."""
+    columns = getattr(dataset, "column_names", None)
+    if not isinstance(columns, list):
+        return
+    present = caption_column_in(columns, column) is not None if field == "caption_column" else column in columns
+    if not present:
+        what = "images" if field == "image_column" else "captions (or chat messages)"
+        raise ValueError(
+            f"{name} has no column {field}={column!r} (columns: {columns}); set {field} to the column that holds "
+            f"the {what}"
+        )
+
+
+@dataclass
+class RunData:
+    """The datasets of a run as the Trainer reads them, and the task mix they were built for."""
+
+    train_dataset: Any  # the reconstruction set, or the task mix; indexed
+    eval_dataset: Any  # the eval set, evaluated on image-to-text too when it has captions; indexed
+    task_ratios: dict[str, float]
+    task_weights: dict[str, float]
+    sources: dict[str, Any]  # "train", "eval", "i2t", "t2i": each dataset undecoded, its rows tagged (data.as_source)
+
+
+def prepare_datasets(
+    adapter, args, train_dataset=None, eval_dataset=None, i2t_dataset=None, t2i_dataset=None
+) -> RunData:
+    """Check the datasets' columns, resolve the task mix (shares the architecture adapter supports), mix the
+    tasks, add the image-to-text eval task for a captioned eval set, and index every row."""
+    given = {"train_dataset": train_dataset, "eval_dataset": eval_dataset, "i2t_dataset": i2t_dataset,
+             "t2i_dataset": t2i_dataset}  # fmt: skip
+    for name, dataset in given.items():
+        check_column(dataset, "image_column", args.image_column, name)
+    for name in ("i2t_dataset", "t2i_dataset"):
+        check_column(given[name], "caption_column", args.caption_column, name)
+    # The collator decodes the images, so that a bad one names its dataset, original row and file.
+    sources = {name.removesuffix("_dataset"): as_source(data, name.removesuffix("_dataset"), args.image_column)
+               for name, data in given.items()}  # fmt: skip
+    train_dataset, eval_dataset, i2t_dataset, t2i_dataset = sources.values()
+    by_task = {RECONSTRUCTION: train_dataset, IMAGE_TO_TEXT: i2t_dataset, TEXT_TO_IMAGE: t2i_dataset}
+    ratios = task_mix(adapter, args.task_ratios, {task: data is not None for task, data in by_task.items()})
+    weights = {task: float((args.task_weights or {}).get(task, 1.0)) for task in TASKS}
+    train = train_dataset
+    if ratios[IMAGE_TO_TEXT] or ratios[TEXT_TO_IMAGE]:
+        train = MixedTaskDataset(by_task, ratios, seed=args.seed)
+    return RunData(indexed(train), indexed(eval_tasks(adapter, eval_dataset, args)), ratios, weights, sources)
+
+
+def task_mix(adapter, task_ratios: dict[str, float] | None, given: dict[str, bool]) -> dict[str, float]:
+    """The task shares of a run with these datasets, refused where the architecture adapter lacks a task."""
+    if not any(given.values()):  # evaluation only
+        ratios = {task: float(task == RECONSTRUCTION) for task in TASKS}
+    else:
+        ratios = resolve_task_ratios(task_ratios, given)
+    for task, share in ratios.items():
+        if share and not adapter.supports(task):
+            raise ValueError(
+                f"task_ratios gives {task} a share, but the {adapter.name} adapter does not implement "
+                f"{task}; set task_ratios[{task!r}] to 0"
+            )
+    for task, dataset_given in given.items():
+        if dataset_given and not ratios[task] and task != RECONSTRUCTION:
+            logger.warning("A dataset was given for %s but task_ratios gives it no share: it is not used.", task)
+    return ratios
+
+
+def eval_tasks(adapter, eval_dataset, args):
+    """Evaluate image-to-text too when the eval images have captions, starting at step 0 (sets eval_on_start)."""
+    columns = getattr(eval_dataset, "column_names", None)
+    if not isinstance(columns, list) or caption_column_in(columns, args.caption_column) is None:
+        return eval_dataset
+    if not adapter.supports(IMAGE_TO_TEXT):
+        return eval_dataset
+    if not args.eval_on_start:
+        logger.info("The eval set has captions: evaluating image-to-text at step 0 too (eval_on_start=True).")
+        args.eval_on_start = True
+    return EvalTasksDataset(eval_dataset)

@@ -106,7 +106,8 @@ def _word_level_tokenizer(
     )
 
 
-def _tiny_janus(seed: int):
+def build_tiny_janus(seed: int = 0):
+    """A tiny random Janus (32-px images, a 4x4 VQ grid from a 64-entry codebook) and its processor."""
     from transformers import (
         JanusConfig,
         JanusForConditionalGeneration,
@@ -198,7 +199,7 @@ _EMU3_CHAT_TEMPLATE = (
 )
 
 
-def _tiny_emu3(seed: int):
+def build_tiny_emu3(seed: int = 0):
     """A tiny Emu3: 32-px images become 4x4 grids of VQ ids from a 64-entry codebook (three 2x downsamples)."""
     from transformers import Emu3Config, Emu3ForConditionalGeneration, Emu3ImageProcessor, Emu3Processor
 
@@ -269,7 +270,7 @@ def _tiny_emu3(seed: int):
     return model, processor
 
 
-def _tiny_flow(seed: int, condition_encoder: str = "vision"):
+def build_tiny_flow(seed: int, condition_encoder: str = "vision"):
     """A tiny flow-matching UMM (SigLIP + Llama + queries + SANA on KL latents) and its tokenizer."""
     from .models.tiny_flow import TinyFlowModel, tiny_flow_config
 
@@ -279,15 +280,20 @@ def _tiny_flow(seed: int, condition_encoder: str = "vision"):
     return model, tokenizer
 
 
-def _tiny_flow_latents(seed: int):
-    return _tiny_flow(seed, condition_encoder="latents")
-
-
-_BUILDERS = {"emu3": _tiny_emu3, "flow": _tiny_flow, "flow_latents": _tiny_flow_latents, "janus": _tiny_janus}
+def build_tiny_flow_latents(seed: int):
+    """The tiny flow UMM whose condition is the autoencoder's latents (the copyable ablation setting)."""
+    return build_tiny_flow(seed, condition_encoder="latents")
 
 
 def tiny_umm(arch: str, seed: int = 0):
-    """A tiny random ``(model, processor)`` of architecture ``arch``, built in code with no downloads."""
-    if arch not in _BUILDERS:
-        raise ValueError(f"tiny_umm: unknown arch {arch!r}; available: {', '.join(sorted(_BUILDERS))}")
-    return _BUILDERS[arch](seed)
+    """A tiny random ``(model, processor)`` of architecture ``arch``, built in code with no downloads.
+
+    ``arch`` is an architecture adapter's name; its builder is the one it registered with
+    (``register_adapter(tiny=...)``).
+    """
+    from .adapters import tiny_builders  # the registry imports this module's builders
+
+    builders = tiny_builders()
+    if arch not in builders:
+        raise ValueError(f"tiny_umm: unknown arch {arch!r}; available: {', '.join(sorted(builders))}")
+    return builders[arch](seed)

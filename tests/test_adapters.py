@@ -1,15 +1,28 @@
-"""The shared adapter battery, parametrised over the registry, plus Janus specifics."""
+"""The shared architecture-adapter battery, parametrised over the registry's tiny builders, plus Janus specifics."""
+
+import json
+import warnings
 
 import pytest
 import torch
 from PIL import Image
 
-from reca_hf import RecACollator
-from reca_hf.adapters import LossNoise, UMMAdapter, get_adapter, register_adapter, registered_adapters
+from reca_hf import RecACollator, RecATrainer
+from reca_hf.adapters import (
+    JanusAdapter,
+    LossNoise,
+    UMMAdapter,
+    base,
+    get_adapter,
+    register_adapter,
+    registered_adapters,
+    tiny_builders,
+)
+from reca_hf.cli import validate
 from reca_hf.freeze import apply_freeze, parameter_table
 from reca_hf.testing import tiny_umm
 
-ARCHS = sorted(registered_adapters())
+ARCHS = sorted(tiny_builders())  # every architecture registered with a tiny builder runs the battery
 
 
 def _batch(arch, shapes, n=4):
@@ -67,6 +80,58 @@ def test_reconstruct_returns_images_at_the_generation_resolution(arch, shapes):
     assert [im.size for im in images] == [(size, size)] * 2
     low = adapter.reconstruct([shapes[0]["image"]], views=RecACollator(adapter, condition_resolution=16).views)
     assert low[0].size == (size, size)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_lora_run_writes_its_side_files_from_one_record(arch, make_args, shapes, tmp_path):
+    """reca_run.json is the record; reca_parameters.json and reca_adapter.json say the same facts."""
+    model, processor = tiny_umm(arch)
+    adapter = get_adapter(model, processor)
+    mode = "generation" if adapter.lora_generation_targets else "generation+llm"
+    args = make_args(use_peft=True, lora_target_modules=mode, collapse_action="off")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's notes on a base model it cannot look up offline
+        trainer = RecATrainer(model, args=args, train_dataset=shapes, processing_class=processor)
+        trainer.save_model()
+    out = tmp_path / "run"
+    run = json.loads((out / "reca_run.json").read_text())
+    assert run["architecture"] == arch and run["parameter_table"] == trainer.parameter_table
+    views = trainer.views
+    assert (
+        run["reca"]["condition_resolution"]
+        == views.condition_resolution
+        == trainer.data_collator.views.condition_resolution
+    )
+    assert run["settings"]["generation resolution"] == views.generation_resolution
+    assert json.loads((out / "reca_parameters.json").read_text()) == run["parameter_table"]
+    side = json.loads((out / "reca_adapter.json").read_text())
+    assert side == {"reca_hf_version": run["reca_hf_version"], "adapter": arch, **run["lora"], **run["reca"]}
+    scoped = mode == "generation+llm" and adapter.understanding_entry is not None
+    assert side["lora_target_modules"] == mode and side["generation_scoped"] is scoped
+
+
+def test_an_architecture_registered_with_its_tiny_builder_is_reachable_as_tiny(monkeypatch, tmp_path):
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    monkeypatch.setattr(base, "_TINY_BUILDERS", dict(base._TINY_BUILDERS))
+    seeds = []
+
+    def build(seed):
+        seeds.append(seed)
+        return tiny_umm("janus", seed)
+
+    @register_adapter(tiny=build)
+    class MiniJanus(JanusAdapter):
+        name = "mini_janus"
+        model_types = ("mini_janus",)
+
+    assert tiny_builders()["mini_janus"] is build
+    model, _ = tiny_umm("mini_janus", seed=3)
+    assert seeds == [3] and model.config.model_type == "janus"
+    recipe = tmp_path / "mini.yaml"
+    recipe.write_text("model_name_or_path: tiny:mini_janus\ndataset_name: synthetic_shapes\n")
+    assert validate(str(recipe)) == [] and seeds == [3, 0]
+    with pytest.raises(ValueError, match="unknown arch 'nope'; available: .*mini_janus"):
+        tiny_umm("nope")
 
 
 def test_registry_refuses_bad_adapters_and_lists_supported_types():

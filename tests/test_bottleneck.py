@@ -5,6 +5,7 @@ import torch
 
 from reca_hf import RecACollator, RecAConfig, RecATrainer
 from reca_hf.adapters import get_adapter
+from reca_hf.checks import run_errors
 from reca_hf.cli import validate
 from reca_hf.testing import tiny_umm
 
@@ -13,30 +14,34 @@ def _rows(shapes, n=4):
     return [shapes[i] for i in range(n)]
 
 
-def test_config_refuses_a_copyable_condition_and_names_both_fixes():
-    with pytest.raises(ValueError) as error:
-        RecAConfig(model_name_or_path="tiny:emu3", condition_resolution=32, generation_resolution=32,
-                   condition_bottleneck="none", report_to="none")  # fmt: skip
-    message = str(error.value)
+def test_the_shortcut_is_refused_with_one_message_by_the_checks_validate_and_the_trainer(make_args, shapes, tmp_path):
+    """The config only describes (it reads no model); the model-dependent checks name both fixes, alike everywhere."""
+    fields = dict(model_name_or_path="tiny:emu3", condition_resolution=32, generation_resolution=32,
+                  condition_bottleneck="none")  # fmt: skip
+    config = RecAConfig(**fields, report_to="none")  # no error: nothing here says what tiny:emu3 is
+    model, processor = tiny_umm("emu3")
+    adapter = get_adapter(model, processor)
+    (message,) = run_errors(config, adapter)
     assert "condition_resolution=32" in message and "copy" in message
     assert "condition_bottleneck='resize'" in message and "'blur'" in message and "allow_shortcut" in message
+    recipe = tmp_path / "shortcut.yaml"
+    recipe.write_text("dataset_name: synthetic_shapes\n" + "".join(f"{k}: {v}\n" for k, v in fields.items()))
+    assert message in validate(str(recipe))
+    with pytest.raises(ValueError) as error:
+        RecATrainer(model, args=make_args(**fields), train_dataset=shapes, processing_class=processor)
+    assert str(error.value) == message
     # Resizing to the target's own resolution is no bottleneck either.
-    with pytest.raises(ValueError, match="copy"):
-        RecAConfig(model_name_or_path="tiny:emu3", condition_resolution=32, generation_resolution=32,
-                   condition_bottleneck="resize", report_to="none")  # fmt: skip
+    assert any("copy" in e for e in run_errors(RecAConfig(**{**fields, "condition_bottleneck": "resize"}), adapter))
     # Bottlenecked settings, and different-space adapters, pass.
-    RecAConfig(model_name_or_path="tiny:emu3", condition_resolution=16, generation_resolution=32, report_to="none")
-    RecAConfig(model_name_or_path="tiny:emu3", condition_resolution=32, generation_resolution=32,
-               condition_bottleneck="blur", report_to="none")  # fmt: skip
-    RecAConfig(model_name_or_path="tiny:janus", condition_resolution=32, generation_resolution=32,
-               condition_bottleneck="none", report_to="none")  # fmt: skip
+    assert run_errors(RecAConfig(**{**fields, "condition_resolution": 16}), adapter) == []
+    assert run_errors(RecAConfig(**{**fields, "condition_bottleneck": "blur"}), adapter) == []
+    assert run_errors(RecAConfig(model_name_or_path="tiny:emu3"), adapter) == []  # "auto" is bottlenecked
+    janus = get_adapter(*tiny_umm("janus"))
+    assert run_errors(RecAConfig(**{**fields, "model_name_or_path": "tiny:janus"}), janus) == []
 
 
 def test_trainer_refuses_the_shortcut_unless_allowed_which_warns(make_args, shapes):
     model, processor = tiny_umm("emu3")
-    with pytest.raises(ValueError, match="copy"):
-        RecATrainer(model, args=make_args(condition_resolution=32, condition_bottleneck="none"), train_dataset=shapes,
-                    processing_class=processor)  # fmt: skip
     with pytest.raises(ValueError, match="copy"):  # also with a collator of the user's own
         RecATrainer(model, args=make_args(condition_resolution=32, condition_bottleneck="none"), train_dataset=shapes,
                     processing_class=processor, data_collator=lambda rows: rows)  # fmt: skip
@@ -71,15 +76,6 @@ def test_blur_keeps_the_condition_token_count_and_removes_detail(shapes):
     assert a["condition_pixel_values"].shape == b["condition_pixel_values"].shape
     assert not torch.equal(a["condition_pixel_values"], b["condition_pixel_values"])
     assert torch.equal(a["target_pixel_values"], b["target_pixel_values"])
-
-
-def test_validate_reports_the_shortcut(tmp_path):
-    recipe = tmp_path / "shortcut.yaml"
-    recipe.write_text("model_name_or_path: tiny:emu3\ndataset_name: synthetic_shapes\ncondition_resolution: 32\n"
-                      "condition_bottleneck: none\n")  # fmt: skip
-    assert any("copy" in error for error in validate(str(recipe)))
-    recipe.write_text("model_name_or_path: tiny:emu3\ndataset_name: synthetic_shapes\n")
-    assert validate(str(recipe)) == []
 
 
 def test_janus_below_its_native_resolution_trains_and_reconstructs(make_args, tiny_janus, shapes):

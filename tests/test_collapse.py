@@ -4,24 +4,36 @@ import math
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
+from transformers import TrainerControl, TrainerState
 
-from reca_hf import RecACollator, RecATrainer
+from reca_hf import RecATrainer
 from reca_hf.adapters import get_adapter
 from reca_hf.callbacks import CollapseDetector, swap_probe
+from reca_hf.images import ViewSpec
 from reca_hf.testing import tiny_umm
 
 COPYING = {"swap_copy_rate": 1.0, "swap_target_rate": 0.0}
 HEALTHY = {"swap_copy_rate": 0.03, "swap_target_rate": 0.4}
 
 
-def _run(detector, losses, probe_result, probe_every=10):
-    """Feed logged losses (one per step) and probe every ``probe_every`` steps or when the loss signal appears."""
+def _run(detector, losses):
+    """Drive the detector through the Trainer events it hooks: one logged loss per step, then that step's end.
+
+    The probe's schedule is the detector's own (every ``probe_steps`` steps, and at once when the loss signal
+    appears); returns the steps it probed at and the step it fired at.
+    """
+    state, control, probed = TrainerState(), TrainerControl(), []
+    inner = detector.probe
+    detector.probe = lambda model: probed.append(state.global_step) or inner(model)
     for step, loss in enumerate(losses, start=1):
-        detector.observe_loss(step, loss)
-        if detector._probe_due or step % probe_every == 0:
-            detector._probe_due = False
-            detector.observe_probe(step, probe_result)
-    return detector.fired_at_step
+        state.global_step = step
+        detector.on_log(None, state, control, logs={"reconstruction_loss": loss})
+        detector.on_step_end(None, state, control, model=None)
+        if control.should_training_stop:
+            break
+    return probed, detector.fired_at_step
 
 
 def _plateau_then(rng, tail, steps=40):
@@ -31,9 +43,11 @@ def _plateau_then(rng, tail, steps=40):
 def test_fires_on_a_collapsing_loss_with_a_copying_probe():
     rng = np.random.default_rng(0)
     losses = _plateau_then(rng, np.geomspace(3.0, 0.01, 15))
-    detector = CollapseDetector(probe=lambda model: COPYING, uniform_loss=math.log(64))
-    fired = _run(detector, losses, COPYING)
+    detector = CollapseDetector(probe=lambda model: COPYING, uniform_loss=math.log(64), probe_steps=10)
+    probed, fired = _run(detector, losses)
     assert fired is not None and 40 < fired <= len(losses)
+    # Probed on schedule, and once more at the first log with the loss signal (not at the next tenth step).
+    assert probed[:4] == [10, 20, 30, 40] and fired in probed and fired % 10 != 0
     assert losses[fired - 1] < 0.25 * 3.2 or losses[fired - 1] < 0.1 * math.log(64)
     assert detector.history[-1]["collapse_score"] == 1.0
 
@@ -41,8 +55,9 @@ def test_fires_on_a_collapsing_loss_with_a_copying_probe():
 def test_silent_on_a_noisy_plateau_even_if_the_probe_looks_bad():
     rng = np.random.default_rng(1)
     losses = list(3.2 + 0.4 * rng.standard_normal(300))
-    detector = CollapseDetector(probe=lambda model: COPYING, uniform_loss=math.log(64))
-    assert _run(detector, losses, COPYING) is None
+    detector = CollapseDetector(probe=lambda model: COPYING, uniform_loss=math.log(64), probe_steps=10)
+    probed, fired = _run(detector, losses)
+    assert fired is None and probed == list(range(10, 301, 10))
     assert not detector.loss_signal
 
 
@@ -50,21 +65,50 @@ def test_silent_on_a_memorising_run():
     """The training loss goes to zero, but held-out swaps are not copied: memorisation, not collapse."""
     rng = np.random.default_rng(2)
     losses = _plateau_then(rng, np.geomspace(3.0, 0.002, 60))
-    detector = CollapseDetector(probe=lambda model: HEALTHY, uniform_loss=math.log(64))
-    assert _run(detector, losses, HEALTHY) is None
+    detector = CollapseDetector(probe=lambda model: HEALTHY, uniform_loss=math.log(64), probe_steps=10)
+    assert _run(detector, losses)[1] is None
     assert detector.loss_signal  # the loss alone would have been a false alarm
 
 
-def test_swap_probe_on_a_real_model_counts_only_differing_tokens(shapes):
+class _ScriptedAdapter:
+    """Prepares each image as its own id and 'predicts' from the condition it is given or from its target."""
+
+    default_instruction = ""
+
+    def __init__(self, follows):
+        self.follows = follows
+
+    def prepare(self, conditions, targets, instructions):
+        ids = lambda images: torch.tensor([[image.getpixel((0, 0))[0]] * 3 for image in images])  # noqa: E731
+        return {"condition": ids(conditions), "target": ids(targets)}
+
+    def target_logits(self, model, batch):
+        predicted = batch["condition" if self.follows == "condition" else "target"]
+        return torch.nn.functional.one_hot(predicted, 256).float(), batch["target"]
+
+
+def test_swap_probe_counts_what_the_predictions_follow(shapes):
+    views = ViewSpec(8, 8)
+    images = [Image.new("RGB", (8, 8), (value, 0, 0)) for value in (10, 20, 30, 20)]  # images 1 and 3 agree
+    model = torch.nn.Linear(1, 1)
+    copying = swap_probe(_ScriptedAdapter("condition"), model, images, views)
+    assert copying == {"swap_copy_rate": 1.0, "swap_target_rate": 0.0, "own_accuracy": 1.0}
+    healthy = swap_probe(_ScriptedAdapter("target"), model, images, views)
+    assert healthy == {"swap_copy_rate": 0.0, "swap_target_rate": 1.0, "own_accuracy": 1.0}
+    with pytest.raises(ValueError, match="at least two"):
+        swap_probe(_ScriptedAdapter("target"), model, images[:1], views)
+
+
+def test_swap_probe_on_a_real_model_gives_back_every_training_flag(shapes):
+    """The probe runs in eval mode, then each module gets its own flag back: a frozen image tokenizer kept in eval
+    mode inside a training model stays so (a whole-model train() would switch a BatchNorm VQ to batch statistics)."""
     model, processor = tiny_umm("janus")
     adapter = get_adapter(model, processor)
-    views = RecACollator(adapter).views
-    result = swap_probe(adapter, model, [shapes[i]["image"] for i in range(4)], views)
+    model.train()
+    model.model.vqmodel.eval()
+    result = swap_probe(adapter, model, [shapes[i]["image"] for i in range(4)], adapter.default_views())
     assert set(result) == {"swap_copy_rate", "swap_target_rate", "own_accuracy"}
-    assert all(0.0 <= value <= 1.0 for value in result.values())
-    assert result["swap_copy_rate"] + result["swap_target_rate"] <= 1.0
-    with pytest.raises(ValueError, match="at least two"):
-        swap_probe(adapter, model, [shapes[0]["image"]], views)
+    assert model.training and model.model.language_model.training and not model.model.vqmodel.training
 
 
 def test_trainer_logs_the_probe_by_default(make_args, tiny_janus, shapes):

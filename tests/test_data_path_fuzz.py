@@ -12,15 +12,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from reca_hf.adapters import get_adapter
+from reca_hf.adapters import get_adapter, tiny_builders
 from reca_hf.collator import RecACollator
 from reca_hf.data import SourceRows
 from reca_hf.images import BadImageError
 from reca_hf.tasks import IMAGE_TO_TEXT, INDEX_KEY, RECONSTRUCTION, TASK_KEY, TASKS, TEXT_TO_IMAGE
-from reca_hf.testing import _BUILDERS, tiny_umm
+from reca_hf.testing import tiny_umm
 
 pytestmark = pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")  # corrupt inputs are the point
-ADAPTERS = sorted(_BUILDERS)  # every registered tiny architecture
+ADAPTERS = sorted(tiny_builders())  # every registered tiny architecture
 EXAMPLES_PER_ADAPTER = 120
 FORMAT_MODES = (
     [("PNG", m) for m in ("1", "L", "P", "RGB", "RGBA", "LA", "I;16")]

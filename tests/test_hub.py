@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+import transformers.trainer
 
 from reca_hf import RecATrainer, load_reca_adapter
 from reca_hf.cli import main
@@ -103,18 +104,25 @@ def test_a_failed_checkpoint_push_is_surfaced_kept_and_made_good_by_the_final_pu
     trainer = _trainer(make_args, shapes, max_steps=4, save_strategy="steps", save_steps=1, save_total_limit=1,
                        hub_always_push=True)  # fmt: skip
     hub.fail_next("commit", status=500, times=6)  # the first checkpoint push: one try and 5 retries
+    stock_rotation, seen_inside_a_save = transformers.trainer.rotate_checkpoints, []
+    save_model = trainer.save_model
+
+    def recording_save_model(*args, **kwargs):  # runs inside Trainer._save_checkpoint, before its rotation
+        seen_inside_a_save.append(transformers.trainer.rotate_checkpoints)
+        return save_model(*args, **kwargs)
+
+    trainer.save_model = recording_save_model
     with caplog.at_level(logging.ERROR, logger="reca_hf"):
         trainer.train()
+    # The unpushed checkpoint is spared without replacing anything in transformers' modules.
+    assert len(seen_inside_a_save) == 4 and all(f is stock_rotation for f in seen_inside_a_save)
+    assert trainer.args.save_total_limit == 1
     assert trainer.hub_push_failures == 1
     assert "Background Hub push of checkpoint-1 failed" in caplog.text and "500" in caplog.text
     run = tmp_path / "run"
     # save_total_limit=1 keeps checkpoint-1 (and any checkpoint whose push was still running at the next save).
     kept = sorted(p.name for p in run.glob("checkpoint-*"))
     assert kept[0] == "checkpoint-1" and kept[-1] == "checkpoint-4"
-    import transformers.trainer
-    import transformers.trainer_utils
-
-    assert transformers.trainer.rotate_checkpoints is transformers.trainer_utils.rotate_checkpoints  # restored
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="reca_hf"):

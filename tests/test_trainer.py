@@ -15,7 +15,7 @@ def _losses(trainer):
 
 def test_reconstruction_loss_falls_clearly(make_args, tiny_janus, shapes, tmp_path):
     model, processor = tiny_janus
-    args = make_args(max_steps=150, per_device_train_batch_size=8, logging_steps=10, cond_dropout_prob=0.0)
+    args = make_args(max_steps=120, per_device_train_batch_size=8, logging_steps=10, cond_dropout_prob=0.0)
     trainer = RecATrainer(model, args=args, train_dataset=shapes, processing_class=processor)
     trainer.train()
     losses = _losses(trainer)
@@ -147,3 +147,37 @@ def test_evaluation_logs_the_reconstruction_loss(make_args, tiny_janus, shapes, 
     metrics = trainer.evaluate(eval_dataset=images_only)
     assert metrics["eval_reconstruction_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-4)
     assert "eval_image_to_text_loss" not in metrics
+
+
+def test_task_weights_scale_each_task_in_the_loss(make_args, tiny_janus, shapes):
+    """The loss is the per-sample weighted mean: each task's samples count times its weight."""
+    model, processor = tiny_janus
+    evaluation = shapes.select(range(4))  # captioned: 4 reconstruction + 4 image-to-text samples, one batch
+    weights = {"reconstruction": 2.0, "image_to_text": 0.5}
+    trainer = RecATrainer(model, args=make_args(task_weights=weights), train_dataset=shapes, eval_dataset=evaluation,
+                          processing_class=processor)  # fmt: skip
+    metrics = trainer.evaluate()
+    expected = (2.0 * metrics["eval_reconstruction_loss"] + 0.5 * metrics["eval_image_to_text_loss"]) / 2
+    assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-4)
+    # A weight of 0 takes the task out of the gradient: nothing trains, while its loss is still logged.
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    zero = RecATrainer(model, args=make_args(max_steps=2, task_weights={"reconstruction": 0}), train_dataset=shapes,
+                       processing_class=processor)  # fmt: skip
+    zero.train()
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert len(_losses(zero)) == 2 and all(loss > 0 for loss in _losses(zero))
+
+
+def test_dataloader_workers_give_the_same_losses_and_prompts(make_args, shapes):
+    """Rows, prompt draws (across an epoch boundary) and losses do not depend on where the collator runs."""
+
+    def run(workers):
+        model, processor = tiny_umm("janus")
+        args = make_args(max_steps=5, dataloader_num_workers=workers, collapse_action="off")  # 4 steps an epoch
+        trainer = RecATrainer(model, args=args, train_dataset=shapes, processing_class=processor)
+        trainer.train()
+        return _losses(trainer)
+
+    in_process = run(0)
+    assert len(in_process) == 5
+    assert run(2) == pytest.approx(in_process, abs=1e-6)

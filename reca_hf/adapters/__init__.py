@@ -1,4 +1,5 @@
-"""Architecture adapters: one module per architecture, one registry for all."""
+"""Architecture adapters (not LoRA adapters): one module per architecture, one registry for all, each
+architecture registered with its tiny test builder."""
 
 from .base import (
     UMMAdapter,
@@ -7,6 +8,7 @@ from .base import (
     register_adapter,
     registered_adapters,
     supported_model_types,
+    tiny_builders,
     unwrap_model,
 )
 from .emu3 import Emu3Adapter
@@ -27,5 +29,6 @@ __all__ = [
     "register_adapter",
     "registered_adapters",
     "supported_model_types",
+    "tiny_builders",
     "unwrap_model",
 ]

@@ -1,6 +1,7 @@
-"""The adapter contract every architecture implements, and the registry that finds them.
+"""The architecture-adapter contract every architecture implements, and the registry that finds them.
 
-An adapter is the only place that knows how one architecture lays out a RecA sample. It has two
+An architecture adapter (not a LoRA adapter: those are trained weights, see reca_hf.lora) is the only place
+that knows how one architecture lays out a RecA sample. It has two
 faces: a CPU face (:meth:`UMMAdapter.prepare`) that turns images and instructions into tensors in
 dataloader workers without touching the model, and a model face (:meth:`UMMAdapter.loss`,
 :meth:`UMMAdapter.reconstruct`) that runs the model.
@@ -8,30 +9,38 @@ dataloader workers without touching the model, and a model face (:meth:`UMMAdapt
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import logging
 import re
-import warnings
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
 from PIL import Image
 
-from ..images import ViewSpec
+from ..images import (
+    AUTO,
+    ViewSpec,
+    auto_condition_resolution,
+    check_shortcut,
+    load_image,
+    resolve_views,
+    shortcut_error,
+    shortcut_problem,
+)
 from .targets import GenerationTarget
 
-AUTO = "auto"
 CONDITION_RELATIONS = ("same", "derived", "separate")
-
-logger = logging.getLogger(__name__)
 
 
 class UMMAdapter:
     """Base class of the per-architecture RecA adapters.
 
     Subclasses set every attribute below (checked when the subclass is defined) and implement
-    :meth:`prepare`, :meth:`loss` and :meth:`reconstruct`. Class-level resolutions describe the public
-    checkpoints; an instance derives the real values from the model config it was built for.
+    :meth:`prepare`, :meth:`loss` and the two hooks of :meth:`reconstruct` (:meth:`sample_codes`,
+    :meth:`decode_codes`). Class-level resolutions describe the public checkpoints; an instance reads the real
+    values from the model config it was built for (:meth:`config_min_condition_resolution`,
+    :meth:`config_native_generation_resolution`).
     """
 
     name: ClassVar[str]  # registry key, e.g. "janus"
@@ -85,7 +94,9 @@ class UMMAdapter:
         if cls.parameter_sharing not in ("shared", "decoupled"):
             raise TypeError(f"adapter {cls.__name__}: parameter_sharing must be 'shared' or 'decoupled'")
         if cls.condition_relation not in CONDITION_RELATIONS:
-            raise TypeError(f"adapter {cls.__name__}: condition_relation must be one of {', '.join(CONDITION_RELATIONS)}")
+            raise TypeError(
+                f"adapter {cls.__name__}: condition_relation must be one of {', '.join(CONDITION_RELATIONS)}"
+            )
         if not isinstance(cls.generation_target, GenerationTarget):
             raise TypeError(f"adapter {cls.__name__}: generation_target must be a reca_hf.adapters.GenerationTarget")
 
@@ -94,8 +105,8 @@ class UMMAdapter:
         self.processor = processor
         self.model = model
         # On an instance, the resolutions are this model's (from its config), not the public checkpoints'.
-        self.min_condition_resolution = self.condition_resolution_floor
-        self.native_generation_resolution = self.generation_resolution_native
+        self.min_condition_resolution = self.config_min_condition_resolution()
+        self.native_generation_resolution = self.config_native_generation_resolution()
         target = type(self).generation_target
         if target.is_tokens and target.codebook_size is None and self.codebook_size:
             target = dataclasses.replace(target, codebook_size=self.codebook_size)
@@ -107,14 +118,23 @@ class UMMAdapter:
 
     # ---- resolutions -------------------------------------------------------------------------
 
+    def config_min_condition_resolution(self) -> int:
+        """The minimum understanding resolution of *this* model, read from its config (override per
+        architecture; the default is the public checkpoints' class value)."""
+        return type(self).min_condition_resolution
+
+    def config_native_generation_resolution(self) -> int:
+        """The generation resolution of *this* model, read from its config (override per architecture)."""
+        return type(self).native_generation_resolution
+
     @property
     def condition_resolution_floor(self) -> int:
-        """The minimum understanding resolution of *this* model (from its config)."""
+        """Old name of :attr:`min_condition_resolution` on an instance (this model's value)."""
         return self.min_condition_resolution
 
     @property
     def generation_resolution_native(self) -> int:
-        """The generation resolution of *this* model (from its config)."""
+        """Old name of :attr:`native_generation_resolution` on an instance (this model's value)."""
         return self.native_generation_resolution
 
     def condition_resolution_errors(self, resolution: int) -> list[str]:
@@ -131,62 +151,33 @@ class UMMAdapter:
         both VQ ids), which a model can copy."""
         return cls.condition_relation == "same"
 
+    # The bottleneck policy is RecA's (reca_hf.images); these keep it reachable from the adapter.
+
     @classmethod
     def shortcut_problem(cls, condition: int, generation: int, bottleneck: str) -> str | None:
-        """Why this view setting lets the model copy its condition into its target (None when it does not).
-
-        Only same-space adapters can copy: their condition is the target's own tokens. A condition view
-        at or above the generation resolution that is not blurred carries every target token.
-        """
-        if not cls.shares_representation() or bottleneck == "blur" or condition < generation:
-            return None
-        return (
-            f"the {cls.name} adapter reads its condition in the same representation it generates "
-            f"({cls.condition_space!r}), and a condition view at {condition} px with condition_bottleneck="
-            f"{bottleneck!r} carries the target ({generation} px) token for token. The model then learns to copy "
-            "its input instead of understanding it: the reconstruction loss collapses toward zero within a few "
-            "thousand steps and generation ends up worse than before RecA. Fix: set condition_resolution to at "
-            f"most {generation // 2} (or 'auto') with condition_bottleneck='resize' (preferred), or keep the "
-            "resolution and set condition_bottleneck='blur' with blur_factor >= 4. For a deliberate ablation, "
-            "set allow_shortcut=True."
-        )
+        """Why this view setting lets the model copy its condition (see :func:`reca_hf.images.shortcut_problem`)."""
+        return shortcut_problem(cls, condition, generation, bottleneck)
 
     @classmethod
     def shortcut_error(cls, condition: int, generation: int, bottleneck: str) -> str | None:
         """:meth:`shortcut_problem` as an error message naming the two fields (None when there is no problem)."""
-        problem = cls.shortcut_problem(condition, generation, bottleneck)
-        if problem is None:
-            return None
-        return f"condition_resolution={condition}, condition_bottleneck={bottleneck!r}: {problem}"
+        return shortcut_error(cls, condition, generation, bottleneck)
 
     def check_shortcut(self, views: ViewSpec, allow_shortcut: bool = False) -> None:
         """Refuse (or, with ``allow_shortcut``, warn about) condition views the model could simply copy."""
-        problem = self.shortcut_problem(views.condition_resolution, views.generation_resolution, views.bottleneck)
-        if problem is None:
-            return
-        if not allow_shortcut:
-            raise ValueError(
-                self.shortcut_error(views.condition_resolution, views.generation_resolution, views.bottleneck)
-            )
-        message = "allow_shortcut=True: training without an information bottleneck on purpose; " + problem
-        warnings.warn(message, UserWarning, stacklevel=3)
-        logger.warning(message)
+        check_shortcut(self, views, allow_shortcut)
 
     def round_condition_resolution(self, resolution: int) -> int:
         """The largest valid condition resolution not above ``resolution`` (override when sizes are quantised)."""
         return resolution
 
     def auto_condition_resolution(self, generation: int) -> int:
-        """What ``condition_resolution="auto"`` means: the minimum understanding resolution, and for
-        same-space adapters at most half the generation resolution per side (the guide's 512 -> 256)."""
-        floor = self.condition_resolution_floor
-        if self.shares_representation():
-            return min(floor, self.round_condition_resolution(generation // 2))
-        return floor
+        """What ``condition_resolution="auto"`` means for this model (:func:`reca_hf.images.auto_condition_resolution`)."""
+        return auto_condition_resolution(self, generation)
 
     def resolve_resolutions(self, condition_resolution: int | str, generation_resolution: int | str):
         """Turn ``"auto"`` into this model's values and check both; returns ``(condition, generation)``."""
-        generation = self.generation_resolution_native if generation_resolution == AUTO else int(generation_resolution)
+        generation = self.native_generation_resolution if generation_resolution == AUTO else int(generation_resolution)
         condition = (
             self.auto_condition_resolution(generation) if condition_resolution == AUTO else int(condition_resolution)
         )
@@ -202,8 +193,8 @@ class UMMAdapter:
         return condition, generation
 
     def default_views(self) -> ViewSpec:
-        condition, generation = self.resolve_resolutions(AUTO, AUTO)
-        return ViewSpec(condition, generation, background=self.background_color)
+        """The views of ``"auto"`` resolutions with the default bottleneck."""
+        return resolve_views(self)
 
     @property
     def background_color(self) -> tuple[int, int, int]:
@@ -246,7 +237,7 @@ class UMMAdapter:
     @property
     def understanding_resolution(self) -> int:
         """Resolution images are shown at for image-to-text (no bottleneck there)."""
-        return self.condition_resolution_floor
+        return self.min_condition_resolution
 
     def prepare_image_to_text(
         self, images: list[Image.Image], questions: list[str], answers: list[str]
@@ -284,9 +275,59 @@ class UMMAdapter:
         """Number of entries of the generation codebook (the uniform-guess loss is its log), if discrete."""
         return type(self).generation_target.codebook_size
 
-    def reconstruct(self, images, **kwargs) -> list[Image.Image]:
-        """Generate images conditioned on the understanding embeddings of ``images``."""
-        raise NotImplementedError
+    # Generation settings of reconstruct(): architectures override them.
+    default_instruction: ClassVar[str] = "Describe the image in detail."
+    default_guidance_scale: ClassVar[float] = 1.0
+
+    @torch.no_grad()
+    def reconstruct(
+        self,
+        images,
+        *,
+        model=None,
+        views: ViewSpec | None = None,
+        instruction: str | None = None,
+        guidance_scale: float | None = None,
+        do_sample: bool = True,
+        temperature: float = 1.0,
+        seed: int | None = None,
+    ) -> list[Image.Image]:
+        """Generate images conditioned on the understanding of ``images``' condition views.
+
+        The steps every architecture shares happen here (the bound model, the views, the condition views,
+        the defaults, the seeded generator, eval mode); the architecture fills in :meth:`sample_codes` and
+        :meth:`decode_codes`.
+        """
+        model = unwrap_model(self._bound_model(model))
+        views = views or self.default_views()
+        conditions = [views.condition_view(load_image(image)) for image in images]
+        instructions = [self.default_instruction if instruction is None else instruction] * len(conditions)
+        guidance = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
+        with eval_mode(model):
+            codes = self.sample_codes(
+                model, conditions, instructions, views, guidance, do_sample, temperature, generator
+            )
+            return self.decode_codes(model, codes)
+
+    def sample_codes(
+        self,
+        model,
+        conditions: list[Image.Image],
+        instructions: list[str],
+        views: ViewSpec,
+        guidance: float,
+        do_sample: bool,
+        temperature: float,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """Hook of :meth:`reconstruct`: sample the target's codes given the condition views (with guidance
+        when ``guidance != 1``); ``model`` is the unwrapped model, in eval mode."""
+        raise NotImplementedError(f"the {self.name} adapter cannot reconstruct")
+
+    def decode_codes(self, model, codes: torch.Tensor) -> list[Image.Image]:
+        """Hook of :meth:`reconstruct`: the images that sampled codes decode to."""
+        raise NotImplementedError(f"the {self.name} adapter cannot reconstruct")
 
     def round_trip(self, images, *, model=None, views: ViewSpec | None = None) -> list[Image.Image] | None:
         """Target views encoded and decoded by the image tokenizer alone: the ceiling of any reconstruction.
@@ -302,6 +343,23 @@ class UMMAdapter:
                 f"{type(self).__name__}.reconstruct needs a model: pass model=... or use get_adapter(model)."
             )
         return model
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Run ``module`` in eval mode inside the block, then give every submodule back its own training flag.
+
+    Per submodule, not ``module.train(was_training)``: a frozen image tokenizer kept in eval mode inside a
+    training model (e.g. Emu3's BatchNorm VQ) must stay in eval mode afterwards, or encoding would use batch
+    statistics and overwrite its running ones.
+    """
+    modes = [(submodule, submodule.training) for submodule in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for submodule, training in modes:
+            submodule.training = training
 
 
 def next_code(
@@ -373,11 +431,19 @@ def unwrap_model(model):
 # ---- registry --------------------------------------------------------------------------------
 
 _REGISTRY: dict[str, type[UMMAdapter]] = {}
+_TINY_BUILDERS: dict[str, Callable[[int], tuple]] = {}
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-def register_adapter(cls: type[UMMAdapter] | None = None, *, override: bool = False):
-    """Register an adapter class (usable as a decorator). Names are lowercase identifiers, unique."""
+def register_adapter(
+    cls: type[UMMAdapter] | None = None, *, override: bool = False, tiny: Callable[[int], tuple] | None = None
+):
+    """Register an architecture adapter class (usable as a decorator). Names are lowercase identifiers, unique.
+
+    ``tiny`` is the architecture's tiny test builder, ``tiny(seed) -> (model, processor)``: a small random model
+    built in code. With one, the architecture is reachable as ``tiny:<name>`` (``reca train``, ``reca validate``,
+    :func:`reca_hf.testing.tiny_umm`) and the shared adapter tests run on it.
+    """
 
     def _register(adapter_cls: type[UMMAdapter]) -> type[UMMAdapter]:
         if not (isinstance(adapter_cls, type) and issubclass(adapter_cls, UMMAdapter)):
@@ -389,7 +455,13 @@ def register_adapter(cls: type[UMMAdapter] | None = None, *, override: bool = Fa
             raise ValueError(f"adapter {name!r} declares no model_types")
         if name in _REGISTRY and _REGISTRY[name] is not adapter_cls and not override:
             raise ValueError(f"an adapter named {name!r} is already registered ({_REGISTRY[name].__name__})")
+        if tiny is not None and not callable(tiny):
+            raise TypeError(f"register_adapter(tiny=...) for {name!r} must be a callable seed -> (model, processor)")
         _REGISTRY[name] = adapter_cls
+        if tiny is not None:
+            _TINY_BUILDERS[name] = tiny
+        elif override:
+            _TINY_BUILDERS.pop(name, None)
         return adapter_cls
 
     return _register(cls) if cls is not None else _register
@@ -398,6 +470,11 @@ def register_adapter(cls: type[UMMAdapter] | None = None, *, override: bool = Fa
 def registered_adapters() -> dict[str, type[UMMAdapter]]:
     """A copy of the registry: adapter name -> class."""
     return dict(_REGISTRY)
+
+
+def tiny_builders() -> dict[str, Callable[[int], tuple]]:
+    """A copy of the registered tiny test builders: adapter name -> ``builder(seed) -> (model, processor)``."""
+    return dict(_TINY_BUILDERS)
 
 
 def supported_model_types() -> list[str]:

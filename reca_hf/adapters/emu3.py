@@ -22,7 +22,6 @@ most) or blurred.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -30,12 +29,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..images import ViewSpec, load_image, to_pil, to_tensor
+from ..testing import build_tiny_emu3
 from .base import (
     AUTO,
     IGNORE_INDEX,
     UMMAdapter,
     answer_batch,
     answer_loss,
+    eval_mode,
     next_code,
     register_adapter,
     unwrap_model,
@@ -46,23 +47,7 @@ _VQ_MEAN = _VQ_STD = (0.5, 0.5, 0.5)  # Emu3's VQ reads pixels in [-1, 1] (used 
 _IGNORE = IGNORE_INDEX
 
 
-@contextmanager
-def _eval_mode(module: torch.nn.Module):
-    """Run ``module`` in eval mode, then give every submodule back its own flag.
-
-    Emu3's VQ has BatchNorm layers, and ``model.train()`` (which the Trainer calls) switches them to
-    training: encoding would then use batch statistics and overwrite the frozen tokenizer's running ones.
-    """
-    modes = [(submodule, submodule.training) for submodule in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for submodule, training in modes:
-            submodule.training = training
-
-
-@register_adapter
+@register_adapter(tiny=build_tiny_emu3)
 class Emu3Adapter(UMMAdapter):
     name = "emu3"
     model_types = ("emu3",)
@@ -87,7 +72,6 @@ class Emu3Adapter(UMMAdapter):
     )
     # No understanding_entry: Emu3 reads and writes images through one forward, so text-to-image generation
     # and image understanding cannot be told apart by module, and LoRA on the LLM cannot be scoped.
-    default_instruction = "Describe the image in detail."
     default_guidance_scale = 3.0  # the classifier-free guidance of Emu3-Gen's published example
     negative_prompt = ""  # the unconditional branch's text (Emu3's examples use a list of defects)
     prompt_positions: ClassVar[int] = 128  # positions kept for the framing, instruction and image wrappers
@@ -107,8 +91,7 @@ class Emu3Adapter(UMMAdapter):
     def codebook_size(self) -> int:
         return int(self.config.vq_config.codebook_size)
 
-    @property
-    def condition_resolution_floor(self) -> int:
+    def config_min_condition_resolution(self) -> int:
         """The square side at which Emu3's image processor stops enlarging images (``min_pixels``)."""
         min_pixels = getattr(getattr(self.processor, "image_processor", None), "min_pixels", None)
         if min_pixels is None:
@@ -116,8 +99,7 @@ class Emu3Adapter(UMMAdapter):
         factor = self.spatial_factor
         return max(factor, math.ceil(math.sqrt(min_pixels) / factor) * factor)
 
-    @property
-    def generation_resolution_native(self) -> int:
+    def config_native_generation_resolution(self) -> int:
         """The side of Emu3's square generation area: ``config.image_area`` (the original checkpoints' knob,
         saved with the config), else the processor's ``image_area``, rounded to whole VQ ids like Emu3 does."""
         area = getattr(self.config, "image_area", None) or getattr(self.processor, "image_area", None)
@@ -162,7 +144,7 @@ class Emu3Adapter(UMMAdapter):
         if resolution < factor or resolution % factor:
             return [
                 f"Emu3's VQ turns every {factor}x{factor}-px patch into one token: use a positive multiple of "
-                f"{factor} (Emu3 understands images from {self.condition_resolution_floor} px; RecA reads the "
+                f"{factor} (Emu3 understands images from {self.min_condition_resolution} px; RecA reads the "
                 "condition smaller on purpose)."
             ]
         return []
@@ -172,14 +154,14 @@ class Emu3Adapter(UMMAdapter):
         if resolution < factor or resolution % factor:
             return [
                 f"Emu3's VQ decodes {factor}x{factor}-px patches: use a positive multiple of {factor} (Emu3 "
-                f"generates at {self.generation_resolution_native} px)."
+                f"generates at {self.native_generation_resolution} px)."
             ]
         tokens = self.num_image_tokens(resolution)
         if tokens + self.prompt_positions > self.max_positions:
             return [
                 f"a {resolution}-px target is {tokens} tokens, which with a prompt exceeds the {self.max_positions} "
                 f"positions of Emu3's text model (max_position_embeddings); Emu3 generates at "
-                f"{self.generation_resolution_native} px."
+                f"{self.native_generation_resolution} px."
             ]
         return []
 
@@ -285,7 +267,7 @@ class Emu3Adapter(UMMAdapter):
         if target_images is not None:
             target_grid = self._grid_of(target_images, "target")
         else:
-            side = generation_resolution or self.generation_resolution_native
+            side = generation_resolution or self.native_generation_resolution
             target_grid = self.grid(side, side)
         num_condition = self.num_slots(*condition_grid)
         num_target = self.num_slots(*target_grid) if target_images is not None else 0
@@ -352,7 +334,7 @@ class Emu3Adapter(UMMAdapter):
         """VQ codes ``(B, rows, cols)`` of normalised images (the VQ always runs in eval mode)."""
         vq = emu3.model.vqmodel
         height, width = pixel_values.shape[-2:]
-        with _eval_mode(vq):
+        with eval_mode(vq):
             encoded = vq.encode(pixel_values.to(vq.device, vq.dtype), [(height, width)] * pixel_values.shape[0])
         return torch.stack(encoded.image_tokens).long()
 
@@ -469,56 +451,35 @@ class Emu3Adapter(UMMAdapter):
         targets = to_tensor([views.target_view(load_image(image)) for image in images], mean, std)
         vq = emu3.model.vqmodel
         codes = self.image_codes(emu3, targets)
-        with _eval_mode(vq):
+        with eval_mode(vq):
             pixels = vq.decode(codes)
         return to_pil(pixels, mean, std)
 
-    @torch.no_grad()
-    def reconstruct(
-        self,
-        images,
-        *,
-        model=None,
-        views: ViewSpec | None = None,
-        instruction: str | None = None,
-        guidance_scale: float | None = None,
-        do_sample: bool = True,
-        temperature: float = 1.0,
-        seed: int | None = None,
-    ) -> list[Image.Image]:
-        """Sample the target grid conditioned on the VQ ids of ``images``' condition views, decode it.
+    def sample_codes(self, emu3, conditions, instructions, views, guidance, do_sample, temperature, generator):
+        """Sample the target grid ``(B, rows, cols)`` conditioned on the VQ ids of the condition views.
 
         Decoding is constrained: every position takes a VQ id, and each row end is forced. Classifier-free
-        guidance (``guidance_scale != 1``) follows Emu3's convention: the unconditional branch is its
+        guidance (``guidance != 1``) follows Emu3's convention: the unconditional branch is its
         text-to-image input for :attr:`negative_prompt` (empty by default), without the condition.
         """
-        emu3 = unwrap_model(self._bound_model(model))
-        views = views or self.default_views()
-        pictures = [load_image(image) for image in images]
-        instruction = self.default_instruction if instruction is None else instruction
         side = views.generation_resolution
         rows, cols = self.grid(side, side)
-        batch = self.prepare(
-            [views.condition_view(p) for p in pictures], None, [instruction] * len(pictures), generation_resolution=side
-        )
-        guidance = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        batch = self.prepare(conditions, None, instructions, generation_resolution=side)
         device = emu3.device
-        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        with _eval_mode(emu3):
-            input_ids = batch["input_ids"].to(device)
-            condition = self.image_codes(emu3, batch["condition_pixel_values"].to(device))
-            self._fill(input_ids, batch["condition_mask"], self.vocabulary_ids(emu3, condition), "condition")
-            attention_mask = batch["attention_mask"].to(device)
-            if guidance != 1.0:
-                negative_ids, negative_mask = self._tokenize([self.unconditional_prompt((rows, cols))] * len(pictures))
-                input_ids = _left_padded_cat(input_ids, negative_ids.to(device), self._tokenizer().pad_token_id)
-                attention_mask = _left_padded_cat(attention_mask, negative_mask.to(device), 0)
-            codes = self._sample(
-                emu3, input_ids, attention_mask, rows, cols, guidance, do_sample, temperature, generator
-            )
-            pixels = emu3.decode_image_tokens(
-                image_tokens=self._generated_sequence(emu3, codes), height=rows, width=cols
-            )
+        input_ids = batch["input_ids"].to(device)
+        condition = self.image_codes(emu3, batch["condition_pixel_values"].to(device))
+        self._fill(input_ids, batch["condition_mask"], self.vocabulary_ids(emu3, condition), "condition")
+        attention_mask = batch["attention_mask"].to(device)
+        if guidance != 1.0:
+            negative_ids, negative_mask = self._tokenize([self.unconditional_prompt((rows, cols))] * len(conditions))
+            input_ids = _left_padded_cat(input_ids, negative_ids.to(device), self._tokenizer().pad_token_id)
+            attention_mask = _left_padded_cat(attention_mask, negative_mask.to(device), 0)
+        return self._sample(emu3, input_ids, attention_mask, rows, cols, guidance, do_sample, temperature, generator)
+
+    def decode_codes(self, emu3, codes: torch.Tensor) -> list[Image.Image]:
+        """Emu3's own decoding of a generated image sequence (ids, row ends and closing tokens)."""
+        rows, cols = codes.shape[1:]
+        pixels = emu3.decode_image_tokens(image_tokens=self._generated_sequence(emu3, codes), height=rows, width=cols)
         return to_pil(pixels, *self._pixel_stats())
 
     def _sample(

@@ -20,13 +20,14 @@ import torch
 from PIL import Image
 
 from ..images import ViewSpec, load_image, to_pil, to_tensor
+from ..testing import build_tiny_flow, build_tiny_flow_latents
 from .base import UMMAdapter, left_pad, register_adapter, unwrap_model
 from .targets import GenerationTarget, LossNoise, reduce_loss
 
 _PIXEL_MEAN = _PIXEL_STD = (0.5, 0.5, 0.5)  # both encoders and the autoencoder read pixels in [-1, 1]
 
 
-@register_adapter
+@register_adapter(tiny=build_tiny_flow)
 class FlowAdapter(UMMAdapter):
     name = "flow"
     model_types = ("reca_tiny_flow",)
@@ -50,17 +51,14 @@ class FlowAdapter(UMMAdapter):
         r"query_projector",
     )
     lora_modules_to_save = ("queries",)
-    default_instruction = "Describe the image in detail."
-    default_num_inference_steps = 20
+    num_inference_steps = 20  # Euler steps of reconstruct()
 
     # ---- what this model's config says ----
 
-    @property
-    def condition_resolution_floor(self) -> int:
+    def config_min_condition_resolution(self) -> int:
         return int(self.config.image_size)
 
-    @property
-    def generation_resolution_native(self) -> int:
+    def config_native_generation_resolution(self) -> int:
         return int(self.config.image_size)
 
     @property
@@ -162,50 +160,35 @@ class FlowAdapter(UMMAdapter):
         latents = flow.latents(targets.to(flow.device))
         return to_pil(flow.decode(latents), _PIXEL_MEAN, _PIXEL_STD)
 
-    @torch.no_grad()
-    def reconstruct(
-        self,
-        images,
-        *,
-        model=None,
-        views: ViewSpec | None = None,
-        instruction: str | None = None,
-        guidance_scale: float = 1.0,
-        num_inference_steps: int | None = None,
-        seed: int | None = None,
-        **_: Any,
-    ) -> list[Image.Image]:
-        """Euler-integrate the flow from noise to latents, conditioned on the understanding features of
-        ``images``; with ``guidance_scale != 1`` the unconditional branch is the null prompt without an image."""
-        flow = unwrap_model(self._bound_model(model))
-        views = views or self.default_views()
-        pictures = [load_image(image) for image in images]
-        instruction = self.default_instruction if instruction is None else instruction
-        batch = self.prepare([views.condition_view(p) for p in pictures], None, [instruction] * len(pictures))
+    def sample_codes(self, flow, conditions, instructions, views, guidance, do_sample, temperature, generator):
+        """Euler-integrate the flow from noise to latents, conditioned on the understanding features of the
+        condition views; with ``guidance != 1`` the unconditional branch is the null prompt without an image.
+        (``do_sample`` and ``temperature`` belong to token samplers: a flow sample is drawn by its noise.)"""
         device = flow.device
-        states = self._states(flow, {k: v.to(device) for k, v in batch.items()})
-        if guidance_scale != 1.0:
-            unconditional = self.prepare_text_to_image([self.null_prompt] * len(pictures), pictures)
-            unconditional.pop("target_pixel_values")
-            states = torch.cat([states, self._states(flow, {k: v.to(device) for k, v in unconditional.items()})])
+        batch = {k: v.to(device) for k, v in self.prepare(conditions, None, instructions).items()}
+        states = self._states(flow, batch)
+        if guidance != 1.0:
+            input_ids, attention_mask = self._encode([self.format_prompt(self.null_prompt, 0)] * len(conditions))
+            unconditional = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+            states = torch.cat([states, self._states(flow, unconditional)])
         side = views.generation_resolution // self.latent_stride
-        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        channels = flow.vae.config.latent_channels
-        latents = torch.randn((len(pictures), channels, side, side), device=device, generator=generator)
-        steps = num_inference_steps or self.default_num_inference_steps
-        sigmas = torch.linspace(1.0, 0.0, steps + 1, device=device)
+        shape = (len(conditions), flow.vae.config.latent_channels, side, side)
+        latents = torch.randn(shape, device=device, generator=generator)
+        sigmas = torch.linspace(1.0, 0.0, self.num_inference_steps + 1, device=device)
         for sigma, next_sigma in zip(sigmas[:-1], sigmas[1:]):
-            level = sigma.expand(states.shape[0])
-            model_input = torch.cat([latents, latents]) if guidance_scale != 1.0 else latents
-            velocity = flow.velocity(model_input, level, states).float()
-            if guidance_scale != 1.0:
+            model_input = torch.cat([latents, latents]) if guidance != 1.0 else latents
+            velocity = flow.velocity(model_input, sigma.expand(states.shape[0]), states).float()
+            if guidance != 1.0:
                 conditional, unconditional_velocity = velocity.chunk(2)
-                velocity = unconditional_velocity + guidance_scale * (conditional - unconditional_velocity)
+                velocity = unconditional_velocity + guidance * (conditional - unconditional_velocity)
             latents = latents + (next_sigma - sigma) * velocity
-        return to_pil(flow.decode(latents), _PIXEL_MEAN, _PIXEL_STD)
+        return latents
+
+    def decode_codes(self, flow, codes: torch.Tensor) -> list[Image.Image]:
+        return to_pil(flow.decode(codes), _PIXEL_MEAN, _PIXEL_STD)
 
 
-@register_adapter
+@register_adapter(tiny=build_tiny_flow_latents)
 class FlowLatentsAdapter(FlowAdapter):
     """The tiny flow model with the autoencoder as its understanding encoder: the condition is the target's
     own latents, the same representation it generates. Only the bottleneck ablation wants this."""

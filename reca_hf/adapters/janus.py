@@ -18,13 +18,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..images import ViewSpec, load_image, to_pil, to_tensor
+from ..testing import build_tiny_janus
 from .base import UMMAdapter, answer_batch, answer_loss, next_code, register_adapter, unwrap_model
 from .targets import GenerationTarget, LossNoise, per_sample_cross_entropy, reduce_loss
 
 _VQ_MEAN = _VQ_STD = (0.5, 0.5, 0.5)  # Janus' VQ encoder reads pixels in [-1, 1]
 
 
-@register_adapter
+@register_adapter(tiny=build_tiny_janus)
 class JanusAdapter(UMMAdapter):
     name = "janus"
     model_types = ("janus",)
@@ -60,7 +61,6 @@ class JanusAdapter(UMMAdapter):
     # Text goes through JanusModel.forward; the RecA loss, reconstruct() and generate(generation_mode="image")
     # call model.language_model and model.generation_head directly.
     understanding_entry = "model"
-    default_instruction = "Describe the image in detail."
     default_guidance_scale = 5.0
 
     # ---- what this model's config says -------------------------------------------------------
@@ -73,12 +73,10 @@ class JanusAdapter(UMMAdapter):
     def vq_downsample(self) -> int:
         return 2 ** (len(self.config.vq_config.channel_multiplier) - 1)
 
-    @property
-    def condition_resolution_floor(self) -> int:
+    def config_min_condition_resolution(self) -> int:
         return int(self.config.vision_config.image_size)
 
-    @property
-    def generation_resolution_native(self) -> int:
+    def config_native_generation_resolution(self) -> int:
         return int(self.config.vq_config.num_patches) * self.vq_downsample
 
     @property
@@ -95,12 +93,12 @@ class JanusAdapter(UMMAdapter):
         if resolution < self.patch_size or resolution % self.patch_size:
             return [
                 f"Janus' SigLIP encoder reads {self.patch_size}-px patches: use a positive multiple of "
-                f"{self.patch_size} (its native resolution is {self.condition_resolution_floor})."
+                f"{self.patch_size} (its native resolution is {self.min_condition_resolution})."
             ]
         return []
 
     def generation_resolution_errors(self, resolution: int) -> list[str]:
-        native = self.generation_resolution_native
+        native = self.native_generation_resolution
         if resolution != native:
             grid = self.config.vq_config.num_patches
             return [f"Janus' VQ decoder has a fixed {grid}x{grid} grid ({native} px); set it to 'auto' or {native}."]
@@ -198,7 +196,7 @@ class JanusAdapter(UMMAdapter):
         if "condition_pixel_values" not in batch:  # text-to-image: the caption is the only condition
             return janus.model.language_model.get_input_embeddings()(batch["input_ids"])
         pixels = batch["condition_pixel_values"]
-        native = pixels.shape[-1] == self.condition_resolution_floor
+        native = pixels.shape[-1] == self.min_condition_resolution
         features = janus.model.get_image_features(
             pixel_values=pixels.to(janus.model.vision_model.dtype), interpolate_pos_encoding=not native
         ).pooler_output
@@ -266,34 +264,14 @@ class JanusAdapter(UMMAdapter):
         codes = self.target_codes(janus, targets.to(janus.device))
         return to_pil(janus.decode_image_tokens(codes), _VQ_MEAN, _VQ_STD)
 
-    @torch.no_grad()
-    def reconstruct(
-        self,
-        images,
-        *,
-        model=None,
-        views: ViewSpec | None = None,
-        instruction: str | None = None,
-        guidance_scale: float | None = None,
-        do_sample: bool = True,
-        temperature: float = 1.0,
-        seed: int | None = None,
-    ) -> list[Image.Image]:
-        """Sample VQ codes conditioned on the understanding embeddings of ``images`` (with CFG), decode them.
+    def sample_codes(self, janus, conditions, instructions, views, guidance, do_sample, temperature, generator):
+        """Sample VQ codes conditioned on the understanding embeddings of the condition views (with CFG).
 
         The unconditional branch of classifier-free guidance is Janus' own: every prompt token except
         <bos> and <boi> becomes padding, and no condition features are inserted.
         """
-        janus = unwrap_model(self._bound_model(model))
-        views = views or self.default_views()
-        pictures = [load_image(image) for image in images]
-        instruction = self.default_instruction if instruction is None else instruction
-        batch = self.prepare([views.condition_view(p) for p in pictures], None, [instruction] * len(pictures))
         device = janus.device
-        batch = {k: v.to(device) for k, v in batch.items()}
-        guidance = self.default_guidance_scale if guidance_scale is None else guidance_scale
-        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-
+        batch = {k: v.to(device) for k, v in self.prepare(conditions, None, instructions).items()}
         embeddings = self._condition_embeddings(janus, batch)
         attention_mask = batch["attention_mask"]
         if guidance != 1.0:
@@ -329,5 +307,7 @@ class JanusAdapter(UMMAdapter):
             step_input = janus.prepare_embeddings_for_image_generation(token[:, None]).to(embeddings.dtype)
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
             position_ids = position_ids[:, -1:] + 1
-        pixels = janus.decode_image_tokens(torch.stack(codes, dim=1))
-        return to_pil(pixels, _VQ_MEAN, _VQ_STD)
+        return torch.stack(codes, dim=1)
+
+    def decode_codes(self, janus, codes: torch.Tensor) -> list[Image.Image]:
+        return to_pil(janus.decode_image_tokens(codes), _VQ_MEAN, _VQ_STD)

@@ -1,0 +1,66 @@
+"""The checks of a RecA run that a `RecAConfig` cannot make alone: those that read the file system or need the
+model's architecture adapter. `reca validate` and `RecATrainer` both run them, so they say the same thing.
+
+`RecAConfig` only describes (its own checks look at the field values and nothing else); these look outside it:
+
+- files: ``prompt_templates`` must exist, and ``base_model_id`` must not name a local folder;
+- the model: both resolutions must suit it (``"auto"`` resolved by its adapter), the condition view must not be
+  one it can copy (the shortcut guard, unless ``allow_shortcut``), and the LoRA target mode must exist for it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .adapters.base import UMMAdapter
+from .config import RecAConfig, base_model_id_error
+from .images import shortcut_error
+from .loading import is_hub_id
+from .lora import resolve_target_modules
+
+
+def file_errors(args: RecAConfig) -> list[str]:
+    """Problems of the fields that name files."""
+    errors = []
+    templates = args.prompt_templates
+    if templates != "default" and not Path(templates).expanduser().is_file():
+        errors.append(
+            f"prompt_templates={templates!r}: no such file; give a file with one instruction per line, a JSON list, "
+            "or 'default'."
+        )
+    if args.base_model_id is not None and not is_hub_id(args.base_model_id):
+        errors.append(base_model_id_error(args.base_model_id))
+    return errors
+
+
+def model_errors(args: RecAConfig, adapter: UMMAdapter) -> list[str]:
+    """Problems of the fields that depend on the model, as its architecture adapter judges them."""
+    errors = []
+    try:
+        condition, generation = adapter.resolve_resolutions(args.condition_resolution, args.generation_resolution)
+    except ValueError as error:
+        errors += str(error).splitlines()
+    else:
+        shortcut = shortcut_error(adapter, condition, generation, args.condition_bottleneck)
+        if shortcut and not args.allow_shortcut:
+            errors.append(shortcut)
+    if args.use_peft:
+        try:
+            resolve_target_modules(adapter, args.lora_target_modules)
+        except ValueError as error:
+            errors.append(str(error))
+    return errors
+
+
+def run_errors(args: RecAConfig, adapter: UMMAdapter | None = None) -> list[str]:
+    """Every problem :func:`file_errors` and (with an adapter) :func:`model_errors` find."""
+    return file_errors(args) + (model_errors(args, adapter) if adapter is not None else [])
+
+
+def check_run(args: RecAConfig, adapter: UMMAdapter) -> None:
+    """Raise one ValueError listing every problem of :func:`run_errors` (the trainer calls this first)."""
+    errors = run_errors(args, adapter)
+    if len(errors) == 1:
+        raise ValueError(errors[0])
+    if errors:
+        raise ValueError(f"Invalid RecAConfig for this {adapter.name} model:\n" + "\n".join(f"- {e}" for e in errors))
