@@ -15,7 +15,7 @@ def _losses(trainer):
 
 def test_reconstruction_loss_falls_clearly(make_args, tiny_janus, shapes, tmp_path):
     model, processor = tiny_janus
-    args = make_args(max_steps=120, per_device_train_batch_size=8, logging_steps=10, cond_dropout_prob=0.0)
+    args = make_args(max_steps=110, per_device_train_batch_size=8, logging_steps=10, cond_dropout_prob=0.0)
     trainer = RecATrainer(model, args=args, train_dataset=shapes, processing_class=processor)
     trainer.train()
     losses = _losses(trainer)
@@ -161,11 +161,11 @@ def test_task_weights_scale_each_task_in_the_loss(make_args, tiny_janus, shapes)
     assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-4)
     # A weight of 0 takes the task out of the gradient: nothing trains, while its loss is still logged.
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    zero = RecATrainer(model, args=make_args(max_steps=2, task_weights={"reconstruction": 0}), train_dataset=shapes,
+    zero = RecATrainer(model, args=make_args(max_steps=1, task_weights={"reconstruction": 0}), train_dataset=shapes,
                        processing_class=processor)  # fmt: skip
     zero.train()
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
-    assert len(_losses(zero)) == 2 and all(loss > 0 for loss in _losses(zero))
+    assert len(_losses(zero)) == 1 and _losses(zero)[0] > 0
 
 
 def test_dataloader_workers_give_the_same_losses_and_prompts(make_args, shapes):
@@ -173,11 +173,11 @@ def test_dataloader_workers_give_the_same_losses_and_prompts(make_args, shapes):
 
     def run(workers):
         model, processor = tiny_umm("janus")
-        args = make_args(max_steps=5, dataloader_num_workers=workers, collapse_action="off")  # 4 steps an epoch
-        trainer = RecATrainer(model, args=args, train_dataset=shapes, processing_class=processor)
+        args = make_args(max_steps=3, dataloader_num_workers=workers, collapse_action="off")  # 2 steps an epoch
+        trainer = RecATrainer(model, args=args, train_dataset=shapes.select(range(8)), processing_class=processor)
         trainer.train()
         return _losses(trainer)
 
     in_process = run(0)
-    assert len(in_process) == 5
+    assert len(in_process) == 3
     assert run(2) == pytest.approx(in_process, abs=1e-6)
