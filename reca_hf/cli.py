@@ -344,6 +344,18 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     card_parser.add_argument("output_dir", help="the run's output dir")
     card_parser.add_argument("--eval-results", help=results_help)
+    convert_parser = commands.add_parser("convert", help="convert published checkpoints into a model folder")
+    architectures = convert_parser.add_subparsers(dest="architecture", required=True)
+    from .models.openuni.convert import build_parser as openuni_parser
+
+    openuni_parser(
+        architectures.add_parser(
+            "openuni",
+            help="an OpenUni .pth on top of InternVL3 and SANA",
+            description="Convert a released OpenUni .pth (meta_queries, connector, projector, transformer) on top "
+            "of the public InternVL3-*-hf and SANA checkpoints into an OpenUniModel folder.",
+        )
+    )
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":
         if any(arg.partition("=")[0] == "--accelerate_config" for arg in rest):
@@ -353,7 +365,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.command == "push":
+    if args.command == "convert":
+        from .models.openuni.convert import run
+
+        run(args)
+    elif args.command == "push":
         push(args.output_dir, args.repo_id, args.private, args.adapter_only, args.eval_results)
     elif args.command == "card":
         card(args.output_dir, args.eval_results)

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from transformers import AutoModel
 
+from reca_hf.cli import main as reca
 from reca_hf.models.openuni import OpenUniConfig, OpenUniModel
-from reca_hf.models.openuni.convert import main as convert_main
 from reca_hf.models.openuni.tiny import TINY_IMAGE_SIZE, tiny_openuni
 
 
@@ -216,7 +216,7 @@ def _convert(public_parts, state, tmp_path) -> str:
     out = tmp_path / "converted"
     argv = [str(tmp_path / "openuni.pth"), str(out), "--internvl", str(public_parts / "internvl")]
     argv += ["--sana", str(public_parts / "sana"), "--dc-ae", str(public_parts / "dcae"), "--connector-heads", "4"]
-    assert convert_main(argv) == 0
+    reca(["convert", "openuni", *argv])  # the `reca convert openuni` command
     return out
 
 

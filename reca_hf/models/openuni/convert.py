@@ -200,7 +200,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def main(argv: list[str] | None = None) -> int:
     """``reca convert openuni CHECKPOINT.pth --internvl ID --sana ID OUTPUT_DIR``."""
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Convert with the parsed arguments of :func:`build_parser`."""
     convert_openuni_checkpoint(
         args.checkpoint,
         args.internvl,
