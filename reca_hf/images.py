@@ -80,6 +80,8 @@ def open_image(value: Any, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.
             Image.MAX_IMAGE_PIXELS = limit
     width, height = image.size
     if width * height > max_pixels:
+        if image is not value:
+            image.close()  # the file Pillow opened for the header
         raise BadImageError(
             f"{width}x{height} = {width * height} pixels is over max_image_pixels={max_pixels} (a decompression-bomb "
             "guard); raise max_image_pixels if such images are expected",
@@ -99,7 +101,12 @@ def load_image(value: Any, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, draft: in
     if draft is not None and image.format == "JPEG" and not isinstance(value, Image.Image):
         scale = draft / max(image.size)
         image.draft(image.mode, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
-    image.load()  # decode now, so a truncated or corrupt file fails here and not later
+    try:
+        image.load()  # decode now, so a truncated or corrupt file fails here and not later
+    except Exception:
+        if image is not value:
+            image.close()  # a failed decode leaves the file Pillow opened
+        raise
     return to_rgb(ImageOps.exif_transpose(image))
 
 

@@ -66,3 +66,21 @@ def test_validate_reports_every_error_at_once(tmp_path, capsys):
     )
     main(["validate", "recipes/janus/tiny_demo.yaml"])
     assert "OK" in capsys.readouterr().out
+
+
+def test_validate_check_images_names_every_unreadable_file(tmp_path, capsys):
+    from reca_hf.data import synthetic_shapes
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(synthetic_shapes(3, size=32)["image"]):
+        image.save(folder / f"good{i}.png")
+    (folder / "cut.png").write_bytes((folder / "good1.png").read_bytes()[:60])  # a truncated PNG
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model_name_or_path: tiny:janus\ndataset_name: {folder}\n")
+    main(["validate", str(recipe)])  # the cheap check: the folder exists and has images
+    assert "OK" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["validate", str(recipe), "--check-images"])
+    err = capsys.readouterr().err
+    assert "1 problem(s)" in err and "cut.png" in err and "good" not in err.replace(str(folder), "")
