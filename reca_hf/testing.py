@@ -106,6 +106,22 @@ def _word_level_tokenizer(
     )
 
 
+def tiny_llm_config(tokenizer, hidden_size: int = 64) -> dict:
+    """The tiny language model of the tiny architectures (2 layers, 4 heads), sized to ``tokenizer``."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
 def build_tiny_janus(seed: int = 0):
     """A tiny random Janus (32-px images, a 4x4 VQ grid from a 64-entry codebook) and its processor."""
     from transformers import (
@@ -118,19 +134,7 @@ def build_tiny_janus(seed: int = 0):
     tokenizer = tiny_tokenizer()
     image_size, patch_size = 32, 8
     config = JanusConfig(
-        text_config={
-            "model_type": "llama",
-            "vocab_size": len(tokenizer),
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 512,
-            "pad_token_id": tokenizer.pad_token_id,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-        },
+        text_config={"model_type": "llama", **tiny_llm_config(tokenizer)},
         vision_config={
             "hidden_size": 32,
             "num_hidden_layers": 2,
@@ -270,9 +274,62 @@ def build_tiny_emu3(seed: int = 0):
     return model, processor
 
 
+def tiny_flow_config(tokenizer, *, condition_encoder: str = "vision", image_size: int = 32):
+    """The configuration of ``tiny_umm("flow")`` (``"flow_latents"`` with ``condition_encoder="latents"``):
+    32-px images, 8x8x4 latents, under 0.5M parameters."""
+    hidden = 64
+    from .models.tiny_flow import TinyFlowConfig, TinyFlowLatentsConfig
+
+    config_class = TinyFlowLatentsConfig if condition_encoder == "latents" else TinyFlowConfig
+    return config_class(
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": image_size,
+            "patch_size": 8,
+        },
+        text_config=tiny_llm_config(tokenizer, hidden),
+        transformer_config={
+            "in_channels": 4,
+            "out_channels": 4,
+            "num_attention_heads": 2,
+            "attention_head_dim": 16,
+            "num_layers": 2,
+            "num_cross_attention_heads": 2,
+            "cross_attention_head_dim": 16,
+            "cross_attention_dim": 32,
+            "caption_channels": hidden,
+            "mlp_ratio": 2.0,
+            "sample_size": image_size // 4,
+            "patch_size": 1,
+            "interpolation_scale": 1,  # sin-cos position embeddings (SANA's default at this size has none)
+        },
+        vae_config={
+            "in_channels": 3,
+            "out_channels": 3,
+            "down_block_types": ["DownEncoderBlock2D"] * 3,
+            "up_block_types": ["UpDecoderBlock2D"] * 3,
+            "block_out_channels": [32, 32, 32],  # GroupNorm(32 groups): multiples of 32; two downsamples: stride 4
+            "layers_per_block": 1,
+            "latent_channels": 4,
+            "norm_num_groups": 32,
+            "sample_size": image_size,
+            # This random autoencoder's raw latents of the synthetic shapes have a std of about 0.011: scale
+            # them to about unit variance, as real latent diffusion models do, or the flow target is all noise.
+            "scaling_factor": 90.0,
+        },
+        num_queries=16,
+        condition_encoder=condition_encoder,
+        image_token_id=tokenizer.convert_tokens_to_ids(tokenizer.image_token),
+        image_size=image_size,
+    )
+
+
 def build_tiny_flow(seed: int, condition_encoder: str = "vision"):
     """A tiny flow-matching UMM (SigLIP + Llama + queries + SANA on KL latents) and its tokenizer."""
-    from .models.tiny_flow import TinyFlowModel, tiny_flow_config
+    from .models.tiny_flow import TinyFlowModel
 
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
