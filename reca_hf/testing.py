@@ -277,9 +277,9 @@ def build_tiny_emu3(seed: int = 0):
 def tiny_flow_config(tokenizer, *, condition_encoder: str = "vision", image_size: int = 32):
     """The configuration of ``tiny_umm("flow")`` (``"flow_latents"`` with ``condition_encoder="latents"``):
     32-px images, 8x8x4 latents, under 0.5M parameters."""
-    hidden = 64
     from .models.tiny_flow import TinyFlowConfig, TinyFlowLatentsConfig
 
+    hidden = 64
     config_class = TinyFlowLatentsConfig if condition_encoder == "latents" else TinyFlowConfig
     return config_class(
         vision_config={
