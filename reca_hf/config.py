@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 # Each set of choices, defined once.
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 COLLAPSE_ACTIONS = ("warn", "stop", "off")
+TASK_LOSS_REDUCTIONS = ("sample_mean", "task_mean", "sum")
 LORA_TARGET_MODES = ("generation", "generation+llm")
 TINY_PREFIX = "tiny:"  # model_name_or_path "tiny:<arch>": the architecture's tiny builder
 _JSON_FIELDS = ("reconstruction_kwargs", "task_ratios", "task_weights", "eval_results")
@@ -137,6 +138,12 @@ class RecAConfig(TrainingArguments):
             "text_to_image": 0}; unset gives 1 to every task that has a dataset. A JSON string on the command line.
         task_weights (`dict`, `str` or `None`, *optional*, defaults to `None`):
             Loss weight per task (default 1 each); the loss is the per-sample weighted mean over the batch.
+        task_loss_reduction (`str`, *optional*, defaults to `"sample_mean"`):
+            How the task losses of a mixed batch become one loss: 'sample_mean' (each sample counts once: the
+            per-sample mean, times task_weights), 'task_mean' (each task's own mean times its share of
+            task_ratios, whatever number of rows it got in this batch, as Harmon trains), or 'sum' (the task means
+            added up, as Show-o trains: with two tasks the gradient is about twice that of the means, so halve a
+            learning rate copied from a sample_mean or task_mean run, or double one copied from Show-o into those).
         require_understanding_data (`bool`, *optional*, defaults to `False`):
             Make it an error (instead of a warning) to train a shared-parameter model's language model without
             image-to-text data.
@@ -381,6 +388,10 @@ class RecAConfig(TrainingArguments):
             "help": "Loss weight per task (default 1 each); the loss is the per-sample weighted mean over the batch."
         },
     )
+    task_loss_reduction: str = field(
+        default="sample_mean",
+        metadata={"help": "How the task losses of a mixed batch become one loss: 'sample_mean' (each sample counts once: the per-sample mean, times task_weights), 'task_mean' (each task's own mean times its share of task_ratios, whatever number of rows it got in this batch, as Harmon trains), or 'sum' (the task means added up, as Show-o trains: with two tasks the gradient is about twice that of the means, so halve a learning rate copied from a sample_mean or task_mean run, or double one copied from Show-o into those).", "choices": list(TASK_LOSS_REDUCTIONS)},
+    )
     require_understanding_data: bool = field(
         default=False,
         metadata={
@@ -523,6 +534,7 @@ class RecAConfig(TrainingArguments):
             errors.append(f"collapse_probe_images={self.collapse_probe_images!r}: use 0 (off) or a positive integer.")
         for name in ("task_ratios", "task_weights"):
             errors += self._task_dict_errors(name)
+        errors += _choice_error("task_loss_reduction", self.task_loss_reduction, TASK_LOSS_REDUCTIONS)
         if self.max_train_samples is not None and self.max_train_samples < 1:
             errors.append(f"max_train_samples={self.max_train_samples!r}: use a positive integer or leave it unset.")
         errors += self._lora_errors()

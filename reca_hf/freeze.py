@@ -10,6 +10,9 @@ from torch import nn
 from .adapters.base import UMMAdapter, unwrap_model
 
 
+_MANAGED = "_reca_freeze_managed"  # marks a parameter whose requires_grad a freeze policy has set
+
+
 def matches(name: str, patterns: Iterable[str]) -> bool:
     """True when a pattern fully matches ``name`` or one of its dotted prefixes (module paths).
 
@@ -40,7 +43,9 @@ def resolve_freeze(adapter: UMMAdapter, freeze: str | list[str]) -> tuple[str, .
 def apply_freeze(model: nn.Module, adapter: UMMAdapter, freeze: str | list[str] = "auto") -> list[str]:
     """Set ``requires_grad`` from the policy: frozen where a pattern matches, trainable elsewhere.
 
-    Returns the names of the frozen parameters. An explicit pattern that matches nothing is an error.
+    A parameter that was already frozen before any policy touched it (one the model creates with
+    ``requires_grad=False``, such as a fixed sin-cos position table, or one PEFT froze) stays frozen whatever the
+    policy says. Returns the names of the frozen parameters. An explicit pattern that matches nothing is an error.
     """
     patterns = resolve_freeze(adapter, freeze)
     named = list(unwrap_model(model).named_parameters())
@@ -52,7 +57,11 @@ def apply_freeze(model: nn.Module, adapter: UMMAdapter, freeze: str | list[str] 
             )
     frozen = []
     for name, parameter in named:
+        if not parameter.requires_grad and not getattr(parameter, _MANAGED, False):
+            frozen.append(name)  # frozen by the model itself (e.g. fixed position tables): never re-enabled
+            continue
         parameter.requires_grad_(not matches(name, patterns))
+        setattr(parameter, _MANAGED, True)  # ours from now on: a later policy (a resume) may change it
         if not parameter.requires_grad:
             frozen.append(name)
     return frozen

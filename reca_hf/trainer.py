@@ -260,10 +260,19 @@ class RecATrainer(HubResilienceMixin, Trainer):
         return self.adapter.loss(model, batch)
 
     def _combine(self, losses: dict[str, torch.Tensor], batches) -> torch.Tensor:
-        """Per-sample weighted mean of the task losses: each sample counts once, times its task's weight."""
+        """One loss from the task losses, by ``task_loss_reduction`` (each times its task's weight):
+        ``sample_mean``, each sample counts once; ``task_mean``, each task's mean times its share of the task
+        ratios; ``sum``, the task means added up."""
+        weighted = {task: self.task_weights[task] * loss for task, loss in losses.items()}
+        reduction = self.args.task_loss_reduction
+        if reduction == "sum":
+            return sum(weighted.values())
+        if reduction == "task_mean":
+            total = sum(self.task_ratios.values())
+            return sum(self.task_ratios[task] / total * loss for task, loss in weighted.items())
         sizes = {task: _batch_size(batches[task]) for task in losses}
         total = sum(sizes.values())
-        return sum(self.task_weights[task] * sizes[task] / total * loss for task, loss in losses.items())
+        return sum(sizes[task] / total * loss for task, loss in weighted.items())
 
     def _record_task_losses(self, mode: str, losses: dict[str, torch.Tensor], batches) -> None:
         # Every process gathers every active task (a zero count when absent), so the collective calls match.

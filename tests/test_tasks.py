@@ -201,3 +201,44 @@ def test_captions_are_also_read_from_a_text_column(make_args, tiny_janus, shapes
                           processing_class=processor)  # fmt: skip
     trainer.train()
     assert trainer.task_counts[IMAGE_TO_TEXT] > 0 and _task_history(trainer, "image_to_text_loss")
+
+
+@pytest.mark.parametrize("reduction", ["sample_mean", "task_mean", "sum"])
+def test_task_loss_reduction_combines_the_task_losses_as_documented(reduction, make_args, tiny_janus, shapes):
+    """A batch of 3 with both tasks holds 2 rows of one and 1 of the other: the three rules differ."""
+    model, processor = tiny_janus
+    args = make_args(max_steps=6, per_device_train_batch_size=3, task_loss_reduction=reduction)
+    trainer = RecATrainer(model, args=args, train_dataset=shapes, i2t_dataset=shapes, processing_class=processor)
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "reconstruction_loss" in log and "image_to_text_loss" in log]
+    assert logs
+    for log in logs:
+        reconstruction, captions = log["reconstruction_loss"], log["image_to_text_loss"]
+        if reduction == "sample_mean":  # 1/3 or 2/3 of the rows are reconstructions
+            assert any(
+                log["loss"] == pytest.approx(share * reconstruction + (1 - share) * captions, rel=1e-3)
+                for share in (1 / 3, 2 / 3)
+            )
+        elif reduction == "task_mean":  # each task's mean times its share of the 1:1 ratios
+            assert log["loss"] == pytest.approx(0.5 * reconstruction + 0.5 * captions, rel=1e-3)
+        else:
+            assert log["loss"] == pytest.approx(reconstruction + captions, rel=1e-3)
+
+
+def test_task_loss_reduction_is_checked(make_args):
+    with pytest.raises(ValueError, match="task_loss_reduction='mean'"):
+        make_args(task_loss_reduction="mean")
+
+
+def test_a_parameter_the_model_creates_frozen_stays_frozen(tiny_janus):
+    model, processor = tiny_janus
+    model.model.register_parameter("fixed_table", torch.nn.Parameter(torch.zeros(4), requires_grad=False))
+    adapter = get_adapter(model, processor)
+    for policy in ("none", "auto", "none"):
+        frozen = apply_freeze(model, adapter, policy)
+        assert "model.fixed_table" in frozen and not model.model.fixed_table.requires_grad
+    # what a policy froze, a later policy may train again (a resume re-applies the freeze policy)
+    apply_freeze(model, adapter, "auto")
+    assert not model.model.vision_model.embeddings.patch_embedding.weight.requires_grad
+    apply_freeze(model, adapter, "none")
+    assert model.model.vision_model.embeddings.patch_embedding.weight.requires_grad
