@@ -390,7 +390,10 @@ class RecAConfig(TrainingArguments):
     )
     task_loss_reduction: str = field(
         default="sample_mean",
-        metadata={"help": "How the task losses of a mixed batch become one loss: 'sample_mean' (each sample counts once: the per-sample mean, times task_weights), 'task_mean' (each task's own mean times its share of task_ratios, whatever number of rows it got in this batch, as Harmon trains), or 'sum' (the task means added up, as Show-o trains: with two tasks the gradient is about twice that of the means, so halve a learning rate copied from a sample_mean or task_mean run, or double one copied from Show-o into those).", "choices": list(TASK_LOSS_REDUCTIONS)},
+        metadata={
+            "help": "How the task losses of a mixed batch become one loss: 'sample_mean' (each sample counts once: the per-sample mean, times task_weights), 'task_mean' (each task's own mean times its share of task_ratios, whatever number of rows it got in this batch, as Harmon trains), or 'sum' (the task means added up, as Show-o trains: with two tasks the gradient is about twice that of the means, so halve a learning rate copied from a sample_mean or task_mean run, or double one copied from Show-o into those).",
+            "choices": list(TASK_LOSS_REDUCTIONS),
+        },
     )
     require_understanding_data: bool = field(
         default=False,

@@ -9,7 +9,6 @@ from torch import nn
 
 from .adapters.base import UMMAdapter, unwrap_model
 
-
 _MANAGED = "_reca_freeze_managed"  # marks a parameter whose requires_grad a freeze policy has set
 
 
