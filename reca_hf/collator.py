@@ -27,14 +27,19 @@ logger = logging.getLogger(__name__)
 BAD_IMAGE_POLICIES = ("error", "skip")
 
 
+def resolve_dropout(adapter: UMMAdapter, cond_dropout_prob: float | str) -> float:
+    """What ``cond_dropout_prob`` means for this architecture: ``"auto"`` is its ``default_cond_dropout_prob``."""
+    return float(adapter.default_cond_dropout_prob if cond_dropout_prob == AUTO else cond_dropout_prob)
+
+
 class RecACollator:
     """Builds RecA batches for one adapter.
 
     For every row it decodes the image (any PIL mode becomes RGB, EXIF orientation applied), makes the
     condition view at ``condition_resolution`` through ``condition_bottleneck`` and the target view at
     ``generation_resolution``, draws one instruction from ``(seed, epoch, row index)`` and, with
-    probability ``cond_dropout_prob``, replaces it with the adapter's null prompt. The adapter then
-    tokenises and normalises (:meth:`UMMAdapter.prepare`).
+    probability ``cond_dropout_prob`` (``"auto"``: the adapter's ``default_cond_dropout_prob``), replaces it with
+    the adapter's null prompt. The adapter then tokenises and normalises (:meth:`UMMAdapter.prepare`).
 
     For adapters whose condition and target share one representation (Emu3: both VQ ids), a condition
     view the model could copy (not smaller than the target and not blurred) is refused unless
@@ -64,7 +69,7 @@ class RecACollator:
         condition_bottleneck: str = "resize",
         blur_factor: int = 4,
         prompts: list[str] | str | Path | None = None,
-        cond_dropout_prob: float = 0.1,
+        cond_dropout_prob: float | str = AUTO,
         image_column: str = "image",
         seed: int = 0,
         allow_shortcut: bool = False,
@@ -83,7 +88,7 @@ class RecACollator:
             adapter, condition_resolution, generation_resolution, condition_bottleneck, blur_factor, allow_shortcut
         )
         templates = prompts if isinstance(prompts, list) else load_prompts(prompts)
-        self.sampler = PromptSampler(templates, adapter.null_prompt, cond_dropout_prob, seed)
+        self.sampler = PromptSampler(templates, adapter.null_prompt, resolve_dropout(adapter, cond_dropout_prob), seed)
         self.image_column = image_column
         self.caption_column = caption_column
         self.epoch = 0

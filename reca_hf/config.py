@@ -97,9 +97,11 @@ class RecAConfig(TrainingArguments):
         prompt_templates (`str`, *optional*, defaults to `"default"`):
             Reconstruction instructions: 'default' for the project's templates, or a file with one instruction
             per line or a JSON list of strings.
-        cond_dropout_prob (`float`, *optional*, defaults to `0.1`):
+        cond_dropout_prob (`float` or `str`, *optional*, defaults to `"auto"`):
             Probability that an example's instruction is replaced by the adapter's null prompt (the image
-            condition is kept), which trains the branch classifier-free guidance contrasts against.
+            condition is kept), which trains the branch classifier-free guidance contrasts against. 'auto' is the
+            architecture adapter's default_cond_dropout_prob (the authors' value where they published one: 0 for
+            OpenUni and Show-o, 0.1 for Harmon and BAGEL; 0.1 for Janus and Emu3).
         freeze (`str` or `list[str]`, *optional*, defaults to `"auto"`):
             Parameters to freeze: 'auto' (the adapter's default: understanding-only modules and image tokenizers),
             'none', or module-name patterns (full regular expressions on dotted names, e.g. 'model.vision_model').
@@ -316,11 +318,13 @@ class RecAConfig(TrainingArguments):
             "instruction per line or a JSON list of strings."
         },
     )
-    cond_dropout_prob: float = field(
-        default=0.1,
+    cond_dropout_prob: float | str = field(
+        default=AUTO,
         metadata={
             "help": "Probability that an example's instruction is replaced by the adapter's null prompt (the image "
-            "condition is kept), which trains the branch classifier-free guidance contrasts against."
+            "condition is kept), which trains the branch classifier-free guidance contrasts against. 'auto' is the "
+            "architecture adapter's default_cond_dropout_prob (the authors' value where they published one: 0 for "
+            "OpenUni and Show-o, 0.1 for Harmon and BAGEL; 0.1 for Janus and Emu3)."
         },
     )
     freeze: str | list[str] = field(  # a comma-separated string on the command line
@@ -495,6 +499,7 @@ class RecAConfig(TrainingArguments):
         self.condition_resolution = parse_resolution(self.condition_resolution)
         self.generation_resolution = parse_resolution(self.generation_resolution)
         self.freeze = parse_freeze(self.freeze)
+        self.cond_dropout_prob = parse_probability(self.cond_dropout_prob)
         if isinstance(self.lora_target_modules, tuple):
             self.lora_target_modules = list(self.lora_target_modules)
         for name in _JSON_FIELDS:
@@ -520,8 +525,9 @@ class RecAConfig(TrainingArguments):
         errors += _choice_error("condition_bottleneck", self.condition_bottleneck, BOTTLENECKS)
         if not isinstance(self.blur_factor, int) or self.blur_factor < 2:
             errors.append(f"blur_factor={self.blur_factor!r}: use an integer of at least 2 (e.g. 4 or 8).")
-        if not 0.0 <= self.cond_dropout_prob < 1.0:
-            errors.append(f"cond_dropout_prob={self.cond_dropout_prob!r}: use a probability in [0, 1), e.g. 0.1.")
+        dropout = self.cond_dropout_prob
+        if dropout != AUTO and not (_is_number(dropout) and 0.0 <= dropout < 1.0):
+            errors.append(f"cond_dropout_prob={dropout!r}: use 'auto' or a probability in [0, 1), e.g. 0.1.")
         errors += self._freeze_errors()
         errors += _choice_error("model_dtype", self.model_dtype, DTYPES)
         if not isinstance(self.num_reconstruction_images, int) or self.num_reconstruction_images < 0:
@@ -636,6 +642,14 @@ def parse_resolution(value: int | str) -> int | str:
     return value
 
 
+def parse_probability(value: float | str) -> float | str:
+    """A probability given as a number string becomes a float; anything else ('auto') is returned as it is."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    return value
+
+
 def parse_freeze(value: str | list[str] | tuple[str, ...]) -> str | list[str]:
     """``freeze`` as the field holds it: 'auto', 'none', or a list of patterns (a comma-separated string is split)."""
     if isinstance(value, str):
@@ -653,6 +667,7 @@ STRING_PARSERS = {
     "condition_resolution": parse_resolution,
     "generation_resolution": parse_resolution,
     "freeze": parse_freeze,
+    "cond_dropout_prob": parse_probability,
     "lora_target_modules": str,  # one mode or regular expression; lists come from Python or YAML
 }
 

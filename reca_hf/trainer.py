@@ -19,7 +19,7 @@ from .adapters import get_adapter, unwrap_model
 from .callbacks import CollapseDetector, PromptEpochCallback, ReconstructionGridCallback
 from .cards import PAPER_ID, PAPER_TITLE
 from .checks import check_run
-from .collator import RecACollator
+from .collator import RecACollator, resolve_dropout
 from .config import RecAConfig
 from .data import ROW_KEY, SOURCE_KEY, synthetic_shapes
 from .freeze import apply_freeze, format_table, parameter_table
@@ -359,6 +359,14 @@ class RecATrainer(HubResilienceMixin, Trainer):
             "lora": lora_record(self.model, self.adapter),
         }
 
+    @property
+    def cond_dropout_prob(self) -> float:
+        """The prompt dropout this run trains with (``"auto"`` resolved by the architecture adapter)."""
+        sampler = getattr(self.data_collator, "sampler", None)
+        if sampler is not None:
+            return sampler.dropout_prob
+        return resolve_dropout(self.adapter, self.args.cond_dropout_prob)
+
     def _reca_settings(self) -> dict[str, Any]:
         """The run's RecA settings as values: the views, the bottleneck and the prompts."""
         sampler = getattr(self.data_collator, "sampler", None)
@@ -370,7 +378,7 @@ class RecATrainer(HubResilienceMixin, Trainer):
             "prompt_templates": self.args.prompt_templates,
             "num_prompts": len(sampler.prompts) if sampler else None,
             "null_prompt": self.adapter.null_prompt,
-            "cond_dropout_prob": self.args.cond_dropout_prob,
+            "cond_dropout_prob": self.cond_dropout_prob,
         }
 
     def run_settings(self) -> dict[str, Any]:
@@ -385,7 +393,7 @@ class RecATrainer(HubResilienceMixin, Trainer):
             + (f" (factor {views.blur_factor})" if views.bottleneck == "blur" else ""),
             "generation resolution": views.generation_resolution,
             "prompt templates": len(sampler.prompts) if sampler else args.prompt_templates,
-            "prompt dropout": args.cond_dropout_prob,
+            "prompt dropout": self.cond_dropout_prob,
             "freeze": f"{args.freeze} ({trainable:,} trainable parameters)",
             "task mix": self._task_mix_summary(),
             "steps": self.state.global_step,

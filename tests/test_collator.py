@@ -107,3 +107,21 @@ def test_undecodable_image_names_the_row(adapter):
 def test_missing_column_names_the_column(adapter):
     with pytest.raises(KeyError, match="picture"):
         RecACollator(adapter, image_column="picture")([{"image": Image.new("RGB", (8, 8))}])
+
+
+def test_cond_dropout_auto_is_the_architecture_adapters_rate_and_the_record_says_which(make_args, shapes):
+    from reca_hf import RecATrainer
+    from reca_hf.cli import parse_recipe
+    from reca_hf.testing import tiny_umm
+
+    janus, flow = (get_adapter(*tiny_umm(arch)) for arch in ("janus", "flow"))
+    assert RecACollator(janus).sampler.dropout_prob == 0.1  # reca_hf's choice: the authors have no Janus code
+    assert RecACollator(flow).sampler.dropout_prob == 0.0  # as OpenUni: no dropout in reconstruction
+    assert RecACollator(flow, cond_dropout_prob=0.3).sampler.dropout_prob == 0.3
+    model, processor = tiny_umm("flow")
+    trainer = RecATrainer(model, args=make_args(max_steps=1), train_dataset=shapes, processing_class=processor)
+    assert trainer.run_record()["reca"]["cond_dropout_prob"] == 0.0
+    assert trainer.run_settings()["prompt dropout"] == 0.0
+    assert parse_recipe("recipes/janus/tiny_demo.yaml", ["--cond_dropout_prob", "0.25"]).cond_dropout_prob == 0.25
+    with pytest.raises(ValueError, match="cond_dropout_prob='often'"):
+        make_args(cond_dropout_prob="often")

@@ -32,7 +32,7 @@ def test_defaults_that_differ_from_training_arguments(tmp_path):
     assert args.remove_unused_columns is False
     assert (args.learning_rate, args.adam_beta2) == (1e-5, 0.95)
     assert (args.condition_resolution, args.generation_resolution, args.freeze) == ("auto", "auto", "auto")
-    assert (args.condition_bottleneck, args.cond_dropout_prob, args.image_column) == ("resize", 0.1, "image")
+    assert (args.condition_bottleneck, args.cond_dropout_prob, args.image_column) == ("resize", "auto", "image")
 
 
 def test_values_are_normalised(tmp_path):

@@ -62,6 +62,9 @@ class UMMAdapter:
     # (a trainable encoder over the target's own latents at its resolution: warned), "separate" (no guard).
     condition_relation: ClassVar[str]
 
+    # Prompt dropout of cond_dropout_prob="auto": the authors' rate where they published one (optional)
+    default_cond_dropout_prob: ClassVar[float] = 0.1
+
     # LoRA (optional; full-name regular expressions of Linear layers, see reca_hf.lora)
     lora_generation_targets: ClassVar[tuple[str, ...]] = ()  # generation-only Linear layers
     lora_llm_targets: ClassVar[tuple[str, ...]] = ()  # the shared LLM's attention and MLP projections
