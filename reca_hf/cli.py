@@ -31,6 +31,21 @@ def _recipe_path(recipe: str) -> Path:
     raise SystemExit(f"reca: recipe {recipe!r} not found (also looked in {resource_dir('recipes')})")
 
 
+LIST_FIELDS = ("freeze", "lora_target_modules")  # fields a list of space-separated flag values can set
+
+
+class _ListOrOne(argparse.Action):
+    """One value is parsed as the field's string form (a mode, a regular expression, comma-separated
+    patterns); several values are a list."""
+
+    def __init__(self, *args, parse=str, **kwargs):
+        self.parse = parse
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, self.parse(values[0]) if len(values) == 1 else list(values))
+
+
 def _parser():
     """trl's `TrlParser` for `RecAConfig`, where the union-typed fields take their parser from
     ``reca_hf.config.STRING_PARSERS`` (the parser alone would keep one member of the union)."""
@@ -45,14 +60,22 @@ def _parser():
             if parse is None:
                 return TrlParser._parse_dataclass_field(parser, field)
             names = [f"--{field.name}", f"--{field.name.replace('_', '-')}"]
-            parser.add_argument(*names, type=parse, default=field.default, help=field.metadata.get("help"))
+            options = {"default": field.default, "help": field.metadata.get("help")}
+            if field.name in LIST_FIELDS:  # `--freeze a b`: space-separated values make a list
+                parser.add_argument(*names, nargs="+", action=_ListOrOne, parse=parse, **options)
+            else:
+                parser.add_argument(*names, type=parse, **options)
 
     return RecAParser([RecAConfig], prog="reca train")
 
 
-def parse_recipe(recipe: str, overrides: list[str] | None = None):
-    """Parse a recipe plus command-line overrides into a `RecAConfig` with trl's `TrlParser`."""
+def parse_recipe(recipe: str | None, overrides: list[str] | None = None):
+    """Parse a recipe (or none: flags alone) plus command-line overrides into a `RecAConfig` with trl's
+    `TrlParser`."""
     parser = _parser()
+    if recipe is None:
+        (config,) = parser.parse_args_and_config(list(overrides or []))
+        return config
     path = _recipe_path(recipe)
     try:
         (config,) = parser.parse_args_and_config(["--config", str(path), *(overrides or [])])
@@ -74,14 +97,17 @@ def _unknown_keys(recipe: dict) -> list[str]:
     return [key for key in recipe if key not in known]
 
 
-def train(recipe: str, overrides: list[str]) -> None:
+def train(recipe: str | None, overrides: list[str]) -> None:
     from .data import load_image_dataset
     from .hub import HubPushError
     from .trainer import RecATrainer
 
     config = parse_recipe(recipe, overrides)
     if not config.model_name_or_path or not config.dataset_name:
-        raise SystemExit("reca train: the recipe must set model_name_or_path and dataset_name")
+        raise SystemExit(
+            "reca train: set model_name_or_path and dataset_name (in a recipe, or as --model_name_or_path ... "
+            "--dataset_name ...)"
+        )
     dataset = load_image_dataset(
         config.dataset_name,
         config.dataset_config,
@@ -177,7 +203,7 @@ def split_launch_args(args: list[str]) -> tuple[str, list[str], list[str]]:
     return config, launch, overrides
 
 
-def launch(recipe: str, args: list[str]) -> None:
+def launch(recipe: str | None, args: list[str]) -> None:
     """Check the recipe here, then run `reca train RECIPE OVERRIDES` in every process that `accelerate launch`
     starts with the chosen config and launch flags."""
     from accelerate.commands.launch import launch_command, launch_command_parser
@@ -197,7 +223,8 @@ def launch(recipe: str, args: list[str]) -> None:
     if on_cpu:
         # The torchrun launcher does not pass use_cpu on; without it CPU-only processes would not form a group.
         os.environ["ACCELERATE_USE_CPU"] = "true"
-    command = [*launch_args, "--config_file", str(config_file), "--module", "reca_hf.cli", "train", recipe, *overrides]
+    train_args = [recipe, *overrides] if recipe is not None else overrides
+    command = [*launch_args, "--config_file", str(config_file), "--module", "reca_hf.cli", "train", *train_args]
     launch_command(launch_command_parser().parse_args(command))
 
 
@@ -344,12 +371,68 @@ def card(output_dir: str, eval_results: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The `reca` command. Errors are one ``reca: ...`` line; ``reca --debug COMMAND ...`` shows the traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = bool(argv) and argv[0] == "--debug"  # first only: `train --debug` is TrainingArguments' own field
+    try:
+        _main(argv[1:] if debug else argv)
+    except Exception as error:  # SystemExit and KeyboardInterrupt pass through
+        if debug:
+            raise
+        raise SystemExit(f"reca: {type(error).__name__}: {error}\n(run `reca --debug ...` for the traceback)") from None
+
+
+def environment() -> str:
+    """The versions, devices and accelerate config a bug report needs, one per line."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    lines = [f"platform: {platform.platform()}", f"python: {platform.python_version()}"]
+    for package in ("reca-hf", "torch", "transformers", "diffusers", "peft", "trl", "datasets", "accelerate",
+                    "huggingface_hub"):  # fmt: skip
+        try:
+            lines.append(f"{package}: {version(package)}")
+        except PackageNotFoundError:
+            lines.append(f"{package}: not installed")
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        lines.append(f"devices: {torch.cuda.device_count()} CUDA ({names}), CUDA {torch.version.cuda}")
+    else:
+        lines.append("devices: CPU only (no CUDA device visible)")
+    lines.append(f"cpu threads: {torch.get_num_threads()}")
+    from accelerate.commands.config import default_config_file
+
+    found = Path(default_config_file).is_file()
+    lines.append(f"accelerate config: {default_config_file if found else 'none (accelerate config writes one)'}")
+    return "\n".join(lines)
+
+
+def _main(argv: list[str]) -> None:
+    from . import __version__
+
+    if argv and argv[0] == "train":  # a recipe is optional, and every other argument is a RecAConfig flag
+        rest = argv[1:]
+        if "-h" in rest or "--help" in rest:
+            _parser().print_help()
+            return
+        recipe = rest.pop(0) if rest and not rest[0].startswith("-") else None
+        if any(arg.partition("=")[0] == "--accelerate_config" for arg in rest):
+            launch(recipe, rest)
+        else:
+            train(recipe, rest)
+        return
     parser = argparse.ArgumentParser(prog="reca", description="RecA post-training for unified multimodal models.")
+    parser.add_argument("--version", action="version", version=f"reca_hf {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (first argument only)")
     commands = parser.add_subparsers(dest="command", required=True)
-    train_parser = commands.add_parser(
-        "train", help="train from a recipe", description="Train from a recipe; --field value flags override it."
+    commands.add_parser(
+        "train",
+        help="train from a recipe and/or --field value flags (reca train --help lists every field)",
+        add_help=False,
     )
-    train_parser.add_argument("recipe", help="a recipe YAML file, e.g. recipes/janus/tiny_demo.yaml")
+    commands.add_parser("env", help="print the versions and devices a bug report needs")
     validate_parser = commands.add_parser("validate", help="check a recipe without loading weights")
     validate_parser.add_argument("recipe")
     validate_parser.add_argument(
@@ -386,15 +469,10 @@ def main(argv: list[str] | None = None) -> None:
             "of the public InternVL3-*-hf and SANA checkpoints into an OpenUniModel folder.",
         )
     )
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "train":
-        if any(arg.partition("=")[0] == "--accelerate_config" for arg in rest):
-            launch(args.recipe, rest)
-        else:
-            train(args.recipe, rest)
+    args = parser.parse_args(argv)
+    if args.command == "env":
+        print(environment())
         return
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "convert":
         from .models.openuni.convert import run
 

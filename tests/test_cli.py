@@ -1,3 +1,5 @@
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -84,3 +86,42 @@ def test_validate_check_images_names_every_unreadable_file(tmp_path, capsys):
         main(["validate", str(recipe), "--check-images"])
     err = capsys.readouterr().err
     assert "1 problem(s)" in err and "cut.png" in err and "good" not in err.replace(str(folder), "")
+
+
+def test_train_help_lists_every_field(capsys):
+    main(["train", "--help"])
+    text = capsys.readouterr().out
+    missing = [f.name for f in dataclasses.fields(RecAConfig) if f.init and f"--{f.name}" not in text]
+    assert not missing
+
+
+def test_a_run_from_flags_alone_with_list_flags(tmp_path, capsys):
+    main(["train", "--model_name_or_path", "tiny:janus", "--dataset_name", "synthetic_shapes", "--max_steps", "1",
+          "--output_dir", str(tmp_path / "run"), "--report_to", "none", "--num_reconstruction_images", "0",
+          "--freeze", "model.vqmodel", "model.vision_model", "--save_strategy", "no"])  # fmt: skip
+    run = json.loads((tmp_path / "run" / "reca_run.json").read_text())
+    assert run["settings"]["freeze"].startswith("['model.vqmodel', 'model.vision_model']")
+    assert parse_recipe(None, ["--lora_target_modules", "q_proj", "v_proj"]).lora_target_modules == ["q_proj", "v_proj"]
+    assert parse_recipe(None, ["--lora_target_modules", "generation"]).lora_target_modules == "generation"
+
+
+def test_version_env_and_one_line_errors(capsys):
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert "reca_hf" in capsys.readouterr().out
+    main(["env"])
+    out = capsys.readouterr().out
+    assert "torch:" in out and "transformers:" in out and "devices:" in out
+    unknown = [
+        "train",
+        "--model_name_or_path",
+        "tiny:nosuch",
+        "--dataset_name",
+        "synthetic_shapes",
+        "--report_to",
+        "none",
+    ]
+    with pytest.raises(SystemExit, match=r"^reca: ValueError: .*nosuch.*\n\(run `reca --debug"):
+        main(unknown)
+    with pytest.raises(ValueError, match="nosuch"):  # --debug: the exception itself, with its traceback
+        main(["--debug", *unknown])

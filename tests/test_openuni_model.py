@@ -237,18 +237,18 @@ def test_converter_puts_each_checkpoint_key_where_the_key_map_says(public_parts,
 
 def test_converter_refuses_an_unknown_key(public_parts, released, tmp_path):
     state = dict(released, **{"connector.position_embedding.weight": torch.zeros(8, 64)})
-    with pytest.raises(ValueError, match=r"not in the OpenUni key map: 'connector.position_embedding.weight'"):
+    with pytest.raises(SystemExit, match=r"reca: ValueError: .*not in the OpenUni key map: 'connector.position_embedding.weight'"):
         _convert(public_parts, state, tmp_path)
 
 
 @pytest.mark.parametrize("dropped", ["connector.layers.1.mlp.fc2.bias", "connector.layers.0.mlp.fc1.weight"])
 def test_converter_refuses_a_missing_key(public_parts, released, tmp_path, dropped):
     state = {k: v for k, v in released.items() if k != dropped}
-    with pytest.raises(ValueError, match=rf"lacks (1 keys the model needs: )?'{re.escape(dropped)}'"):
+    with pytest.raises(SystemExit, match=rf"lacks (1 keys the model needs: )?'{re.escape(dropped)}'"):
         _convert(public_parts, state, tmp_path)
 
 
 def test_converter_refuses_a_partial_transformer(public_parts, released, tmp_path):
     state = {k: v for k, v in released.items() if k != "transformer.proj_out.bias"}
-    with pytest.raises(ValueError, match=r"'transformer.proj_out.bias'"):
+    with pytest.raises(SystemExit, match=r"'transformer.proj_out.bias'"):
         _convert(public_parts, state, tmp_path)
