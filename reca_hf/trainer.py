@@ -109,12 +109,15 @@ class RecATrainer(HubResilienceMixin, Trainer):
         t2i_dataset=None,
         **kwargs,
     ):
+        follow_transformers_logging(getattr(args, "log_level", "passive"))
         if isinstance(model, str):
             model_id = model
             model, loaded_processor = load_model_and_processor(model, getattr(args, "model_dtype", "float32"))
             processing_class = processing_class if processing_class is not None else loaded_processor
         else:
             model_id = getattr(model.config, "_name_or_path", None) or model.config.model_type
+            if processing_class is None:
+                processing_class = processor_of(model)
         args = _as_reca_config(args, model_id)
         self.adapter = get_adapter(model, processing_class)
         check_run(args, self.adapter)  # what the config cannot check alone: the same checks as `reca validate`
@@ -153,7 +156,8 @@ class RecATrainer(HubResilienceMixin, Trainer):
         self._add_grid_callback(train_dataset)
         self.collapse_detector = self._collapse_detector(eval_dataset)
         if self.is_world_process_zero():
-            print(format_table(self.parameter_table, f"RecA parameters ({self.adapter.name}, freeze={args.freeze!r})"))
+            title = f"RecA parameters ({self.adapter.name}, freeze={args.freeze!r})"
+            logger.info("%s", format_table(self.parameter_table, title))
 
     # ---- callbacks ----
 
@@ -428,6 +432,39 @@ class RecATrainer(HubResilienceMixin, Trainer):
     def _write_run_card(self, folder, run: dict[str, Any]) -> None:
         if self.is_world_process_zero():
             write_run_card(folder, run, self.state.log_history)
+
+
+def processor_of(model) -> Any:
+    """The processor of a model instance, loaded from where the model was (``config._name_or_path``); a model
+    built in code has none to load, which is an error naming the fix."""
+    import transformers
+
+    name = getattr(model.config, "_name_or_path", None)
+    if name and (Path(name).expanduser().is_dir() or is_hub_id(name)):
+        try:
+            return transformers.AutoProcessor.from_pretrained(name)
+        except (OSError, ValueError) as error:
+            problem = f"loading its processor from {name!r} failed ({type(error).__name__}: {error})"
+    else:
+        problem = "the model was not loaded from a folder or a Hub id, so there is no processor to load"
+    raise ValueError(
+        f"processing_class=None: {problem}. Pass the model's processor: RecATrainer(model, ..., "
+        "processing_class=AutoProcessor.from_pretrained(...)) (for tiny_umm models, the processor it returns)."
+    )
+
+
+def follow_transformers_logging(log_level: str = "passive") -> None:
+    """Make reca_hf's loggers log where transformers' do, and ``log_level`` set reca_hf's level with
+    transformers' (``"passive"`` changes no level), so that ``--log_level info`` shows reca_hf's INFO too."""
+    from transformers.utils import logging as hf_logging
+
+    library = logging.getLogger("reca_hf")
+    if log_level != "passive":  # "passive" leaves every level as the user (or a test harness) set it
+        hf_logging.set_verbosity(hf_logging.log_levels[log_level])
+        library.setLevel(hf_logging.log_levels[log_level])
+    for handler in hf_logging.get_logger("transformers").handlers:
+        if handler not in library.handlers:
+            library.addHandler(handler)
 
 
 def _as_reca_config(args, model_id: str) -> RecAConfig:

@@ -92,13 +92,14 @@ def test_missing_image_column_is_named(make_args, tiny_janus, shapes, tmp_path):
 def test_defaults_collator_warning_and_table(tiny_janus, shapes, tmp_path, caplog, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model, processor = tiny_janus
-    with caplog.at_level(logging.WARNING, logger="reca_hf"):
+    with caplog.at_level(logging.INFO, logger="reca_hf"):
         trainer = RecATrainer(model, train_dataset=shapes, processing_class=processor)
     assert isinstance(trainer.data_collator, RecACollator)
     assert trainer.args.remove_unused_columns is False
     assert "image-to-text" in caplog.text
-    printed = capsys.readouterr().out
-    assert "tokenizers" in printed and "generation" in printed
+    table = [r.getMessage() for r in caplog.records if r.name == "reca_hf.trainer" and r.levelno == logging.INFO]
+    assert any("tokenizers" in message and "generation" in message for message in table)  # logged, not printed
+    assert "tokenizers" not in capsys.readouterr().out
     converted = RecATrainer(model, args=TrainingArguments(output_dir=str(tmp_path / "o"), hub_token="secret"),
                             train_dataset=shapes, processing_class=processor)  # fmt: skip
     assert converted.args.hub_token == "secret" and converted.args.condition_resolution == "auto"
@@ -181,3 +182,25 @@ def test_dataloader_workers_give_the_same_losses_and_prompts(make_args, shapes):
     in_process = run(0)
     assert len(in_process) == 3
     assert run(2) == pytest.approx(in_process, abs=1e-6)
+
+
+def test_log_level_reaches_reca_hf_and_a_missing_processor_is_an_error_at_construction(make_args, tiny_janus, shapes,
+                                                                                         tmp_path):  # fmt: skip
+    from transformers.utils import logging as hf_logging
+
+    model, processor = tiny_janus
+    before = hf_logging.get_verbosity()
+    try:
+        RecATrainer(model, args=make_args(log_level="info"), train_dataset=shapes, processing_class=processor)
+        library = logging.getLogger("reca_hf")
+        assert library.getEffectiveLevel() == logging.INFO
+        assert set(hf_logging.get_logger("transformers").handlers) <= set(library.handlers)
+    finally:
+        hf_logging.set_verbosity(before)
+    with pytest.raises(ValueError, match=r"processing_class=None: .*Pass the model's processor"):
+        RecATrainer(model, args=make_args(), train_dataset=shapes)  # built in code: nothing to load
+    model.save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    loaded = type(model).from_pretrained(tmp_path / "base")
+    trainer = RecATrainer(loaded, args=make_args(), train_dataset=shapes)  # the processor comes from the folder
+    assert trainer.processing_class is not None and trainer.adapter.processor is trainer.processing_class
