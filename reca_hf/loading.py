@@ -50,4 +50,6 @@ def model_class_from_name(name: str) -> type:
     try:
         return getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as error:
-        raise ValueError(f"model_class={name!r} cannot be imported ({error}); name a class as 'package.module.Class'")
+        raise ValueError(
+            f"model_class={name!r} cannot be imported ({error}); name a class as 'package.module.Class'"
+        ) from error
