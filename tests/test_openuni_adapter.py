@@ -138,6 +138,22 @@ def test_text_to_image_uses_the_authors_prompt_and_trains_the_generation_side(sh
     assert all(p.grad is None for p in model.lmm.parameters())
 
 
+def test_text_to_image_and_guided_reconstruction_sample_with_the_null_prompt(tiny, shapes):
+    """CFG 4.5 against "Generate an image." (the authors' sampler); the same seed gives the same images."""
+    model, _, adapter = tiny
+    first = adapter.text_to_image(["a red circle", "a blue square"], seed=0, num_inference_steps=2)
+    again = adapter.text_to_image(["a red circle", "a blue square"], seed=0, num_inference_steps=2)
+    plain = adapter.text_to_image(["a red circle", "a blue square"], seed=0, num_inference_steps=2, guidance_scale=1)
+    assert [im.size for im in first] == [(32, 32)] * 2
+    assert [im.tobytes() for im in first] == [im.tobytes() for im in again]
+    assert first[0].tobytes() != plain[0].tobytes()  # guidance changes the sample
+    guided = adapter.reconstruct([shapes[0]["image"]], guidance_scale=3.0, seed=0)
+    assert (
+        guided[0].size == (32, 32)
+        and guided[0].tobytes() != adapter.reconstruct([shapes[0]["image"]], seed=0)[0].tobytes()
+    )
+
+
 def test_views_are_cut_from_one_centred_square(tiny):
     """A wide image red | green | blue: both views hold the green centre only; other adapters still pad."""
     _, _, adapter = tiny
