@@ -183,8 +183,8 @@ class ViewSpec:
             raise ValueError(f"target_fit={self.target_fit!r}: choose one of {TARGET_FITS}.")
 
     def square(self, image: Image.Image, resolution: int) -> Image.Image:
-        """``image`` as a square of side ``resolution`` under this spec's fit (no bottleneck): the
-        text-to-image target and the understanding view."""
+        """``image`` as a square of side ``resolution`` under this spec's fit, without the bottleneck (the
+        text-to-image target)."""
         if self.target_fit == "center_crop":
             return fit(center_square(image), resolution)
         return pad_to_square(image, resolution, self.background)

@@ -11,6 +11,7 @@ then commit the JSON with a note on why it moved.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import warnings
@@ -24,7 +25,7 @@ from reca_hf import RecACollator
 from reca_hf.adapters import LossNoise, OpenUniAdapter, get_adapter
 from reca_hf.cli import main as reca
 from reca_hf.freeze import apply_freeze, parameter_table
-from reca_hf.images import ViewSpec
+from reca_hf.images import ViewSpec, load_image
 from reca_hf.loading import load_model_and_processor
 from reca_hf.lora import prepare_peft_model
 from reca_hf.testing import tiny_umm
@@ -169,6 +170,14 @@ def test_views_are_cut_from_one_centred_square(tiny):
     assert padded.target_fit == "pad" and len(padded.target_view(image).getcolors()) > 1
     with pytest.raises(ValueError, match="target_fit='stretch'"):
         ViewSpec(64, 32, target_fit="stretch")
+
+
+def test_a_centre_cropped_jpeg_is_drafted_on_its_shorter_side():
+    """The crop is the shorter side, so JPEG draft decoding must keep that side at the view size."""
+    encoded = io.BytesIO()
+    Image.new("RGB", (512, 128), "red").save(encoded, format="JPEG")
+    assert load_image(encoded.getvalue(), draft=64).size == (64, 16)  # "pad": the longer side decides
+    assert load_image(encoded.getvalue(), draft=64, fit="center_crop").size == (256, 64)
 
 
 def test_a_saved_folder_loads_through_the_dotted_model_class(tiny, shapes, tmp_path):
