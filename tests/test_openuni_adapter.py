@@ -170,6 +170,9 @@ def test_views_are_cut_from_one_centred_square(tiny):
     assert padded.target_fit == "pad" and len(padded.target_view(image).getcolors()) > 1
     with pytest.raises(ValueError, match="target_fit='stretch'"):
         ViewSpec(64, 32, target_fit="stretch")
+    assert adapter.resolve_resolutions("auto", "auto") == (64, 32)  # one InternViT tile; the DC-AE's side
+    with pytest.raises(ValueError, match="generation_resolution=30: must be a multiple of 4"):
+        adapter.resolve_resolutions("auto", 30)
 
 
 def test_a_centre_cropped_jpeg_is_drafted_on_its_shorter_side():
