@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from reca_hf import RecACollator
+from reca_hf import RecACollator, RecATrainer
 from reca_hf.adapters import LossNoise, OpenUniAdapter, get_adapter
 from reca_hf.cli import main as reca
 from reca_hf.freeze import apply_freeze, parameter_table
@@ -183,11 +183,14 @@ def test_a_centre_cropped_jpeg_is_drafted_on_its_shorter_side():
     assert load_image(encoded.getvalue(), draft=64, fit="center_crop").size == (256, 64)
 
 
-def test_a_saved_folder_loads_through_the_dotted_model_class(tiny, shapes, tmp_path):
+def test_a_saved_folder_loads_through_the_dotted_model_class(tiny, shapes, make_args, tmp_path):
     model, processor, adapter = tiny
-    model.save_pretrained(tmp_path)
-    processor.tokenizer.save_pretrained(tmp_path)  # what `reca convert openuni` writes beside the model
-    loaded, tokenizer = load_model_and_processor(str(tmp_path))
+    folder = tmp_path / "openuni"
+    model.save_pretrained(folder)
+    processor.tokenizer.save_pretrained(folder)  # what `reca convert openuni` writes beside the model
+    trainer = RecATrainer(str(folder), args=make_args(collapse_action="off"), train_dataset=shapes)
+    assert type(trainer.model).__name__ == "OpenUniModel" and trainer.adapter.name == "openuni"
+    loaded, tokenizer = load_model_and_processor(str(folder))
     assert type(loaded).__name__ == "OpenUniModel" == OpenUniAdapter.model_class.rsplit(".", 1)[1]
     again = get_adapter(loaded.eval(), tokenizer)
     batch = _collated(adapter, shapes, n=2)
