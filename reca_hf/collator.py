@@ -132,7 +132,7 @@ class RecACollator:
             )
         value = example[self.image_column]
         try:
-            return load_image(value, self.max_image_pixels, draft)
+            return load_image(value, self.max_image_pixels, draft, self.views.target_fit)
         except Exception as error:
             file = source_file(value)
             where = f" (file {file})" if file else ""
@@ -232,7 +232,7 @@ class RecACollator:
         resolution = self.views.generation_resolution
         rows, images = self._decoded(examples, resolution)
         indices = [row[INDEX_KEY] for row in rows]
-        targets = [pad_to_square(image, resolution, self.views.background) for image in images]
+        targets = [self.views.square(image, resolution) for image in images]
         dropped = [self.sampler.draw(index, self.epoch)[1] for index in indices]
         captions = [
             self.adapter.null_prompt if drop else self._text(row, self._report_index(row), TEXT_TO_IMAGE)[1]

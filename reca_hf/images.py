@@ -6,9 +6,11 @@ by an upscale back (``"blur"``: same token count, less information). Without it,
 condition and target share one representation learns to copy pixels instead of semantics.
 The *target view* is what the generation loss reconstructs, at the generation resolution.
 
-Aspect policy (both views): the longer side is resized to the view's resolution and the image is
-padded to a square with the model processor's background colour, which is what the Janus image
-processor does for understanding. Nothing is cropped away.
+Aspect policy (both views, ``ViewSpec.target_fit``): ``"pad"`` (the default) resizes the longer side to
+the view's resolution and pads to a square with the model processor's background colour, which is what
+the Janus image processor does for understanding; nothing is cropped away. ``"center_crop"`` first cuts
+the centred square of the shorter side, so both views come from the same crop (OpenUni's authors cut a
+random square; a fixed centre crop keeps the views reproducible).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from PIL import Image, ImageOps
 logger = logging.getLogger(__name__)
 
 BOTTLENECKS = ("resize", "blur", "none")
+TARGET_FITS = ("pad", "center_crop")
 _HIGH_BIT_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0}
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own warning threshold: a 0.25 GiB RGB image
 _DERIVE_RATIO = 2  # a smaller view is resized from a larger one at least this much larger (see ViewSpec.views)
@@ -90,16 +93,19 @@ def open_image(value: Any, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.
     return image
 
 
-def load_image(value: Any, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, draft: int | None = None) -> Image.Image:
+def load_image(
+    value: Any, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, draft: int | None = None, fit: str = "pad"
+) -> Image.Image:
     """Decode one dataset value (see :func:`open_image`) to an RGB image, EXIF orientation applied.
 
     ``draft``: the largest view side that will be made from the image. JPEGs are then decoded at the
-    smallest DCT scale (1/2, 1/4, 1/8) whose longer side is still at least ``draft``, several times
-    faster than a full decode and, after the view's resize, within a few levels of it.
+    smallest DCT scale (1/2, 1/4, 1/8) whose longer side (shorter side, for ``fit="center_crop"``, whose
+    square crop is that side) is still at least ``draft``, several times faster than a full decode and,
+    after the view's resize, within a few levels of it.
     """
     image = open_image(value, max_pixels)
     if draft is not None and image.format == "JPEG" and not isinstance(value, Image.Image):
-        scale = draft / max(image.size)
+        scale = draft / (min(image.size) if fit == "center_crop" else max(image.size))
         image.draft(image.mode, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
     try:
         image.load()  # decode now, so a truncated or corrupt file fails here and not later
@@ -131,6 +137,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def pad_to_square(image: Image.Image, resolution: int, background: tuple[int, int, int]) -> Image.Image:
     """Resize the longer side to ``resolution`` and centre the image on a square background."""
     return _pad(fit(image, resolution), resolution, background)
+
+
+def center_square(image: Image.Image) -> Image.Image:
+    """The centred square of ``image``'s shorter side (the image itself when it is square)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return image.crop((left, top, left + side, top + side))
 
 
 def fit(image: Image.Image, resolution: int) -> Image.Image:
@@ -165,10 +181,20 @@ class ViewSpec:
     bottleneck: str = "resize"
     blur_factor: int = 4
     background: tuple[int, int, int] = (127, 127, 127)
+    target_fit: str = "pad"  # "pad" or "center_crop" (both views from the same centred square)
 
     def __post_init__(self):
         if self.bottleneck not in BOTTLENECKS:
             raise ValueError(f"condition_bottleneck={self.bottleneck!r}: choose one of {BOTTLENECKS}.")
+        if self.target_fit not in TARGET_FITS:
+            raise ValueError(f"target_fit={self.target_fit!r}: choose one of {TARGET_FITS}.")
+
+    def square(self, image: Image.Image, resolution: int) -> Image.Image:
+        """``image`` as a square of side ``resolution`` under this spec's fit, without the bottleneck (the
+        text-to-image target)."""
+        if self.target_fit == "center_crop":
+            return fit(center_square(image), resolution)
+        return pad_to_square(image, resolution, self.background)
 
     def condition_view(self, image: Image.Image) -> Image.Image:
         return self.views(image)[0]
@@ -186,8 +212,11 @@ class ViewSpec:
 
         Views of one size share one resize. A smaller view is resized from the larger one's content when
         that is at least twice its size (a bicubic downscale from 2x or more above the target size is
-        within a level or two of one from the source), else from the source.
+        within a level or two of one from the source), else from the source. Under ``target_fit=
+        "center_crop"`` the source is the centred square, so the condition is cut from the target's crop.
         """
+        if self.target_fit == "center_crop":
+            image = center_square(image)
         larger, smaller = sorted((self.condition_resolution, self.generation_resolution), reverse=True)
         big = fit(image, larger)
         small = big if smaller == larger else fit(big if larger >= _DERIVE_RATIO * smaller else image, smaller)
@@ -286,7 +315,8 @@ def resolve_views(
 ) -> ViewSpec:
     """The views of a run: ``"auto"`` resolved for this model, both resolutions checked, the shortcut guarded."""
     condition, generation = adapter.resolve_resolutions(condition_resolution, generation_resolution)
-    views = ViewSpec(condition, generation, bottleneck, blur_factor, adapter.background_color)
+    fit_policy = getattr(adapter, "target_fit", "pad")  # an adapter's class attribute, e.g. OpenUni's centre crop
+    views = ViewSpec(condition, generation, bottleneck, blur_factor, adapter.background_color, fit_policy)
     check_shortcut(adapter, views, allow_shortcut)
     return views
 

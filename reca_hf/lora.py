@@ -88,13 +88,18 @@ def resolve_target_modules(adapter: UMMAdapter | type[UMMAdapter], targets: str 
 
 
 def lora_config(adapter: UMMAdapter, args) -> LoraConfig:
-    """The `LoraConfig` that the `RecAConfig` LoRA fields describe."""
+    """The `LoraConfig` that the `RecAConfig` LoRA fields describe.
+
+    An adapter's ``lora_modules_to_save`` (trainable parts that are not Linear layers, e.g. OpenUni's
+    meta-queries) become PEFT's ``modules_to_save``: trained in full and saved with the LoRA weights.
+    """
     return LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         target_modules=resolve_target_modules(adapter, args.lora_target_modules),
         exclude_modules=protected_modules(adapter),
+        modules_to_save=list(getattr(adapter, "lora_modules_to_save", ())) or None,
         bias="none",
     )
 

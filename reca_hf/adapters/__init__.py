@@ -14,6 +14,7 @@ from .base import (
 from .emu3 import Emu3Adapter
 from .flow import FlowAdapter, FlowLatentsAdapter
 from .janus import JanusAdapter
+from .openuni import OpenUniAdapter
 from .targets import GenerationTarget, LossNoise
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "GenerationTarget",
     "JanusAdapter",
     "LossNoise",
+    "OpenUniAdapter",
     "UMMAdapter",
     "adapter_class_for",
     "get_adapter",
