@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .adapters.base import AUTO, UMMAdapter
@@ -24,6 +25,7 @@ from .prompts import PromptSampler, load_prompts
 from .tasks import IMAGE_TO_TEXT, INDEX_KEY, RECONSTRUCTION, TASK_KEY, TASKS, TEXT_TO_IMAGE, caption_column_in
 
 logger = logging.getLogger(__name__)
+_CROP_STREAM = 1  # keeps the crop draws apart from the instruction draws of the same (seed, epoch, row)
 BAD_IMAGE_POLICIES = ("error", "skip")
 
 
@@ -119,6 +121,13 @@ class RecACollator:
             index, self._rows_seen = self._rows_seen, self._rows_seen + 1
         return int(index)
 
+    def crop_position(self, index: int) -> float | None:
+        """Where a ``random_crop`` view cuts row ``index``'s square this epoch, drawn from (seed, epoch, row) like
+        its instruction, so workers and resumed runs cut the same crops; None for the other fits."""
+        if self.views.target_fit != "random_crop":
+            return None
+        return float(np.random.default_rng([self.sampler.seed, self.epoch, index, _CROP_STREAM]).random())
+
     def add_sources(self, sources: dict[str, Any]) -> None:
         """Register the datasets (by name, from :func:`~reca_hf.data.as_source`) that bad rows are replaced from."""
         self.sources.update({name: dataset for name, dataset in sources.items() if dataset is not None})
@@ -208,7 +217,9 @@ class RecACollator:
         indices = [row[INDEX_KEY] for row in rows]
         draws = [self.sampler.draw(index, self.epoch) for index in indices]
         instructions = [instruction for instruction, _ in draws]
-        conditions, targets = zip(*(self.views.views(image) for image in images))
+        conditions, targets = zip(
+            *(self.views.views(image, self.crop_position(index)) for image, index in zip(images, indices))
+        )
         batch = self.adapter.prepare(list(conditions), list(targets), instructions)
         batch["dataset_index"] = torch.tensor(indices)
         batch["prompt_dropped"] = torch.tensor([dropped for _, dropped in draws])

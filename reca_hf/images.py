@@ -9,8 +9,9 @@ The *target view* is what the generation loss reconstructs, at the generation re
 Aspect policy (both views, ``ViewSpec.target_fit``): ``"pad"`` (the default) resizes the longer side to
 the view's resolution and pads to a square with the model processor's background colour, which is what
 the Janus image processor does for understanding; nothing is cropped away. ``"center_crop"`` first cuts
-the centred square of the shorter side, so both views come from the same crop (OpenUni's authors cut a
-random square; a fixed centre crop keeps the views reproducible).
+the centred square of the shorter side, so both views come from the same crop; ``"random_crop"`` cuts a
+square at a position the collator draws from (seed, epoch, row), as OpenUni's authors do (the views of the
+grid and the probe, which have no row, use the centred square).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from PIL import Image, ImageOps
 logger = logging.getLogger(__name__)
 
 BOTTLENECKS = ("resize", "blur", "none")
-TARGET_FITS = ("pad", "center_crop")
+TARGET_FITS = ("pad", "center_crop", "random_crop")
+CROP_FITS = ("center_crop", "random_crop")  # the fits that cut a square of the shorter side
 _HIGH_BIT_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0}
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own warning threshold: a 0.25 GiB RGB image
 _DERIVE_RATIO = 2  # a smaller view is resized from a larger one at least this much larger (see ViewSpec.views)
@@ -105,7 +107,7 @@ def load_image(
     """
     image = open_image(value, max_pixels)
     if draft is not None and image.format == "JPEG" and not isinstance(value, Image.Image):
-        scale = draft / (min(image.size) if fit == "center_crop" else max(image.size))
+        scale = draft / (min(image.size) if fit in CROP_FITS else max(image.size))
         image.draft(image.mode, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
     try:
         image.load()  # decode now, so a truncated or corrupt file fails here and not later
@@ -139,13 +141,14 @@ def pad_to_square(image: Image.Image, resolution: int, background: tuple[int, in
     return _pad(fit(image, resolution), resolution, background)
 
 
-def center_square(image: Image.Image) -> Image.Image:
-    """The centred square of ``image``'s shorter side (the image itself when it is square)."""
+def center_square(image: Image.Image, position: float = 0.5) -> Image.Image:
+    """A square of ``image``'s shorter side, at ``position`` (0: left or top .. 1: right or bottom; 0.5, the
+    centre) along its longer side (the image itself when it is square)."""
     width, height = image.size
     if width == height:
         return image
     side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
+    left, top = round((width - side) * position), round((height - side) * position)
     return image.crop((left, top, left + side, top + side))
 
 
@@ -181,7 +184,7 @@ class ViewSpec:
     bottleneck: str = "resize"
     blur_factor: int = 4
     background: tuple[int, int, int] = (127, 127, 127)
-    target_fit: str = "pad"  # "pad" or "center_crop" (both views from the same centred square)
+    target_fit: str = "pad"  # "pad", "center_crop" or "random_crop" (both views from the same square)
 
     def __post_init__(self):
         if self.bottleneck not in BOTTLENECKS:
@@ -192,7 +195,7 @@ class ViewSpec:
     def square(self, image: Image.Image, resolution: int) -> Image.Image:
         """``image`` as a square of side ``resolution`` under this spec's fit, without the bottleneck (the
         text-to-image target)."""
-        if self.target_fit == "center_crop":
+        if self.target_fit in CROP_FITS:
             return fit(center_square(image), resolution)
         return pad_to_square(image, resolution, self.background)
 
@@ -207,16 +210,17 @@ class ViewSpec:
         """The largest view side: what an image needs to be decoded at (see :func:`load_image`'s ``draft``)."""
         return max(self.condition_resolution, self.generation_resolution)
 
-    def views(self, image: Image.Image) -> tuple[Image.Image, Image.Image]:
+    def views(self, image: Image.Image, crop_position: float | None = None) -> tuple[Image.Image, Image.Image]:
         """``(condition view, target view)`` of ``image`` with as few resizes as exactness allows.
 
         Views of one size share one resize. A smaller view is resized from the larger one's content when
         that is at least twice its size (a bicubic downscale from 2x or more above the target size is
         within a level or two of one from the source), else from the source. Under ``target_fit=
-        "center_crop"`` the source is the centred square, so the condition is cut from the target's crop.
+        "center_crop"`` the source is the centred square, under ``"random_crop"`` the square at
+        ``crop_position`` (centred when None), so the condition is cut from the target's crop.
         """
-        if self.target_fit == "center_crop":
-            image = center_square(image)
+        if self.target_fit in CROP_FITS:
+            image = center_square(image, 0.5 if crop_position is None else crop_position)
         larger, smaller = sorted((self.condition_resolution, self.generation_resolution), reverse=True)
         big = fit(image, larger)
         small = big if smaller == larger else fit(big if larger >= _DERIVE_RATIO * smaller else image, smaller)

@@ -155,17 +155,29 @@ def test_text_to_image_and_guided_reconstruction_sample_with_the_null_prompt(tin
     )
 
 
-def test_views_are_cut_from_one_centred_square(tiny):
-    """A wide image red | green | blue: both views hold the green centre only; other adapters still pad."""
+def test_views_are_cut_from_one_square_drawn_per_row_and_epoch(tiny):
+    """A wide image red | green | blue: each row's crop is drawn from (seed, epoch, row), and both views come
+    from that one square; the grid's and the probe's views (no row) hold the green centre only."""
     _, _, adapter = tiny
     image = Image.new("RGB", (96, 32), "red")
     image.paste(Image.new("RGB", (32, 32), (0, 255, 0)), (32, 0))
     image.paste(Image.new("RGB", (32, 32), "blue"), (64, 0))
     views = adapter.default_views()
-    assert views.target_fit == "center_crop"
+    assert views.target_fit == "random_crop"
     for view in views.views(image):
         assert {colour for _, colour in view.getcolors()} == {(0, 255, 0)}
     assert views.square(image, 16).getcolors() == [(256, (0, 255, 0))]
+    for position, colour in ((0.0, (255, 0, 0)), (1.0, (0, 0, 255))):  # the square at either end
+        condition, target = views.views(image, position)
+        assert [c for _, c in condition.getcolors()] == [colour] and [c for _, c in target.getcolors()] == [colour]
+    collator = RecACollator(adapter, seed=3)
+    positions = [collator.crop_position(row) for row in range(32)]
+    assert positions == [RecACollator(adapter, seed=3).crop_position(row) for row in range(32)]  # reproducible
+    assert len(set(positions)) == 32 and 0 <= min(positions) and max(positions) <= 1
+    collator.epoch = 1
+    assert [collator.crop_position(row) for row in range(32)] != positions  # a fresh crop each epoch
+    batch = collator([{"image": image, "__reca_index__": row} for row in range(8)])
+    assert batch["target_pixel_values"].shape[0] == 8
     padded = get_adapter(*tiny_umm("janus")).default_views()
     assert padded.target_fit == "pad" and len(padded.target_view(image).getcolors()) > 1
     with pytest.raises(ValueError, match="target_fit='stretch'"):

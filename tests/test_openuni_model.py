@@ -237,7 +237,9 @@ def test_converter_puts_each_checkpoint_key_where_the_key_map_says(public_parts,
 
 def test_converter_refuses_an_unknown_key(public_parts, released, tmp_path):
     state = dict(released, **{"connector.position_embedding.weight": torch.zeros(8, 64)})
-    with pytest.raises(SystemExit, match=r"reca: ValueError: .*not in the OpenUni key map: 'connector.position_embedding.weight'"):
+    with pytest.raises(
+        SystemExit, match=r"reca: ValueError: .*not in the OpenUni key map: 'connector.position_embedding.weight'"
+    ):
         _convert(public_parts, state, tmp_path)
 
 

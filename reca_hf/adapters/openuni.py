@@ -11,8 +11,8 @@ no dynamic tiling); the target is the DC-AE latents of the generation view (512 
 flow matching (:meth:`OpenUniModel.flow_loss`: uniform timesteps on the training grid, shift 1, velocity
 target ``eps - x0``, mean per sample).
 
-Views: both come from the centred square of the image (``target_fit = "center_crop"``); the authors cut a
-*random* square, which reca_hf's deterministic views do not offer.
+Views: both come from one square of the image, cut at a position drawn from (seed, epoch, row) as the authors
+cut a random square (``target_fit = "random_crop"``); the grid and the probe use the centred square.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class OpenUniAdapter(UMMAdapter):
     default_freeze = ("lmm", "vae")  # the authors freeze InternVL in every stage
     null_prompt = "Generate an image."  # the authors' unconditional prompt for classifier-free guidance
     default_cond_dropout_prob = 0.0  # the authors' reconstruction data has no prompt dropout
-    target_fit = "center_crop"  # both views from one square crop (the authors' crop is random)
+    target_fit = "random_crop"  # both views from one random square crop, as the authors
     text_to_image_template = "Generate an image: {caption}"
     lora_generation_targets = (
         r"transformer\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)",
