@@ -99,6 +99,7 @@ def _unknown_keys(recipe: dict) -> list[str]:
 
 def train(recipe: str | None, overrides: list[str]) -> None:
     from .data import load_image_dataset
+    from .freeze import format_table
     from .hub import HubPushError
     from .trainer import RecATrainer
 
@@ -130,6 +131,11 @@ def train(recipe: str | None, overrides: list[str]) -> None:
             )
     trainer = RecATrainer(config.model_name_or_path, args=config, train_dataset=dataset, **extra)
     _check_processes_train_together(trainer)
+    main_process = trainer.is_world_process_zero()  # the summary lines are the main process's alone
+    if main_process:
+        print(
+            format_table(trainer.parameter_table, f"RecA parameters ({trainer.adapter.name}, freeze={config.freeze!r})")
+        )
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_state()
     try:
@@ -138,6 +144,8 @@ def train(recipe: str | None, overrides: list[str]) -> None:
         raise SystemExit(f"reca train: {error}") from None
     if not config.push_to_hub:
         trainer.create_model_card()
+    if not main_process:
+        return
     for name in ("reconstruction_loss", "image_to_text_loss", "text_to_image_loss"):
         losses = [log[name] for log in trainer.state.log_history if name in log]
         if losses:

@@ -34,7 +34,8 @@ def test_demo_recipe_trains_two_steps(tmp_path, capsys):
     )
     for name in ("model.safetensors", "config.json", "trainer_state.json", "README.md", "reconstructions.png"):
         assert (out / name).is_file(), name
-    assert "reconstruction_loss:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "reconstruction_loss:" in printed and "tokenizers" in printed  # the summary and the parameter table
 
 
 def test_unknown_recipe_key_is_named(tmp_path):
