@@ -199,6 +199,16 @@ class UMMAdapter:
         """The views of ``"auto"`` resolutions with the default bottleneck."""
         return resolve_views(self)
 
+    def text_tokenizer(self):
+        """The processor's tokenizer, or the processor itself when it is a tokenizer (an error naming
+        ``processing_class`` when the adapter has neither)."""
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        if tokenizer is None:
+            raise ValueError(
+                f"the {self.name} architecture adapter needs the model's tokenizer or processor: pass processing_class=..."
+            )
+        return tokenizer
+
     @property
     def background_color(self) -> tuple[int, int, int]:
         """Colour used to pad images to a square (the model processor's, where it has one)."""

@@ -81,27 +81,21 @@ class FlowAdapter(UMMAdapter):
 
     # ---- CPU face ----
 
-    def _tokenizer(self):
-        tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        if tokenizer is None:
-            raise ValueError(f"the {self.name} adapter needs the model's tokenizer: pass processing_class=...")
-        return tokenizer
-
     def format_prompt(self, instruction: str, num_condition_tokens: int) -> str:
-        tokenizer = self._tokenizer()
+        tokenizer = self.text_tokenizer()
         slots = tokenizer.image_token * num_condition_tokens
         image = f"{tokenizer.boi_token}{slots}{tokenizer.eoi_token} " if num_condition_tokens else ""
         return f"<|User|>: {image}{instruction.strip()}\n\n<|Assistant|>:"
 
     def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        tokenizer = self._tokenizer()
+        tokenizer = self.text_tokenizer()
         sequences = [tokenizer(text)["input_ids"] for text in texts]
         return left_pad(sequences, tokenizer.pad_token_id)
 
     def prepare(self, condition_images, target_images, instructions) -> dict[str, torch.Tensor]:
         num_slots = self.num_condition_tokens(condition_images[0].size[0])
         input_ids, attention_mask = self._encode([self.format_prompt(text, num_slots) for text in instructions])
-        image_token = self._tokenizer().convert_tokens_to_ids(self._tokenizer().image_token)
+        image_token = self.text_tokenizer().convert_tokens_to_ids(self.text_tokenizer().image_token)
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,

@@ -93,17 +93,9 @@ class OpenUniAdapter(UMMAdapter):
 
     # ---- CPU face ----
 
-    def _tokenizer(self):
-        tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        if tokenizer is None:
-            raise ValueError(
-                f"the {self.name} adapter needs the InternVL tokenizer (or processor): pass processing_class=..."
-            )
-        return tokenizer
-
     def format_prompt(self, instruction: str, with_image: bool) -> str:
         """The authors' prompt, ending at the ``<img>`` the meta-queries follow."""
-        tokenizer = self._tokenizer()
+        tokenizer = self.text_tokenizer()
         start = getattr(tokenizer, "start_image_token", None) or _START_IMAGE
         end = getattr(tokenizer, "end_image_token", None) or _END_IMAGE
         context = getattr(tokenizer, "context_image_token", None) or _CONTEXT_IMAGE
@@ -111,7 +103,7 @@ class OpenUniAdapter(UMMAdapter):
         return f"<|im_start|>user\n{image}{instruction.strip()}<|im_end|>\n<|im_start|>assistant\n{start}"
 
     def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        tokenizer = self._tokenizer()
+        tokenizer = self.text_tokenizer()
         sequences = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
         return left_pad(sequences, tokenizer.pad_token_id)  # the authors left-pad too
 
