@@ -57,6 +57,17 @@ def run_errors(args: RecAConfig, adapter: UMMAdapter | None = None) -> list[str]
     return file_errors(args) + (model_errors(args, adapter) if adapter is not None else [])
 
 
+def bf16_without_accelerator(args: RecAConfig) -> str | None:
+    """Why a ``bf16`` run would train on the CPU without having asked to (None when it would not)."""
+    if not getattr(args, "_bf16_without_accelerator", False):
+        return None
+    return (
+        "bf16=True, but no bf16-capable accelerator (a CUDA GPU or a TPU) is visible to this process, so the run "
+        "would train on the CPU. To train on the CPU on purpose, set use_cpu: true (bf16 autocast on the CPU) or "
+        "bf16: false; on a GPU machine, check that torch sees the GPU (reca env, CUDA_VISIBLE_DEVICES)."
+    )
+
+
 def check_run(args: RecAConfig, adapter: UMMAdapter) -> None:
     """Raise one ValueError listing every problem of :func:`run_errors` (the trainer calls this first)."""
     errors = run_errors(args, adapter)

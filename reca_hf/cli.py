@@ -279,6 +279,13 @@ def validate(recipe: str, check_images: bool = False) -> list[str]:
     return errors
 
 
+def _bf16_note(recipe: str) -> str | None:
+    """On a machine without an accelerator, what training a bf16 recipe here would need (validating is fine)."""
+    from .checks import bf16_without_accelerator
+
+    return bf16_without_accelerator(parse_recipe(recipe))
+
+
 def _image_errors(config) -> list[str]:
     """Every image of the recipe's datasets that does not decode, by dataset field, row and file."""
     from .data import find_bad_images, load_image_dataset
@@ -497,6 +504,9 @@ def _main(argv: list[str]) -> None:
                 print(f"  - {error}", file=sys.stderr)
             raise SystemExit(1)
         print(f"{args.recipe}: OK")
+        note = _bf16_note(args.recipe)
+        if note:
+            print(f"note: {note}")
 
 
 if __name__ == "__main__":

@@ -188,7 +188,8 @@ class RecAConfig(TrainingArguments):
 
     Defaults that differ from [`~transformers.TrainingArguments`]: `remove_unused_columns=False` (the
     collator needs the image column), `learning_rate=1e-5`, `adam_beta2=0.95`, `logging_steps=10`.
-    With `bf16=True` on a machine without a bf16-capable accelerator, `use_cpu` is set (CPU autocast).
+    With `bf16=True` on a machine without a bf16-capable accelerator the config still builds (recipes validate
+    on a laptop), but training refuses to run on the CPU unless `use_cpu=True` asks for it.
     """
 
     _VALID_DICT_FIELDS = [
@@ -483,8 +484,10 @@ class RecAConfig(TrainingArguments):
         self.normalise()
         errors = self.reca_errors()
         if self.bf16 and not self.use_cpu and not _bf16_accelerator_available():
-            logger.info("bf16=True with no bf16-capable accelerator: training on the CPU (use_cpu=True).")
+            # So that a GPU recipe still builds (and validates) on a laptop; training refuses it unless use_cpu was
+            # asked for (reca_hf.checks.bf16_without_accelerator).
             self.use_cpu = True
+            self._bf16_without_accelerator = True
         try:
             super().__post_init__()
         except ValueError as error:

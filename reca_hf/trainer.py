@@ -18,7 +18,7 @@ from . import __version__
 from .adapters import get_adapter, unwrap_model
 from .callbacks import CollapseDetector, PromptEpochCallback, ReconstructionGridCallback
 from .cards import PAPER_ID, PAPER_TITLE
-from .checks import check_run
+from .checks import bf16_without_accelerator, check_run
 from .collator import RecACollator, resolve_dropout
 from .config import RecAConfig
 from .data import ROW_KEY, SOURCE_KEY, synthetic_shapes
@@ -316,6 +316,9 @@ class RecATrainer(HubResilienceMixin, Trainer):
         self._metrics[mode].clear()
 
     def train(self, *args, **kwargs):
+        problem = bf16_without_accelerator(self.args)  # the config allows it, so that recipes validate anywhere
+        if problem:
+            raise ValueError(problem)
         self._train_start_time = time.time()
         return super().train(*args, **kwargs)
 

@@ -92,3 +92,24 @@ def test_bf16_runs_on_the_cpu_only_without_a_bf16_accelerator(tmp_path, monkeypa
     args = RecAConfig(output_dir=str(tmp_path), bf16=True, report_to="none")
     assert args.bf16 and args.use_cpu is not accelerator
     assert RecAConfig(output_dir=str(tmp_path), report_to="none").use_cpu is False  # no bf16: nothing changes
+
+
+def test_bf16_without_an_accelerator_validates_but_refuses_to_train(tmp_path, monkeypatch, capsys, tiny_janus, shapes):
+    from reca_hf import RecATrainer
+    from reca_hf import config as config_module
+    from reca_hf.cli import main
+
+    monkeypatch.setattr(config_module, "_bf16_accelerator_available", lambda: False)
+    model, processor = tiny_janus
+    args = RecAConfig(output_dir=str(tmp_path), bf16=True, report_to="none", max_steps=1, save_strategy="no")
+    trainer = RecATrainer(model, args=args, train_dataset=shapes, processing_class=processor)
+    with pytest.raises(ValueError, match=r"bf16=True, but no bf16-capable accelerator.*use_cpu: true"):
+        trainer.train()
+    on_purpose = RecAConfig(output_dir=str(tmp_path), bf16=True, use_cpu=True, report_to="none", max_steps=1,
+                            save_strategy="no", num_reconstruction_images=0)  # fmt: skip
+    RecATrainer(model, args=on_purpose, train_dataset=shapes, processing_class=processor).train()
+    recipe = tmp_path / "bf16.yaml"
+    recipe.write_text(open("recipes/janus/tiny_demo.yaml").read() + "\nbf16: true\n")
+    main(["validate", str(recipe)])  # a bf16 recipe still validates on a laptop, with a note
+    out = capsys.readouterr().out
+    assert "OK" in out and "note: bf16=True" in out
