@@ -111,3 +111,16 @@ def test_the_flow_model_trains_through_the_trainer_with_its_detector(make_args, 
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
     readings = [log for log in trainer.state.log_history if "condition_gain" in log]
     assert readings and trainer.collapse_detector.fired_at_step is None
+
+
+def test_activation_checkpointing_reaches_the_diffusers_transformer_with_the_same_gradients(shapes):
+    model, adapter, batch = _batch("flow", shapes)
+    noise = LossNoise(seed=1)
+    model.train()
+    adapter.loss(model, batch, noise=noise).backward()
+    expected = model.transformer.proj_out.weight.grad.clone()
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    assert model.transformer.gradient_checkpointing
+    adapter.loss(model, batch, noise=noise).backward()
+    assert torch.allclose(model.transformer.proj_out.weight.grad, expected, atol=1e-6)

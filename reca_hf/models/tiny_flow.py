@@ -178,10 +178,6 @@ class TinyFlowModel(PreTrainedModel):
             return
         super()._init_weights(module)
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None):
-        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func)
-        self.transformer.gradient_checkpointing = enable  # the diffusers part has its own flag
-
 
 class TinyFlowLatentsConfig(TinyFlowConfig):
     """:class:`TinyFlowConfig` whose condition is the autoencoder's latents (its own model type, so that
