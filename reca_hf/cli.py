@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -29,6 +30,17 @@ def _recipe_path(recipe: str) -> Path:
     if shipped.is_file():
         return shipped
     raise SystemExit(f"reca: recipe {recipe!r} not found (also looked in {resource_dir('recipes')})")
+
+
+def import_beside_recipe(recipe: Path, adapter: str | None) -> None:
+    """Make a module next to the recipe importable when the recipe's ``adapter`` names a class in it
+    (``adapter: my_umm:MyUMMAdapter`` beside ``my_umm.py``) and it is not importable already."""
+    if not adapter or (":" not in adapter and "." not in adapter):
+        return
+    top = adapter.partition(":")[0].partition(".")[0]
+    folder = recipe.resolve().parent
+    if importlib.util.find_spec(top) is None and ((folder / f"{top}.py").is_file() or (folder / top).is_dir()):
+        sys.path.insert(0, str(folder))
 
 
 LIST_FIELDS = ("freeze", "lora_target_modules")  # fields a list of space-separated flag values can set
@@ -87,6 +99,7 @@ def parse_recipe(recipe: str | None, overrides: list[str] | None = None):
                 "(only RecAConfig and TrainingArguments fields are allowed; check the spelling)"
             ) from None
         raise SystemExit(f"reca: {path}: {error}") from None
+    import_beside_recipe(path, config.adapter)
     return config
 
 
@@ -273,6 +286,7 @@ def validate(recipe: str, check_images: bool = False) -> list[str]:
     except (ValueError, TypeError) as error:
         errors += [line.removeprefix("- ") for line in str(error).splitlines() if line != "Invalid RecAConfig:"]
         return errors
+    import_beside_recipe(path, config.adapter)
     errors += _model_errors(config) + _dataset_errors(config)
     if check_images and not errors:
         errors += _image_errors(config)
@@ -309,7 +323,7 @@ def _image_errors(config) -> list[str]:
 
 def _model_errors(config) -> list[str]:
     """The trainer's own checks of the fields that need the model (reca_hf.checks), on its config alone."""
-    from .adapters import get_adapter
+    from .adapters import adapter_class_for, get_adapter, resolve_adapter_class
     from .checks import file_errors, run_errors
     from .loading import TINY_PREFIX
 
@@ -317,16 +331,21 @@ def _model_errors(config) -> list[str]:
     if not name:
         return ["model_name_or_path is not set: give a hub id, a local folder or 'tiny:janus'", *file_errors(config)]
     try:
+        cls = resolve_adapter_class(config.adapter) if config.adapter is not None else None
         if name.startswith(TINY_PREFIX):
             from .testing import tiny_umm
 
             model, processor = tiny_umm(name[len(TINY_PREFIX) :])
-            adapter = get_adapter(model.config, processor)
+            adapter = get_adapter(model.config, processor, adapter=config.adapter)
         else:
-            from transformers import AutoConfig
+            from transformers import PretrainedConfig
 
-            adapter = get_adapter(AutoConfig.from_pretrained(name))
-    except ValueError as error:
+            options = {"trust_remote_code": config.trust_remote_code, "revision": config.model_revision}
+            if cls is None:
+                values, _ = PretrainedConfig.get_config_dict(name, revision=config.model_revision)
+                cls = adapter_class_for(values.get("model_type"))
+            adapter = cls(cls.load_config(name, **options))
+    except (ValueError, TypeError) as error:
         return [*str(error).splitlines(), *file_errors(config)]
     except OSError as error:
         return [f"model_name_or_path={name!r}: its config could not be read ({error})", *file_errors(config)]

@@ -24,6 +24,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 COLLAPSE_ACTIONS = ("warn", "stop", "off")
 TASK_LOSS_REDUCTIONS = ("sample_mean", "task_mean", "sum")
 LORA_TARGET_MODES = ("generation", "generation+llm")
+# An adapter name ('janus') or a class path ('my_pkg.my_module:MyAdapter', 'my_pkg.my_module.MyAdapter').
+_ADAPTER_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*(:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*)?$")
 TINY_PREFIX = "tiny:"  # model_name_or_path "tiny:<arch>": the architecture's tiny builder
 _JSON_FIELDS = ("reconstruction_kwargs", "task_ratios", "task_weights", "eval_results")
 
@@ -43,6 +45,18 @@ class RecAConfig(TrainingArguments):
         model_dtype (`str`, *optional*, defaults to `"float32"`):
             Dtype the weights are loaded in: 'float32' (use with bf16/fp16 mixed precision), 'bfloat16', 'float16'
             or 'auto' (the checkpoint's own dtype).
+        adapter (`str` or `None`, *optional*, defaults to `None`):
+            Architecture adapter of the model: a registered name ('janus', or one an installed plug-in registers
+            through the 'reca_hf.adapters' entry points) or a class as 'my_pkg.my_module:MyAdapter'. Unset: detected
+            from the model config's model_type.
+        trust_remote_code (`bool`, *optional*, defaults to `False`):
+            Allow loading a model (and processor) whose code lives in its Hub repository; the code runs on this
+            machine, so only for repositories you trust.
+        model_revision (`str` or `None`, *optional*, defaults to `None`):
+            Revision of the model to load: a branch, a tag or a commit hash (unset: the default branch).
+        attn_implementation (`str` or `None`, *optional*, defaults to `None`):
+            Attention implementation the model is loaded with, e.g. 'eager', 'sdpa' or 'flash_attention_2' (unset:
+            transformers' default).
         dataset_name (`str` or `None`, *optional*, defaults to `None`):
             Training images: a datasets hub id, a local dataset folder (save_to_disk), a folder of image files, or
             'synthetic_shapes' (coloured shapes built in code, no download).
@@ -213,6 +227,34 @@ class RecAConfig(TrainingArguments):
         metadata={
             "help": "Dtype the weights are loaded in: 'float32' (use with bf16/fp16 mixed precision), 'bfloat16', "
             "'float16' or 'auto' (the checkpoint's own dtype)."
+        },
+    )
+    adapter: str | None = field(
+        default=None,
+        metadata={
+            "help": "Architecture adapter of the model: a registered name ('janus', or one an installed plug-in "
+            "registers through the 'reca_hf.adapters' entry points) or a class as 'my_pkg.my_module:MyAdapter'. "
+            "Unset: detected from the model config's model_type."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow loading a model (and processor) whose code lives in its Hub repository; the code runs on "
+            "this machine, so only for repositories you trust."
+        },
+    )
+    model_revision: str | None = field(
+        default=None,
+        metadata={
+            "help": "Revision of the model to load: a branch, a tag or a commit hash (unset: the default branch)."
+        },
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Attention implementation the model is loaded with, e.g. 'eager', 'sdpa' or "
+            "'flash_attention_2' (unset: transformers' default)."
         },
     )
     dataset_name: str | None = field(
@@ -535,6 +577,11 @@ class RecAConfig(TrainingArguments):
             errors.append(f"cond_dropout_prob={dropout!r}: use 'auto' or a probability in [0, 1), e.g. 0.1.")
         errors += self._freeze_errors()
         errors += _choice_error("model_dtype", self.model_dtype, DTYPES)
+        if self.adapter is not None and not _ADAPTER_RE.match(str(self.adapter)):
+            errors.append(
+                f"adapter={self.adapter!r}: use a registered adapter name such as 'janus' or a class as "
+                "'my_pkg.my_module:MyAdapter'."
+            )
         if not isinstance(self.num_reconstruction_images, int) or self.num_reconstruction_images < 0:
             errors.append(f"num_reconstruction_images={self.num_reconstruction_images!r}: use 0 or a positive integer.")
         for name in _JSON_FIELDS:

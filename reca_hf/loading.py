@@ -1,14 +1,23 @@
-"""Loading a model and its processor from a hub id, a local folder, or a tiny built-in spec."""
+"""Loading a model and its processor from a hub id, a local folder, or a tiny built-in spec.
+
+The architecture adapter decides how (:meth:`reca_hf.adapters.UMMAdapter.load`); the functions here are its
+default: ``from_pretrained`` for transformers classes, and for a plain ``torch.nn.Module`` with a config object
+the folder convention ``RecATrainer`` saves (``config.json`` from the config, ``model.safetensors``).
+"""
 
 from __future__ import annotations
 
-import importlib
+import dataclasses
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .adapters import adapter_class_for
 from .config import TINY_PREFIX, looks_like_repo_id
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
 
 
 def is_hub_id(name: str | None) -> bool:
@@ -17,39 +26,162 @@ def is_hub_id(name: str | None) -> bool:
     return looks_like_repo_id(name) and not Path(name).expanduser().exists()
 
 
-def load_model_and_processor(name_or_path: str, dtype: str = "float32"):
+def load_model_and_processor(
+    name_or_path: str,
+    dtype: str = "float32",
+    *,
+    adapter=None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    attn_implementation: str | None = None,
+):
     """Return ``(model, processor)`` for ``name_or_path``.
 
-    ``"tiny:<arch>"`` builds :func:`reca_hf.testing.tiny_umm`; anything else goes through
-    ``from_pretrained`` with the class the detected adapter names: a transformers class name, or a dotted
-    import path for models outside transformers (``"reca_hf.models.openuni.OpenUniModel"``).
+    ``"tiny:<arch>"`` builds :func:`reca_hf.testing.tiny_umm`; anything else goes through the architecture
+    adapter's :meth:`~reca_hf.adapters.UMMAdapter.load`: the adapter ``adapter`` names (a registered name, an
+    installed plug-in's, or ``"my_pkg.my_module:MyAdapter"``), else the one that handles the ``model_type`` of
+    the checkpoint's ``config.json``. The keyword arguments pass through to that loading.
     """
+    from .adapters import adapter_class_for, resolve_adapter_class
+
+    cls = resolve_adapter_class(adapter) if adapter is not None else None  # importing it may register its tiny
     if name_or_path.startswith(TINY_PREFIX):
         from .testing import tiny_umm
 
         return tiny_umm(name_or_path[len(TINY_PREFIX) :])
+    if cls is None:
+        import transformers
+
+        # The model type from config.json alone: a class outside transformers registers its config on import.
+        config, _ = transformers.PretrainedConfig.get_config_dict(name_or_path, revision=revision)
+        cls = adapter_class_for(config.get("model_type"))
+    options = {"trust_remote_code": trust_remote_code, "revision": revision}
+    if attn_implementation is not None:
+        options["attn_implementation"] = attn_implementation
+    return cls.load(name_or_path, dtype, **options)
+
+
+def load_pretrained(
+    model_class: str | type,
+    name_or_path: str,
+    dtype: str = "float32",
+    *,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    attn_implementation: str | None = None,
+):
+    """The default of :meth:`UMMAdapter.load`: ``model_class.from_pretrained`` (or :func:`load_module` for a plain
+    ``torch.nn.Module`` class) and ``AutoProcessor.from_pretrained``, with the options passed through."""
     import transformers
 
-    # The model type from config.json alone: a class outside transformers registers its config on import.
-    config, _ = transformers.PretrainedConfig.get_config_dict(name_or_path)
-    model_class = model_class_from_name(adapter_class_for(config.get("model_type")).model_class)
+    model_class = model_class_from_name(model_class) if isinstance(model_class, str) else model_class
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    model = model_class.from_pretrained(name_or_path, dtype=torch_dtype)
-    processor = transformers.AutoProcessor.from_pretrained(name_or_path)
+    if _is_transformers_class(model_class):
+        extra = {"attn_implementation": attn_implementation} if attn_implementation is not None else {}
+        model = model_class.from_pretrained(
+            name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code, revision=revision, **extra
+        )
+    else:
+        model = load_module(model_class, name_or_path, torch_dtype, revision=revision)
+    processor = transformers.AutoProcessor.from_pretrained(
+        name_or_path, trust_remote_code=trust_remote_code, revision=revision
+    )
     return model, processor
+
+
+def load_pretrained_config(
+    model_class: str | type, name_or_path: str, *, trust_remote_code: bool = False, revision: str | None = None
+):
+    """The default of :meth:`UMMAdapter.load_config`: the config alone, as ``model_class`` reads it."""
+    import transformers
+
+    model_class = model_class_from_name(model_class) if isinstance(model_class, str) else model_class
+    if _is_transformers_class(model_class):
+        return transformers.AutoConfig.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, revision=revision
+        )
+    return config_from_dict(model_class, json.loads(Path(_file(name_or_path, CONFIG_FILE, revision)).read_text()))
 
 
 def model_class_from_name(name: str) -> type:
     """The class an adapter's ``model_class`` names: ``"JanusForConditionalGeneration"`` (in transformers) or
-    a dotted path ``"package.module.Class"``."""
-    if "." not in name:
+    a dotted path ``"package.module.Class"`` (``"package.module:Class"`` also works)."""
+    if "." not in name and ":" not in name:
         import transformers
 
         return getattr(transformers, name)
-    module_name, _, class_name = name.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(
-            f"model_class={name!r} cannot be imported ({error}); name a class as 'package.module.Class'"
-        ) from error
+    from .adapters.base import import_object
+
+    return import_object(name, "model_class")
+
+
+def _is_transformers_class(model_class: type) -> bool:
+    """True for the classes ``from_pretrained`` loads: ``PreTrainedModel`` subclasses and the Auto classes."""
+    from transformers import PreTrainedModel
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
+
+    return issubclass(model_class, PreTrainedModel | _BaseAutoModelClass)
+
+
+# ---- plain torch.nn.Module models: config.json from the config object, model.safetensors ----
+
+
+def config_to_dict(config) -> dict[str, Any]:
+    """A plain module's config object as the JSON ``config.json`` holds: its ``to_dict()``, or its fields for a
+    dataclass, plus its ``model_type`` (by which the adapter is found again) when it has one."""
+    if callable(getattr(config, "to_dict", None)):
+        values = dict(config.to_dict())
+    elif dataclasses.is_dataclass(config):
+        values = dataclasses.asdict(config)
+    else:
+        raise TypeError(
+            f"the model's config ({type(config).__name__}) has no to_dict() and is not a dataclass: it cannot be "
+            "saved as config.json; make it a dataclass or give it to_dict() and from_dict()"
+        )
+    model_type = getattr(config, "model_type", None)
+    if model_type is not None:
+        values.setdefault("model_type", model_type)
+    return values
+
+
+def config_from_dict(model_class: type, values: dict[str, Any]):
+    """Rebuild a plain module's config from ``config.json``: ``model_class.config_class`` (its ``from_dict``,
+    or its constructor with the dataclass fields it declares)."""
+    config_class = getattr(model_class, "config_class", None)
+    if config_class is None:
+        raise TypeError(
+            f"{model_class.__name__} is a plain torch.nn.Module without a config_class attribute: set config_class "
+            "to its config's class so that a saved folder can rebuild it"
+        )
+    if callable(getattr(config_class, "from_dict", None)):
+        return config_class.from_dict(values)
+    if dataclasses.is_dataclass(config_class):
+        names = {f.name for f in dataclasses.fields(config_class) if f.init}
+        values = {key: value for key, value in values.items() if key in names}
+    return config_class(**values)
+
+
+def save_module_config(model: torch.nn.Module, folder: str | Path) -> Path:
+    """Write ``config.json`` for a plain module (the Trainer saves its weights as ``model.safetensors``)."""
+    path = Path(folder) / CONFIG_FILE
+    path.write_text(json.dumps(config_to_dict(model.config), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def load_module(model_class: type, name_or_path: str, dtype: torch.dtype | str = torch.float32, *, revision=None):
+    """A plain ``torch.nn.Module`` from a folder (or Hub repo) with ``config.json`` and ``model.safetensors``:
+    ``model_class(config)`` with the saved weights loaded strictly."""
+    from safetensors.torch import load_model
+
+    config = config_from_dict(model_class, json.loads(Path(_file(name_or_path, CONFIG_FILE, revision)).read_text()))
+    model = model_class(config)
+    load_model(model, _file(name_or_path, WEIGHTS_FILE, revision), strict=True)
+    if dtype != "auto":
+        model.to(dtype)
+    return model
+
+
+def _file(name_or_path: str, filename: str, revision: str | None) -> str:
+    from transformers.utils import cached_file
+
+    return cached_file(name_or_path, filename, revision=revision)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainingArguments
 
 from . import __version__
 from .adapters import get_adapter, unwrap_model
@@ -25,7 +25,7 @@ from .data import ROW_KEY, SOURCE_KEY, synthetic_shapes
 from .freeze import apply_freeze, format_table, parameter_table
 from .hub import HubPushError, HubResilienceMixin, write_run_card
 from .images import ViewSpec, views_from_config
-from .loading import is_hub_id, load_model_and_processor
+from .loading import is_hub_id, load_model_and_processor, save_module_config
 from .lora import (
     check_publishable,
     leaves_understanding_intact,
@@ -112,14 +112,24 @@ class RecATrainer(HubResilienceMixin, Trainer):
         follow_transformers_logging(getattr(args, "log_level", "passive"))
         if isinstance(model, str):
             model_id = model
-            model, loaded_processor = load_model_and_processor(model, getattr(args, "model_dtype", "float32"))
+            model, loaded_processor = load_model_and_processor(
+                model,
+                getattr(args, "model_dtype", "float32"),
+                adapter=getattr(args, "adapter", None),
+                trust_remote_code=getattr(args, "trust_remote_code", False),
+                revision=getattr(args, "model_revision", None),
+                attn_implementation=getattr(args, "attn_implementation", None),
+            )
             processing_class = processing_class if processing_class is not None else loaded_processor
         else:
-            model_id = getattr(model.config, "_name_or_path", None) or model.config.model_type
+            config = getattr(model, "config", None)
+            model_id = (
+                getattr(config, "_name_or_path", None) or getattr(config, "model_type", None) or type(model).__name__
+            )
             if processing_class is None:
                 processing_class = processor_of(model)
         args = _as_reca_config(args, model_id)
-        self.adapter = get_adapter(model, processing_class)
+        self.adapter = get_adapter(model, processing_class, adapter=args.adapter)
         check_run(args, self.adapter)  # what the config cannot check alone: the same checks as `reca validate`
         self.base_model_id = args.base_model_id or model_id
         if data_collator is None:
@@ -320,7 +330,8 @@ class RecATrainer(HubResilienceMixin, Trainer):
         if problem:
             raise ValueError(problem)
         self._train_start_time = time.time()
-        return super().train(*args, **kwargs)
+        with _plain_config_tolerated(self.model):
+            return super().train(*args, **kwargs)
 
     # ---- outputs: the run record (reca_run.json) and the side files written from it ----
 
@@ -329,6 +340,11 @@ class RecATrainer(HubResilienceMixin, Trainer):
         if self.args.should_save:
             folder = Path(output_dir or self.args.output_dir)
             run = self.run_record()
+            base = unwrap_model(self.model)
+            if run["lora"] is None and not isinstance(base, PreTrainedModel):
+                # A plain torch.nn.Module: the Trainer saved its weights alone; its config makes the folder
+                # loadable again (reca_hf.loading.load_module).
+                save_module_config(base, folder)
             (folder / FREEZE_TABLE_FILE).write_text(json.dumps(run["parameter_table"], indent=2) + "\n")
             if run["lora"] is not None:
                 write_reca_adapter_file(folder, run)
@@ -437,12 +453,31 @@ class RecATrainer(HubResilienceMixin, Trainer):
             write_run_card(folder, run, self.state.log_history)
 
 
+@contextlib.contextmanager
+def _plain_config_tolerated(model: torch.nn.Module):
+    """Let a plain ``torch.nn.Module`` whose ``config`` is not a transformers config train: ``Trainer.train``
+    aligns the tokenizer's special tokens into any ``model.config`` and needs ``get_text_config()`` for that,
+    which such a config (a dataclass, say) does not have and has no use for."""
+    import transformers.trainer
+
+    config = getattr(unwrap_model(model), "config", None)
+    if config is None or hasattr(config, "get_text_config"):
+        yield
+        return
+    align = transformers.trainer.align_special_tokens
+    transformers.trainer.align_special_tokens = lambda model, processing_class: None
+    try:
+        yield
+    finally:
+        transformers.trainer.align_special_tokens = align
+
+
 def processor_of(model) -> Any:
     """The processor of a model instance, loaded from where the model was (``config._name_or_path``); a model
     built in code has none to load, which is an error naming the fix."""
     import transformers
 
-    name = getattr(model.config, "_name_or_path", None)
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
     if name and (Path(name).expanduser().is_dir() or is_hub_id(name)):
         try:
             return transformers.AutoProcessor.from_pretrained(name)

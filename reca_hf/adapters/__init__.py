@@ -2,11 +2,14 @@
 architecture registered with its tiny test builder."""
 
 from .base import (
+    ENTRY_POINT_GROUP,
     UMMAdapter,
     adapter_class_for,
     get_adapter,
+    load_entry_points,
     register_adapter,
     registered_adapters,
+    resolve_adapter_class,
     supported_model_types,
     tiny_builders,
     unwrap_model,
@@ -18,6 +21,7 @@ from .openuni import OpenUniAdapter
 from .targets import GenerationTarget, LossNoise
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "Emu3Adapter",
     "FlowAdapter",
     "FlowLatentsAdapter",
@@ -28,8 +32,10 @@ __all__ = [
     "UMMAdapter",
     "adapter_class_for",
     "get_adapter",
+    "load_entry_points",
     "register_adapter",
     "registered_adapters",
+    "resolve_adapter_class",
     "supported_model_types",
     "tiny_builders",
     "unwrap_model",

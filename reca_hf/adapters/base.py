@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
+import logging
 import re
+import types
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
@@ -29,6 +32,8 @@ from ..images import (
     shortcut_problem,
 )
 from .targets import GenerationTarget
+
+logger = logging.getLogger(__name__)
 
 CONDITION_RELATIONS = ("same", "derived", "separate")
 
@@ -114,6 +119,30 @@ class UMMAdapter:
         if target.is_tokens and target.codebook_size is None and self.codebook_size:
             target = dataclasses.replace(target, codebook_size=self.codebook_size)
         self.generation_target = target
+
+    # ---- loading: what `RecATrainer("id")` and `reca train` call ----------------------------------
+
+    @classmethod
+    def load(cls, name_or_path: str, dtype: str = "float32", **kwargs) -> tuple[torch.nn.Module, Any]:
+        """Load a checkpoint of this architecture: ``(model, processor)``.
+
+        The default loads :attr:`model_class` (a transformers class name or a dotted import path) with
+        ``from_pretrained``, and the processor with ``AutoProcessor``; a plain ``torch.nn.Module`` class is
+        rebuilt from the ``config.json`` and ``model.safetensors`` that ``RecATrainer`` saves (see
+        :func:`reca_hf.loading.load_module`). ``kwargs`` are ``trust_remote_code``, ``revision`` and
+        ``attn_implementation``. Override it for a model composed of parts that load separately.
+        """
+        from ..loading import load_pretrained
+
+        return load_pretrained(cls.model_class, name_or_path, dtype, **kwargs)
+
+    @classmethod
+    def load_config(cls, name_or_path: str, **kwargs):
+        """The model config of a checkpoint, without its weights (``reca validate`` builds the adapter on it);
+        ``kwargs`` are ``trust_remote_code`` and ``revision``. Override it together with :meth:`load`."""
+        from ..loading import load_pretrained_config
+
+        return load_pretrained_config(cls.model_class, name_or_path, **kwargs)
 
     def __getstate__(self):
         # Dataloader workers need the CPU face only: never pickle the model into them.
@@ -316,7 +345,7 @@ class UMMAdapter:
         conditions = [views.condition_view(load_image(image)) for image in images]
         instructions = [self.default_instruction if instruction is None else instruction] * len(conditions)
         guidance = self.default_guidance_scale if guidance_scale is None else guidance_scale
-        generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
+        generator = torch.Generator(device=model_device(model)).manual_seed(seed) if seed is not None else None
         with eval_mode(model):
             codes = self.sample_codes(
                 model, conditions, instructions, views, guidance, do_sample, temperature, generator
@@ -428,6 +457,14 @@ def answer_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Modul
     return torch.nn.functional.cross_entropy(logits.float(), labels[answer])
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's weights are (a plain ``torch.nn.Module`` has no ``.device``)."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
+
+
 def unwrap_model(model):
     """The transformers model under PEFT / DDP / compile wrappers (LoRA layers stay injected in it)."""
     while True:
@@ -441,11 +478,13 @@ def unwrap_model(model):
             return model
 
 
-# ---- registry --------------------------------------------------------------------------------
+# ---- registry ----------------------------------------------------------------------------------
 
 _REGISTRY: dict[str, type[UMMAdapter]] = {}
 _TINY_BUILDERS: dict[str, Callable[[int], tuple]] = {}
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+ENTRY_POINT_GROUP = "reca_hf.adapters"  # third-party packages register their adapters under this group
+_LOADED_ENTRY_POINTS: set[tuple[str, str]] = set()  # (name, value) of the entry points already loaded
 
 
 def register_adapter(
@@ -480,42 +519,143 @@ def register_adapter(
     return _register(cls) if cls is not None else _register
 
 
+def load_entry_points() -> list[str]:
+    """Import the adapters that installed packages declare in the ``reca_hf.adapters`` entry-point group.
+
+    Each entry point names an adapter class (``my_pkg.adapter:MyAdapter``, registered here) or a module that
+    registers its adapters on import (``my_pkg.adapter``). Called lazily: when a name or model type is not in
+    the registry, and when the registry is listed; each entry point is loaded once. One that fails to load is
+    skipped with a warning naming it. Returns the names of the entry points loaded by this call.
+    """
+    from importlib.metadata import entry_points
+
+    loaded = []
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        key = (entry_point.name, entry_point.value)
+        if key in _LOADED_ENTRY_POINTS:
+            continue
+        _LOADED_ENTRY_POINTS.add(key)
+        where = f"entry point {entry_point.name!r} = {entry_point.value!r} (group {ENTRY_POINT_GROUP!r}" + (
+            f", package {entry_point.dist.name})" if entry_point.dist is not None else ")"
+        )
+        try:
+            target = entry_point.load()
+            if isinstance(target, type) and issubclass(target, UMMAdapter):
+                register_adapter(target)
+            elif not isinstance(target, types.ModuleType):
+                raise TypeError(f"it names {target!r}, neither a UMMAdapter subclass nor a module")
+        except Exception as error:  # a broken plug-in must not break every other adapter
+            logger.warning("Skipped the RecA architecture adapter of %s: %s: %s", where, type(error).__name__, error)
+            continue
+        loaded.append(entry_point.name)
+    return loaded
+
+
 def registered_adapters() -> dict[str, type[UMMAdapter]]:
-    """A copy of the registry: adapter name -> class."""
+    """A copy of the registry, installed plug-ins included: adapter name -> class."""
+    load_entry_points()
     return dict(_REGISTRY)
 
 
 def tiny_builders() -> dict[str, Callable[[int], tuple]]:
-    """A copy of the registered tiny test builders: adapter name -> ``builder(seed) -> (model, processor)``."""
+    """A copy of the registered tiny test builders (plug-ins included): adapter name -> ``builder(seed) ->
+    (model, processor)``."""
+    load_entry_points()
     return dict(_TINY_BUILDERS)
 
 
 def supported_model_types() -> list[str]:
-    return sorted({t for cls in _REGISTRY.values() for t in cls.model_types})
+    return sorted({t for cls in registered_adapters().values() for t in cls.model_types})
 
 
-def adapter_class_for(model_type: str) -> type[UMMAdapter]:
-    """The adapter class handling ``model_type`` (first registered match) or a registry name."""
+def _find(model_type: str) -> type[UMMAdapter] | None:
     for cls in _REGISTRY.values():
         if model_type in cls.model_types:
             return cls
-    if model_type in _REGISTRY:
-        return _REGISTRY[model_type]
+    return _REGISTRY.get(model_type)
+
+
+def adapter_class_for(model_type: str) -> type[UMMAdapter]:
+    """The adapter class handling ``model_type`` (first registered match) or a registry name; installed
+    plug-ins (the ``reca_hf.adapters`` entry points) are looked at when the registry has none."""
+    cls = _find(model_type)
+    if cls is None and load_entry_points():
+        cls = _find(model_type)
+    if cls is not None:
+        return cls
     raise ValueError(
         f"no RecA adapter handles model_type={model_type!r}. Supported model types: "
         f"{', '.join(supported_model_types())}. Models outside this list need an adapter: "
-        "subclass reca_hf.adapters.UMMAdapter and call register_adapter."
+        "subclass reca_hf.adapters.UMMAdapter and register it (register_adapter, an entry point in the "
+        f"{ENTRY_POINT_GROUP!r} group, or adapter: 'my_pkg.my_module:MyAdapter')."
     )
 
 
-def get_adapter(model, processor=None) -> UMMAdapter:
-    """Build the adapter for ``model`` (a model instance or its config), detected from ``config.model_type``.
+def resolve_adapter_class(spec: str | type[UMMAdapter]) -> type[UMMAdapter]:
+    """The adapter class an explicit ``adapter`` setting names: a registered name (``"janus"``, installed
+    plug-ins included), a dotted import path (``"my_pkg.my_module:MyAdapter"`` or ``"my_pkg.my_module.MyAdapter"``)
+    or the class itself. An imported class not yet registered is registered, so detection finds it later."""
+    if isinstance(spec, type):
+        cls = spec
+    elif not isinstance(spec, str) or not spec:
+        raise TypeError(
+            f"adapter={spec!r}: name a registered adapter ('janus') or a class ('my_pkg.my_module:MyAdapter')"
+        )
+    elif ":" not in spec and "." not in spec:
+        if spec not in _REGISTRY:
+            load_entry_points()
+        if spec not in _REGISTRY:
+            raise ValueError(
+                f"adapter={spec!r} is not a registered architecture adapter; registered: "
+                f"{', '.join(sorted(_REGISTRY))}. Name a class as 'my_pkg.my_module:MyAdapter', or install the "
+                f"package whose {ENTRY_POINT_GROUP!r} entry point provides it."
+            )
+        return _REGISTRY[spec]
+    else:
+        cls = import_object(spec, "adapter")
+    if not (isinstance(cls, type) and issubclass(cls, UMMAdapter)):
+        raise TypeError(f"adapter={spec!r} names {cls!r}, which is not a reca_hf.adapters.UMMAdapter subclass")
+    if cls.name not in _REGISTRY:
+        register_adapter(cls)
+    return cls
+
+
+def import_object(path: str, field: str):
+    """The object a dotted path names: ``"package.module:name"`` or ``"package.module.name"``; a ValueError
+    naming ``field`` and the fix when it cannot be imported."""
+    module_name, sep, attribute = path.partition(":")
+    if not sep:
+        module_name, _, attribute = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(
+            f"{field}={path!r} cannot be imported ({type(error).__name__}: {error}); name it as "
+            "'package.module:Name' with the package installed or its folder on PYTHONPATH"
+        ) from error
+
+
+def get_adapter(model, processor=None, adapter: str | type[UMMAdapter] | None = None) -> UMMAdapter:
+    """Build the adapter for ``model`` (a model instance or its config), detected from ``config.model_type``
+    unless ``adapter`` names one (see :func:`resolve_adapter_class`).
 
     A model instance is bound to the adapter, so ``get_adapter(model, processor).reconstruct(images)`` works.
     """
-    config = getattr(unwrap_model(model), "config", None) if isinstance(model, torch.nn.Module) else model
+    is_module = isinstance(model, torch.nn.Module)
+    config = getattr(unwrap_model(model), "config", None) if is_module else model
     model_type = getattr(config, "model_type", None)
-    if model_type is None:
-        raise TypeError(f"get_adapter expects a transformers model or config, got {type(model).__name__}")
-    cls = adapter_class_for(model_type)
-    return cls(config, processor=processor, model=model if isinstance(model, torch.nn.Module) else None)
+    if adapter is not None:
+        cls = resolve_adapter_class(adapter)
+        if model_type is not None and model_type not in cls.model_types:
+            logger.warning(
+                "adapter=%r handles model types %s, but this model's config says model_type=%r: using it as asked.",
+                adapter, ", ".join(cls.model_types), model_type,
+            )  # fmt: skip
+    elif model_type is None:
+        raise TypeError(
+            f"get_adapter expects a model or config with a model_type, got {type(model).__name__}; "
+            "for a model without one, name its adapter (adapter=...)"
+        )
+    else:
+        cls = adapter_class_for(model_type)
+    return cls(config, processor=processor, model=model if is_module else None)
