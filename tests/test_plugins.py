@@ -3,6 +3,7 @@ and the worked example in examples/custom_umm."""
 
 import json
 import logging
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -214,6 +215,31 @@ def test_a_plain_nn_module_model_trains_saves_and_reloads_through_the_trainer(my
     assert torch.equal(
         adapter.loss(reloaded.eval(), batch, noise=noise), adapter.loss(model.eval(), batch, noise=noise)
     )
+
+
+@pytest.mark.slow
+def test_a_plain_nn_module_model_resumes_from_its_checkpoint(my_umm, make_args, shapes, tmp_path):
+    def run(resume):
+        model, tokenizer = tiny_umm("my_umm")
+        args = make_args(max_steps=4, save_strategy="steps", save_steps=2, output_dir=str(tmp_path / "run"))
+        RecATrainer(model, args=args, train_dataset=shapes, processing_class=tokenizer).train(
+            resume_from_checkpoint=resume
+        )
+        return model.state_dict()
+
+    straight = run(None)
+    shutil.rmtree(tmp_path / "run" / "checkpoint-4")
+    assert json.loads((tmp_path / "run" / "checkpoint-2" / "config.json").read_text())["model_type"] == "my_umm"
+    resumed = run(True)  # from checkpoint-2
+    assert all(torch.equal(resumed[k], v) for k, v in straight.items())
+
+
+def test_reca_validate_imports_the_example_adapter_from_beside_its_recipe(monkeypatch, fresh_registry):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "my_umm", raising=False)
+    assert validate(str(EXAMPLE / "recipe.yaml")) == []
+    assert str(EXAMPLE.resolve()) in sys.path and base._REGISTRY["my_umm"].__module__ == "my_umm"
+    sys.modules.pop("my_umm", None)
 
 
 def test_the_custom_umm_example_is_one_short_file_with_its_adapter(my_umm):
