@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import TINY_PREFIX, looks_like_repo_id
+
+logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -82,6 +85,11 @@ def load_pretrained(
             name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code, revision=revision, **extra
         )
     else:
+        if attn_implementation is not None:
+            logger.warning(
+                "attn_implementation=%r is ignored: %s is a plain torch.nn.Module, which chooses its own attention.",
+                attn_implementation, model_class.__name__,
+            )  # fmt: skip
         model = load_module(model_class, name_or_path, torch_dtype, revision=revision)
     processor = transformers.AutoProcessor.from_pretrained(
         name_or_path, trust_remote_code=trust_remote_code, revision=revision

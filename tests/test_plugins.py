@@ -49,6 +49,19 @@ class RenamedFlowAdapter(FlowAdapter):
     model_types = ("renamed_flow",)
 
 
+class ComposedFlowAdapter(FlowAdapter):
+    """An adapter whose load() builds its model itself, as one of a model composed of parts would."""
+
+    name = "composed_flow"
+    model_types = ("reca_tiny_flow",)
+    loads: list = []
+
+    @classmethod
+    def load(cls, name_or_path, dtype="float32", **kwargs):
+        cls.loads.append((name_or_path, dtype, kwargs))
+        return tiny_umm("flow", seed=3)
+
+
 @pytest.fixture
 def fresh_registry(monkeypatch):
     """The adapter registry as it is, restored after the test (plug-ins registered in it do not leak)."""
@@ -89,7 +102,13 @@ def _saved_flow_folder(folder: Path, model_type: str | None = None) -> Path:
 
 def _recipe(tmp_path, **values) -> Path:
     path = tmp_path / "recipe.yaml"
-    values = {"dataset_name": "synthetic_shapes", "output_dir": str(tmp_path / "out"), "report_to": "none", **values}
+    values = {
+        "dataset_name": "synthetic_shapes",
+        "output_dir": str(tmp_path / "out"),
+        "report_to": "none",
+        "dataloader_pin_memory": "false",
+        **values,
+    }
     path.write_text("\n".join(f"{key}: {value}" for key, value in values.items()) + "\n")
     return path
 
@@ -144,6 +163,32 @@ def test_an_explicit_adapter_wins_over_detection_in_the_trainer(fresh_registry, 
     assert type(trainer.adapter) is RenamedFlowAdapter
     assert "handles model types renamed_flow, but this model's config says model_type='reca_tiny_flow'" in caplog.text
     assert base._REGISTRY["renamed_flow"] is RenamedFlowAdapter  # registered, so detection finds it later
+
+
+def test_the_trainer_and_reca_train_load_through_the_adapter(fresh_registry, make_args, shapes, tmp_path):
+    ComposedFlowAdapter.loads.clear()
+    args = make_args(adapter="tests.test_plugins:ComposedFlowAdapter", model_dtype="bfloat16", max_steps=1)
+    trainer = RecATrainer("someone/composed-umm", args=args, train_dataset=shapes)
+    assert type(trainer.adapter) is ComposedFlowAdapter and trainer.base_model_id == "someone/composed-umm"
+    assert ComposedFlowAdapter.loads == [
+        ("someone/composed-umm", "bfloat16", {"trust_remote_code": False, "revision": None})
+    ]
+    recipe = _recipe(tmp_path, adapter="tests.test_plugins:ComposedFlowAdapter", model_name_or_path="someone/x",
+                     max_steps=1, max_train_samples=4, per_device_train_batch_size=4, collapse_action="'off'",
+                     num_reconstruction_images=0)  # fmt: skip
+    main(["train", str(recipe), "--model_revision", "v1", "--attn_implementation", "sdpa"])
+    assert ComposedFlowAdapter.loads[-1] == (
+        "someone/x",
+        "float32",
+        {"trust_remote_code": False, "revision": "v1", "attn_implementation": "sdpa"},
+    )
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_a_recipe_may_name_a_registered_adapter(tmp_path):
+    assert validate(str(_recipe(tmp_path, adapter="janus", model_name_or_path="tiny:janus"))) == []
+    errors = validate(str(_recipe(tmp_path, adapter="nope", model_name_or_path="tiny:janus")))
+    assert any("adapter='nope' is not a registered architecture adapter" in error for error in errors)
 
 
 def test_model_class_may_be_a_dotted_import_path():
