@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -141,11 +142,10 @@ def config_to_dict(config) -> dict[str, Any]:
         values = dict(config.to_dict())
     elif dataclasses.is_dataclass(config):
         values = dataclasses.asdict(config)
+    elif hasattr(config, "__dict__"):
+        values = dict(vars(config))
     else:
-        raise TypeError(
-            f"the model's config ({type(config).__name__}) has no to_dict() and is not a dataclass: it cannot be "
-            "saved as config.json; make it a dataclass or give it to_dict() and from_dict()"
-        )
+        raise TypeError(f"the model's config ({type(config).__name__}) has no to_dict(), fields or attributes")
     model_type = getattr(config, "model_type", None)
     if model_type is not None:
         values.setdefault("model_type", model_type)
@@ -155,7 +155,7 @@ def config_to_dict(config) -> dict[str, Any]:
 def config_from_dict(model_class: type, values: dict[str, Any]):
     """Rebuild a plain module's config from ``config.json``: ``model_class.config_class`` (its ``from_dict``,
     or its constructor with the dataclass fields it declares)."""
-    config_class = getattr(model_class, "config_class", None)
+    config_class = getattr(model_class, "config_class", None) or _init_config_type(model_class)
     if config_class is None:
         raise TypeError(
             f"{model_class.__name__} is a plain torch.nn.Module without a config_class attribute: set config_class "
@@ -169,10 +169,29 @@ def config_from_dict(model_class: type, values: dict[str, Any]):
     return config_class(**values)
 
 
-def save_module_config(model: torch.nn.Module, folder: str | Path) -> Path:
-    """Write ``config.json`` for a plain module (the Trainer saves its weights as ``model.safetensors``)."""
+def _init_config_type(model_class: type) -> type | None:
+    """The class annotated on the ``config`` argument of ``model_class.__init__``, if any."""
+    try:
+        hint = typing.get_type_hints(model_class.__init__).get("config")
+    except (NameError, TypeError):
+        return None
+    return hint if isinstance(hint, type) else None
+
+
+def save_module_config(model: torch.nn.Module, folder: str | Path) -> Path | None:
+    """Write ``config.json`` for a plain module (the Trainer saves its weights as ``model.safetensors``); a
+    config that cannot be written as JSON is a warning (the folder then holds the weights alone)."""
     path = Path(folder) / CONFIG_FILE
-    path.write_text(json.dumps(config_to_dict(model.config), indent=2, sort_keys=True) + "\n")
+    try:
+        text = json.dumps(config_to_dict(model.config), indent=2, sort_keys=True)
+    except (TypeError, ValueError, AttributeError) as error:
+        logger.warning(
+            "%s is a plain torch.nn.Module whose config cannot be written as %s (%s): %s holds its weights alone. "
+            "Make its config a dataclass of JSON values, or give it to_dict() and from_dict().",
+            type(model).__name__, CONFIG_FILE, error, folder,
+        )  # fmt: skip
+        return None
+    path.write_text(text + "\n")
     return path
 
 

@@ -1,6 +1,7 @@
 """Models and adapters from outside reca_hf: entry points, dotted paths, loading options, plain nn.Module models,
 and the worked example in examples/custom_umm."""
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -11,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from reca_hf import RecACollator, RecAConfig, RecATrainer
 from reca_hf.adapters import FlowAdapter, JanusAdapter, LossNoise, base, get_adapter, resolve_adapter_class
 from reca_hf.cli import main, validate
-from reca_hf.loading import load_model_and_processor, model_class_from_name
+from reca_hf.loading import load_model_and_processor, load_module, model_class_from_name, save_module_config
 from reca_hf.models.tiny_flow import TinyFlowModel
 from reca_hf.testing import tiny_umm
 
@@ -223,6 +224,34 @@ def test_loading_options_reach_from_pretrained(tmp_path, monkeypatch, make_args,
     calls.clear()
     load_model_and_processor(str(folder))
     assert calls["model"]["trust_remote_code"] is False and "attn_implementation" not in calls["model"]
+
+
+@dataclasses.dataclass
+class _LinearConfig:
+    width: int = 3
+
+
+class _Linear(torch.nn.Module):
+    """A plain module without config_class: its config's class comes from the annotation of ``config``."""
+
+    def __init__(self, config: _LinearConfig):
+        super().__init__()
+        self.config = config
+        self.layer = torch.nn.Linear(config.width, 2)
+
+
+def test_a_plain_module_folder_rebuilds_from_the_config_annotation_and_a_bad_config_warns(tmp_path, caplog):
+    model = _Linear(_LinearConfig(width=5))
+    assert save_module_config(model, tmp_path) == tmp_path / "config.json"
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    again = load_module(_Linear, str(tmp_path), torch.bfloat16)
+    assert again.config == model.config and again.layer.weight.dtype == torch.bfloat16
+    assert torch.equal(again.layer.weight, model.layer.weight.to(torch.bfloat16))
+    model.config = types.SimpleNamespace(width=object())
+    (tmp_path / "bad").mkdir()
+    with caplog.at_level(logging.WARNING, logger="reca_hf"):
+        assert save_module_config(model, tmp_path / "bad") is None
+    assert "cannot be written as config.json" in caplog.text and not (tmp_path / "bad" / "config.json").exists()
 
 
 @pytest.fixture
