@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from .adapters.base import UMMAdapter, eval_mode
 from .adapters.targets import LossNoise
@@ -35,6 +37,50 @@ class PromptEpochCallback(TrainerCallback):
         self.collator.epoch = epoch
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
+
+
+class RunTotals(TrainerCallback, ExportableState):
+    """What a run has done, over all its processes and all its resumed parts: the training samples per task
+    (``task_counts``, which the trainer adds to), the training wall time (:meth:`elapsed`) and the skipped
+    non-finite steps. Saved into every checkpoint's ``trainer_state.json`` (``stateful_callbacks``) and taken up
+    again when training resumes from one, so the card of a resumed run counts the whole run."""
+
+    def __init__(
+        self, task_counts: dict[str, int] | None = None, seconds: float = 0.0, nonfinite_skipped_steps: int = 0
+    ):
+        self.task_counts = dict(task_counts or {})
+        self.seconds = float(seconds)  # wall time of the parts that ended (or were checkpointed) before this one
+        self.nonfinite_skipped_steps = int(nonfinite_skipped_steps)
+        self._started: float | None = None
+
+    def elapsed(self) -> float | None:
+        """Training wall time in seconds, the earlier parts included; None before training started."""
+        if self._started is None:
+            return self.seconds or None
+        return self.seconds + time.time() - self._started
+
+    def state(self) -> dict:
+        return {
+            "args": {},
+            "attributes": {
+                "task_counts": dict(self.task_counts),
+                "seconds": self.elapsed() or 0.0,
+                "nonfinite_skipped_steps": self.nonfinite_skipped_steps,
+            },
+        }
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        saved = state.stateful_callbacks.get(type(self).__name__) if state.global_step > 0 else None
+        if saved:  # resumed from a checkpoint: continue its totals
+            attributes = (saved[0] if isinstance(saved, list) else saved).get("attributes", {})
+            self.task_counts = {**dict.fromkeys(self.task_counts, 0), **attributes.get("task_counts", {})}
+            self.seconds = float(attributes.get("seconds", 0.0))
+            self.nonfinite_skipped_steps = int(attributes.get("nonfinite_skipped_steps", 0))
+        self._started = time.time()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seconds = self.elapsed() or 0.0
+        self._started = None
 
 
 class ReconstructionGridCallback(TrainerCallback):
@@ -315,8 +361,7 @@ class CollapseDetector(TrainerCallback):
             return
         self._probe_due = False
         first = self.fired_at_step is None
-        detected = self.observe_probe(state.global_step, self.probe(model))
-        control.should_log = True  # log the probe's numbers at the step they were measured
+        detected = self.observe_probe(state.global_step, self.probe(model))  # logged with the next regular log
         if not detected:
             return
         if first and state.is_world_process_zero:

@@ -114,7 +114,7 @@ def train(recipe: str | None, overrides: list[str]) -> None:
     from .data import load_image_dataset
     from .freeze import format_table
     from .hub import HubPushError
-    from .trainer import RecATrainer
+    from .trainer import NonFiniteLossError, NonFiniteWeightsError, RecATrainer
 
     config = parse_recipe(recipe, overrides)
     if not config.model_name_or_path or not config.dataset_name:
@@ -149,11 +149,11 @@ def train(recipe: str | None, overrides: list[str]) -> None:
         print(
             format_table(trainer.parameter_table, f"RecA parameters ({trainer.adapter.name}, freeze={config.freeze!r})")
         )
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    trainer.save_state()
     try:
+        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+        trainer.save_state()
         trainer.save_model()  # with push_to_hub, also the final push (card included)
-    except HubPushError as error:
+    except (HubPushError, NonFiniteLossError, NonFiniteWeightsError) as error:
         raise SystemExit(f"reca train: {error}") from None
     if not config.push_to_hub:
         trainer.create_model_card()

@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 # Each set of choices, defined once.
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 COLLAPSE_ACTIONS = ("warn", "stop", "off")
+NONFINITE_ACTIONS = ("stop", "skip")
+RESUME_LATEST = ("true", "latest")  # resume_from_checkpoint values meaning the newest checkpoint in output_dir
 TASK_LOSS_REDUCTIONS = ("sample_mean", "task_mean", "sum")
 LORA_TARGET_MODES = ("generation", "generation+llm")
 # An adapter name ('janus') or a class path ('my_pkg.my_module:MyAdapter', 'my_pkg.my_module.MyAdapter').
@@ -182,6 +184,15 @@ class RecAConfig(TrainingArguments):
             Number of held-out images the probe uses: the first ones of eval_dataset when there is one, else
             synthetic shapes the model has never seen (0 disables the probe, and so the detector).
 
+        nonfinite_action (`str`, *optional*, defaults to `"stop"`):
+            What a non-finite (NaN or inf) loss or gradient norm does: 'stop' ends training before the optimizer
+            step, with an error naming the step, the task and a fix (nothing non-finite is saved; the checkpoints
+            already written stay); 'skip' skips that optimizer step (no weight, optimizer or schedule update),
+            counts it (nonfinite_skipped_steps in the logs and the card) and stops once more than
+            max_nonfinite_steps steps were skipped.
+        max_nonfinite_steps (`int`, *optional*, defaults to `10`):
+            With nonfinite_action='skip': how many non-finite steps may be skipped in a run; the next one stops it.
+
         num_reconstruction_images (`int`, *optional*, defaults to `4`):
             Number of training images reconstructed before and after training into reconstructions.png in
             output_dir (0 disables it).
@@ -200,8 +211,17 @@ class RecAConfig(TrainingArguments):
             Evaluation results to publish in the model card, as {benchmark: score}, e.g. {"GenEval": 0.85,
             "DPGBench": 84.2}: a table in the card and model-index metadata. A JSON string on the command line.
 
+        > Resuming (with `resume_from_checkpoint`: `true` or `latest` for the newest checkpoint in output_dir, or a
+        > checkpoint folder)
+
+        resume_from_hub (`str` or `None`, *optional*, defaults to `None`):
+            Resume from the checkpoint a run pushed to the Hub with hub_strategy 'checkpoint' or 'all_checkpoints':
+            a repo id (its last-checkpoint folder, else its newest checkpoint-N folder) is downloaded into
+            output_dir/_resume_from_hub and training continues from it.
+
     Defaults that differ from [`~transformers.TrainingArguments`]: `remove_unused_columns=False` (the
-    collator needs the image column), `learning_rate=1e-5`, `adam_beta2=0.95`, `logging_steps=10`.
+    collator needs the image column), `learning_rate=1e-5`, `adam_beta2=0.95`, `logging_steps=10`,
+    `logging_nan_inf_filter=False` (a NaN or inf loss is logged as NaN or inf, never replaced).
     With `bf16=True` on a machine without a bf16-capable accelerator the config still builds (recipes validate
     on a laptop), but training refuses to run on the CPU unless `use_cpu=True` asks for it.
     """
@@ -480,6 +500,24 @@ class RecAConfig(TrainingArguments):
             "else synthetic shapes the model has never seen (0 disables the probe, and so the detector)."
         },
     )
+    nonfinite_action: str = field(
+        default="stop",
+        metadata={
+            "help": "What a non-finite (NaN or inf) loss or gradient norm does: 'stop' ends training before the "
+            "optimizer step, with an error naming the step, the task and a fix (nothing non-finite is saved; the "
+            "checkpoints already written stay); 'skip' skips that optimizer step (no weight, optimizer or schedule "
+            "update), counts it (nonfinite_skipped_steps in the logs and the card) and stops once more than "
+            "max_nonfinite_steps steps were skipped.",
+            "choices": list(NONFINITE_ACTIONS),
+        },
+    )
+    max_nonfinite_steps: int = field(
+        default=10,
+        metadata={
+            "help": "With nonfinite_action='skip': how many non-finite steps may be skipped in a run; the next one "
+            "stops it."
+        },
+    )
     num_reconstruction_images: int = field(
         default=4,
         metadata={
@@ -513,6 +551,16 @@ class RecAConfig(TrainingArguments):
         },
     )
 
+    # ---- resuming ----
+    resume_from_hub: str | None = field(
+        default=None,
+        metadata={
+            "help": "Resume from the checkpoint a run pushed to the Hub with hub_strategy 'checkpoint' or "
+            "'all_checkpoints': a repo id (its last-checkpoint folder, else its newest checkpoint-N folder) is "
+            "downloaded into output_dir/_resume_from_hub and training continues from it."
+        },
+    )
+
     # ---- TrainingArguments defaults that differ ----
     remove_unused_columns: bool = field(
         default=False,
@@ -521,6 +569,19 @@ class RecAConfig(TrainingArguments):
     learning_rate: float = field(default=1e-5, metadata={"help": "The initial learning rate for AdamW."})
     adam_beta2: float = field(default=0.95, metadata={"help": "Beta2 for the AdamW optimizer."})
     logging_steps: float = field(default=10, metadata={"help": "Log every X update steps (or a ratio of the run)."})
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Resume training from a checkpoint: 'true' or 'latest' (the newest checkpoint-N folder in "
+            "output_dir; an error when there is none) or the path of a checkpoint folder."
+        },
+    )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "Kept False: a NaN or inf loss is logged as it is (True would log a running average instead)."
+        },
+    )
 
     def __post_init__(self):
         self.normalise()
@@ -593,6 +654,20 @@ class RecAConfig(TrainingArguments):
             errors.append(f"collapse_probe_steps={self.collapse_probe_steps!r}: use a positive integer.")
         if not isinstance(self.collapse_probe_images, int) or self.collapse_probe_images < 0:
             errors.append(f"collapse_probe_images={self.collapse_probe_images!r}: use 0 (off) or a positive integer.")
+        errors += _choice_error("nonfinite_action", self.nonfinite_action, NONFINITE_ACTIONS)
+        if (
+            isinstance(self.max_nonfinite_steps, bool)
+            or not isinstance(self.max_nonfinite_steps, int)
+            or (self.max_nonfinite_steps < 0)
+        ):
+            errors.append(f"max_nonfinite_steps={self.max_nonfinite_steps!r}: use 0 or a positive integer such as 10.")
+        if self.resume_from_hub is not None and not looks_like_repo_id(self.resume_from_hub):
+            errors.append(f"resume_from_hub={self.resume_from_hub!r}: give a Hub repo id such as 'user/my-run'.")
+        if self.resume_from_hub is not None and self.resume_from_checkpoint is not None:
+            errors.append(
+                f"resume_from_hub={self.resume_from_hub!r} and resume_from_checkpoint={self.resume_from_checkpoint!r}: "
+                "set only one of them."
+            )
         for name in ("task_ratios", "task_weights"):
             errors += self._task_dict_errors(name)
         errors += _choice_error("task_loss_reduction", self.task_loss_reduction, TASK_LOSS_REDUCTIONS)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -398,6 +399,10 @@ def write_loss_plot(log_history: list[dict[str, Any]], path: str | Path) -> Path
                 style.update(color="0.4", linewidth=1.0)
             label = f"{name} (weighted total)" if name.removeprefix("eval_") == "loss" else name
             axes.plot(steps, values, label=label, **{"linewidth": 1.4, **style})
+        # NaN and inf are gaps in a line: mark their steps, so that a diverged run never looks like a clean curve
+        bad = sorted({step for points in series.values() for step, value in points if not math.isfinite(value)})
+        for index, step in enumerate(bad):
+            axes.axvline(step, color="red", alpha=0.5, linewidth=1.0, label="non-finite loss" if index == 0 else None)
         axes.set_xlabel("step")
         axes.set_ylabel("loss (nats)")
         axes.set_title("RecA training loss")

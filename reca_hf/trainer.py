@@ -6,21 +6,22 @@ import contextlib
 import dataclasses
 import json
 import logging
-import time
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 from . import __version__
 from .adapters import get_adapter, unwrap_model
-from .callbacks import CollapseDetector, PromptEpochCallback, ReconstructionGridCallback
+from .callbacks import CollapseDetector, PromptEpochCallback, ReconstructionGridCallback, RunTotals
 from .cards import PAPER_ID, PAPER_TITLE
 from .checks import bf16_without_accelerator, check_run
 from .collator import RecACollator, resolve_dropout
-from .config import RecAConfig
+from .config import RESUME_LATEST, RecAConfig
 from .data import ROW_KEY, SOURCE_KEY, synthetic_shapes
 from .freeze import apply_freeze, format_table, parameter_table
 from .hub import HubPushError, HubResilienceMixin, write_run_card
@@ -50,7 +51,18 @@ logger = logging.getLogger(__name__)
 
 FREEZE_TABLE_FILE = "reca_parameters.json"
 PROBE_SEED = 20250909  # synthetic probe images: a seed no training set of synthetic shapes uses by default
-__all__ = ["FREEZE_TABLE_FILE", "HubPushError", "IndexedDataset", "RecATrainer"]
+RESUME_FROM_HUB_DIR = "_resume_from_hub"  # under output_dir; "_*" keeps it out of the output dir's pushes
+__all__ = ["FREEZE_TABLE_FILE", "HubPushError", "IndexedDataset", "NonFiniteLossError", "NonFiniteWeightsError",
+           "RecATrainer"]  # fmt: skip
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training met a NaN or inf loss or gradient norm (``nonfinite_action``). The message names the step, the
+    task and a fix; the weights are those of the last good step, and nothing non-finite was saved."""
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """``save_model`` refused to write weights holding NaN or inf; the message names the tensors."""
 
 
 @contextlib.contextmanager
@@ -159,8 +171,10 @@ class RecATrainer(HubResilienceMixin, Trainer):
         # Our loss is a mean over the batch: let the Trainer divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}  # name -> [(sum, count)]
-        self.task_counts = dict.fromkeys(TASKS, 0)  # training samples seen per task (all processes)
-        self._train_start_time: float | None = None
+        self.run_totals = RunTotals(dict.fromkeys(TASKS, 0))  # samples per task, wall time: saved in checkpoints
+        self.add_callback(self.run_totals)
+        self._nonfinite: dict[str, torch.Tensor] = {}  # task -> a non-finite loss since the last optimizer step
+        self._skipping_step = False
         if is_reca_collator:
             self.add_callback(PromptEpochCallback(data_collator, data.train_dataset))
         self._add_grid_callback(train_dataset)
@@ -263,6 +277,8 @@ class RecATrainer(HubResilienceMixin, Trainer):
 
         with _forward_as(base, forward), self.accelerator.autocast():
             loss = model(**batches)
+        if model.training:
+            self._flag_nonfinite(task_losses)
         self._record_task_losses("train" if model.training else "eval", task_losses, batches)
         return (loss, {"loss": loss}) if return_outputs else loss
 
@@ -304,6 +320,100 @@ class RecATrainer(HubResilienceMixin, Trainer):
             if mode == "train":
                 self.task_counts[task] += int(count)
 
+    @property
+    def task_counts(self) -> dict[str, int]:
+        """Training samples seen per task, over all processes and every resumed part of the run."""
+        return self._totals().task_counts
+
+    def _totals(self) -> RunTotals:
+        # restore_callback_states_from_checkpoint=True replaces the callback by a new instance: look it up
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, RunTotals):
+                return callback
+        return self.run_totals
+
+    # ---- non-finite losses and gradients ----
+
+    def _flag_nonfinite(self, losses: dict[str, torch.Tensor]) -> None:
+        """Remember, on the device (no host sync), which task losses were not finite."""
+        for task, loss in losses.items():
+            bad = ~torch.isfinite(loss.detach()).all()
+            self._nonfinite[task] = bad if task not in self._nonfinite else self._nonfinite[task] | bad
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # The stock loop computes the gradient norm right before the optimizer step: the one place to check.
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        self._check_finite(grad_norm)
+        return grad_norm
+
+    def _check_finite(self, grad_norm) -> None:
+        """Before each optimizer step: stop, or skip the step, when a task loss since the last step or the
+        gradient norm is not finite (``nonfinite_action``). One host sync per optimizer step (the flags and the
+        norm in one tensor, summed over the processes so that every rank decides alike)."""
+        if self._skipping_step:  # the previous step was skipped: accelerate's flag of a skipped step goes back
+            self.optimizer._is_overflow = False
+            self._skipping_step = False
+        device = self.accelerator.device
+        flags = [self._nonfinite.get(task, torch.zeros((), dtype=torch.bool, device=device)) for task in TASKS]
+        norm = torch.as_tensor(0.0 if grad_norm is None else grad_norm, device=device).detach().float()
+        values = torch.stack([*(flag.to(device).float() for flag in flags), (~torch.isfinite(norm)).float(), norm])
+        self._nonfinite.clear()
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, reduction="mean")
+        *task_flags, norm_flag, norm_value = values.tolist()
+        bad_tasks = [task for task, flag in zip(TASKS, task_flags) if flag > 0]
+        if not bad_tasks and not norm_flag:
+            return
+        step = self.state.global_step + 1
+        if bad_tasks:
+            what = f"{' and '.join(f'{task}_loss' for task in bad_tasks)} not finite (gradient norm {norm_value})"
+        else:
+            what = f"the gradient norm is {norm_value} (every task loss was finite)"
+        fix = (
+            f"Fix: lower learning_rate (now {self.args.learning_rate:g}; try {self.args.learning_rate / 10:g}), "
+            f"clip gradients with max_grad_norm (now {self.args.max_grad_norm:g}), or train in fp32/bf16 rather "
+            "than fp16."
+        )
+        totals = self._totals()
+        if self.args.nonfinite_action == "skip" and totals.nonfinite_skipped_steps < self.args.max_nonfinite_steps:
+            totals.nonfinite_skipped_steps += 1
+            self._skip_optimizer_step()
+            logger.warning(
+                "Step %d skipped: %s (nonfinite_action='skip'; %d of at most max_nonfinite_steps=%d skipped). %s",
+                step, what, totals.nonfinite_skipped_steps, self.args.max_nonfinite_steps, fix,
+            )  # fmt: skip
+            return
+        if self.args.nonfinite_action == "skip":
+            reason = (f"more than max_nonfinite_steps={self.args.max_nonfinite_steps} non-finite steps "
+                      f"({totals.nonfinite_skipped_steps} skipped before)")  # fmt: skip
+        else:
+            reason = "nonfinite_action='stop'"
+        last = get_last_checkpoint(self.args.output_dir) if Path(self.args.output_dir).is_dir() else None
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        raise NonFiniteLossError(
+            f"training stopped at step {step} before the optimizer step ({reason}): {what}. Nothing of this step was "
+            f"applied or saved; {kept}. {fix} nonfinite_action='skip' skips such steps instead."
+        )
+
+    def _skip_optimizer_step(self) -> None:
+        """Make the coming optimizer step a no-op, reported as skipped: the weights, the optimizer's moments and
+        the learning-rate schedule all stay as they are (accelerate's flag for a skipped step, which the stock
+        loop and the accelerated scheduler read, as for an fp16 overflow)."""
+        optimizer = self.optimizer
+
+        def skipped_step(*args, **kwargs):
+            del optimizer.step  # the class's own step again
+            optimizer._is_overflow = True
+
+        optimizer.step = skipped_step
+        self._skipping_step = True
+
+    def _maybe_log_save_evaluate(self, tr_loss, *args, **kwargs):
+        logged = self._globalstep_last_logged
+        super()._maybe_log_save_evaluate(tr_loss, *args, **kwargs)
+        if self._globalstep_last_logged != logged:  # a log reset the running loss, but NaN - NaN stays NaN
+            tr_loss.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
@@ -319,8 +429,11 @@ class RecATrainer(HubResilienceMixin, Trainer):
         }
         if mode == "eval":
             metrics = {f"eval_{name}": value for name, value in metrics.items()}
-        elif self.collapse_detector is not None and "loss" in logs:
-            metrics.update(self.collapse_detector.pop_metrics())
+        elif "loss" in logs or "train_loss" in logs:  # a regular training log, or the end-of-training one
+            if self.collapse_detector is not None:
+                metrics.update(self.collapse_detector.pop_metrics())
+            if self._totals().nonfinite_skipped_steps:
+                metrics["nonfinite_skipped_steps"] = self._totals().nonfinite_skipped_steps
         logs.update(metrics)  # in place, so evaluate() returns these metrics too
         super().log(logs, start_time)
         self._metrics[mode].clear()
@@ -329,13 +442,47 @@ class RecATrainer(HubResilienceMixin, Trainer):
         problem = bf16_without_accelerator(self.args)  # the config allows it, so that recipes validate anywhere
         if problem:
             raise ValueError(problem)
-        self._train_start_time = time.time()
+        if self.args.nonfinite_action == "skip" and self.is_deepspeed_enabled:
+            raise ValueError(
+                "nonfinite_action='skip' does not work under DeepSpeed (its engine steps the optimizer itself): use "
+                "nonfinite_action='stop'."
+            )
+        args, kwargs = self._resolve_resume(args, kwargs)
         with _plain_config_tolerated(self.model):
             return super().train(*args, **kwargs)
+
+    def _resolve_resume(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """``resume_from_checkpoint`` as the stock Trainer takes it: 'true' / 'latest' (any case) and True become
+        the newest checkpoint in output_dir, an error naming the folder when there is none; 'false' is None.
+        Without one, ``resume_from_hub`` downloads the pushed checkpoint and resumes from it."""
+        if args:
+            kwargs["resume_from_checkpoint"], args = args[0], args[1:]
+        resume = kwargs.get("resume_from_checkpoint")
+        if isinstance(resume, str) and resume.strip().lower() in ("false", "none", ""):
+            resume = None
+        if resume is True or (isinstance(resume, str) and resume.strip().lower() in RESUME_LATEST):
+            output_dir = self.args.output_dir
+            resume = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+            if resume is None:
+                raise ValueError(
+                    f"resume_from_checkpoint={kwargs['resume_from_checkpoint']!r}: {output_dir} holds no checkpoint-N "
+                    "folder to resume from. Give a checkpoint folder's path, or train without resume_from_checkpoint."
+                )
+        elif isinstance(resume, str) and not Path(resume).is_dir():
+            raise ValueError(
+                f"resume_from_checkpoint={resume!r}: no such folder. Give a checkpoint folder (e.g. "
+                f"{Path(self.args.output_dir) / 'checkpoint-500'}), or 'latest' for the newest one in output_dir."
+            )
+        if resume is None and self.args.resume_from_hub:
+            resume = download_checkpoint(self.args.resume_from_hub, Path(self.args.output_dir) / RESUME_FROM_HUB_DIR,
+                                         token=self.args.hub_token, revision=self.args.hub_revision)  # fmt: skip
+        kwargs["resume_from_checkpoint"] = resume
+        return args, kwargs
 
     # ---- outputs: the run record (reca_run.json) and the side files written from it ----
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        self._check_finite_weights()
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             folder = Path(output_dir or self.args.output_dir)
@@ -349,6 +496,25 @@ class RecATrainer(HubResilienceMixin, Trainer):
             if run["lora"] is not None:
                 write_reca_adapter_file(folder, run)
             self._write_run_card(folder, run)  # our card over PEFT's; in a checkpoint, before its push
+
+    def _check_finite_weights(self) -> None:
+        """Refuse to save NaN or inf weights (every process checks its own tensors; they decide together)."""
+        tensors = {name: t for name, t in self.model.state_dict().items() if t.is_floating_point() and t.numel()}
+        if not tensors:
+            return
+        device = self.accelerator.device
+        bad = torch.stack([~torch.isfinite(t).all() for t in tensors.values()]).any().float().to(device)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if not bad.item():
+            return
+        names = [name for name, t in tensors.items() if not torch.isfinite(t).all()]
+        raise NonFiniteWeightsError(
+            f"save_model refused to write weights with NaN or inf values: {len(names)} of {len(tensors)} tensors "
+            f"(on this process), e.g. {', '.join(names[:5])}. The run diverged: lower learning_rate (now "
+            f"{self.args.learning_rate:g}) and keep nonfinite_action='stop' (the default), which stops before such "
+            "a step."
+        )
 
     def _save_checkpoint(self, model, trial) -> None:
         self.create_model_card()  # first, so that the checkpoint's push carries the current card (as TRL does)
@@ -427,8 +593,12 @@ class RecATrainer(HubResilienceMixin, Trainer):
             "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
             "hardware": _hardware(),
         }
-        if self._train_start_time is not None:
-            settings["wall time"] = f"{time.time() - self._train_start_time:.0f} s"
+        totals = self._totals()
+        elapsed = totals.elapsed()
+        if elapsed is not None:
+            settings["wall time"] = f"{elapsed:.0f} s"
+        if totals.nonfinite_skipped_steps:
+            settings["non-finite steps skipped"] = totals.nonfinite_skipped_steps
         return settings
 
     def _task_mix_summary(self) -> str:
@@ -470,6 +640,29 @@ def _plain_config_tolerated(model: torch.nn.Module):
         yield
     finally:
         transformers.trainer.align_special_tokens = align
+
+
+def download_checkpoint(repo_id: str, folder: str | Path, token: str | None = None, revision: str | None = None) -> str:
+    """Download the checkpoint a run pushed to ``repo_id`` (``last-checkpoint/``, else its newest
+    ``checkpoint-N/``) into ``folder``; returns the checkpoint folder to resume from."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    files = HfApi(token=token).list_repo_files(repo_id, revision=revision)
+    folders = {name.split("/", 1)[0] for name in files if "/" in name}
+    if "last-checkpoint" in folders:
+        name = "last-checkpoint"
+    else:
+        steps = [f for f in folders if re.fullmatch(r"checkpoint-\d+", f)]
+        if not steps:
+            raise ValueError(
+                f"resume_from_hub={repo_id!r}: the repo holds no last-checkpoint/ or checkpoint-N/ folder. Runs push "
+                "one with hub_strategy='checkpoint' (or 'all_checkpoints') and a save_strategy."
+            )
+        name = max(steps, key=lambda f: int(f.rsplit("-", 1)[1]))
+    snapshot_download(repo_id, revision=revision, token=token, local_dir=folder, allow_patterns=[f"{name}/*"])
+    checkpoint = Path(folder) / name
+    logger.info("Resuming from %s/%s, downloaded into %s", repo_id, name, checkpoint)
+    return str(checkpoint)
 
 
 def processor_of(model) -> Any:
