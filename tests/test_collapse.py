@@ -145,3 +145,15 @@ def test_detector_argument_errors():
         CollapseDetector(probe=lambda model: COPYING, action="explode")
     with pytest.raises(ValueError, match="probe_images"):
         CollapseDetector()
+
+
+def test_the_probe_rides_on_the_next_regular_log_instead_of_forcing_one(make_args, tiny_janus, shapes):
+    model, processor = tiny_janus
+    trainer = RecATrainer(model, args=make_args(max_steps=4, logging_steps=2, collapse_probe_steps=1,
+                          collapse_probe_images=4), train_dataset=shapes, processing_class=processor)  # fmt: skip
+    trainer.train()
+    history = trainer.state.log_history
+    assert [log["step"] for log in history if "loss" in log] == [2, 4]  # no extra one-step points in the loss curve
+    assert len(trainer.collapse_detector.history) == 4  # probed at every step, logged with the next log
+    assert all("collapse_score" in log for log in history if "loss" in log)
+    assert not [log for log in history if "collapse_score" in log and "loss" not in log and "train_loss" not in log]
