@@ -153,6 +153,11 @@ class PushTracker:
         finally:
             recorded.set()
 
+    def running(self) -> bool:
+        """Whether an upload is still in flight (it may be reading the output dir or a checkpoint folder)."""
+        with self._lock:
+            return any(not future.done() for futures in self._pending.values() for future in futures)
+
     def settled(self, folders) -> None:
         """These checkpoints reached the Hub (by a retry, or a final push that supersedes them)."""
         with self._lock:
@@ -228,10 +233,17 @@ class HubResilienceMixin:
     * :meth:`push_to_hub` first waits for the background pushes and uploads again the checkpoints whose push
       failed; a final failure raises :class:`HubPushError` naming ``reca push`` (with ``hub_optional``, an
       unreachable Hub is logged instead).
+    * Nothing changes a folder a running upload reads. A background push of the output dir lists it recursively
+      (``upload_folder`` walks every ``checkpoint-*`` folder before filtering them out) and then reads its
+      top-level files: checkpoint rotation waits until no upload is in flight (the next save, at the latest the
+      end of training), and with ``hub_always_push`` a save first waits for the running uploads before it writes
+      into the output dir (without it, the stock Trainer skips a push while one runs, and the top-level card is
+      left for the next save).
     """
 
     def __init__(self, *args, **kwargs):
         self._hub_pushes = PushTracker()
+        self._rotation_due: tuple[str, int | None] | None = None  # (run dir, save_total_limit) deferred by an upload
         super().__init__(*args, **kwargs)
 
     @property
@@ -275,9 +287,19 @@ class HubResilienceMixin:
     def _push_jobs(self) -> list:
         return list(self.push_in_progress.jobs) if self.push_in_progress else []
 
+    def output_dir_free(self) -> bool:
+        """Before a save writes into the output dir: with ``hub_always_push``, wait for the uploads that may still
+        read it. Returns whether the output dir may change now (False: an upload reads it, and the stock Trainer
+        skips this checkpoint's push)."""
+        if self.args.hub_always_push and self._hub_pushes.running():
+            logger.info("Waiting for the running Hub upload before this checkpoint writes into the output dir.")
+            self._hub_pushes.wait()
+        return not self._hub_pushes.running()
+
     def _save_checkpoint(self, model, trial) -> None:
         # The stock rotation (save_total_limit) would delete a checkpoint whose push failed: it is switched off for
         # the stock save and run here instead, sparing every unpushed folder.
+        self.output_dir_free()
         limit = self.args.save_total_limit
         self.args.save_total_limit = None
         try:
@@ -285,12 +307,22 @@ class HubResilienceMixin:
         finally:
             self.args.save_total_limit = limit
         if self.args.should_save:
-            rotate_checkpoints(self._get_output_dir(trial=trial), limit, self.state.best_model_checkpoint,
-                               self._hub_pushes.unpushed_now(), use_mtime=True)  # fmt: skip
+            self._rotation_due = (self._get_output_dir(trial=trial), limit)
+            if not self._hub_pushes.running():  # else an upload may be walking the folders: the next save rotates
+                self._rotate()
+
+    def _rotate(self) -> None:
+        if self._rotation_due is not None:
+            run_dir, limit = self._rotation_due
+            self._rotation_due = None
+            rotate_checkpoints(run_dir, limit, self.state.best_model_checkpoint, self._hub_pushes.unpushed_now(),
+                               use_mtime=True)  # fmt: skip
 
     def _finish_current_push(self) -> None:
         super()._finish_current_push()
         self._hub_pushes.wait()  # the end of train(): every push's outcome is recorded (and logged) before it returns
+        if self.args.should_save:
+            self._rotate()  # a rotation that a running upload deferred
 
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True, token=None,
                     revision=None, private=None, **kwargs):  # fmt: skip

@@ -517,7 +517,8 @@ class RecATrainer(HubResilienceMixin, Trainer):
         )
 
     def _save_checkpoint(self, model, trial) -> None:
-        self.create_model_card()  # first, so that the checkpoint's push carries the current card (as TRL does)
+        if self.output_dir_free():  # never while an upload reads the output dir (HubResilienceMixin)
+            self.create_model_card()  # first, so that the checkpoint's push carries the current card (as TRL does)
         super()._save_checkpoint(model, trial)
 
     def push_to_hub(self, *args, **kwargs):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import pathlib
+import shutil
+import threading
 
 import pytest
 import torch
@@ -269,3 +272,72 @@ def test_reca_push_refusals_and_network_failure(hub, make_args, shapes, tmp_path
         main(["push", str(tmp_path), "--repo-id", REPO])
     with hub.refused(), pytest.raises(SystemExit, match=r"failed \(ConnectError.*run again: reca push"):
         main(["push", str(out), "--repo-id", REPO])
+
+
+def test_rotation_never_deletes_a_folder_a_running_upload_is_walking(hub, make_args, shapes, tmp_path, monkeypatch):
+    """The race, made deterministic: the output dir's background upload lists the folder recursively (checkpoint
+    folders included, filtered out only afterwards). Here it is held inside checkpoint-1 until the save of step 2
+    (and its rotation, save_total_limit=1) is over; a rotation that deleted checkpoint-1 then would make it fail."""
+    trainer = _trainer(make_args, shapes, max_steps=2, save_strategy="steps", save_steps=1, save_total_limit=1,
+                       hub_always_push=True)  # fmt: skip
+    inside, saved = threading.Event(), threading.Event()
+    scandir, rmtree = pathlib.Path._scandir, shutil.rmtree
+
+    def held_scandir(path):
+        if path.name == "checkpoint-1" and threading.current_thread() is not threading.main_thread():
+            if trainer.state.global_step == 2:  # the push of checkpoint-2, walking the output dir
+                inside.set()
+                saved.wait(timeout=20)
+        return scandir(path)
+
+    def rmtree_once_inside(path, *args, **kwargs):
+        if pathlib.Path(path).name == "checkpoint-1":
+            inside.wait(timeout=20)  # delete only while the upload walks the folder: the race, every time
+        return rmtree(path, *args, **kwargs)
+
+    class Hold(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            trainer._hub_pushes.wait()  # checkpoint-1 is pushed: rotation may delete it
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                saved.set()
+
+    monkeypatch.setattr(pathlib.Path, "_scandir", held_scandir)
+    monkeypatch.setattr(shutil, "rmtree", rmtree_once_inside)
+    trainer.add_callback(Hold())
+    trainer.train()
+    assert inside.is_set() and saved.is_set()
+    assert trainer.hub_push_failures == 0, trainer._hub_pushes.summary()
+    assert hub.commits(REPO)[0].title == "Training in progress, step 2"
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2"]  # rotated at the end
+
+
+def test_a_save_never_rewrites_files_a_running_upload_is_sending(hub, make_args, shapes, monkeypatch):
+    """hub_always_push: the upload of step 1 reads reca_run.json only after the save of step 2 (or 3 s); the save
+    must wait for it instead of rewriting the output dir's card underneath it."""
+    from huggingface_hub._commit_api import CommitOperationAdd
+
+    trainer = _trainer(make_args, shapes, max_steps=2, save_strategy="steps", save_steps=1, hub_always_push=True)
+    saved, first = threading.Event(), []
+    b64content = CommitOperationAdd.b64content
+
+    def late_b64content(operation):
+        if operation.path_in_repo == "reca_run.json" and not first:  # the first upload: the push of step 1
+            first.append(operation)
+            saved.wait(timeout=3)
+        return b64content(operation)
+
+    class Saved(transformers.TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                saved.set()
+
+    monkeypatch.setattr(CommitOperationAdd, "b64content", late_b64content)
+    trainer.add_callback(Saved())
+    trainer.train()
+    commits = {commit.title: commit for commit in hub.commits(REPO)}
+    assert set(commits) >= {"Training in progress, step 1", "Training in progress, step 2"}
+    for step in (1, 2):
+        run = json.loads(commits[f"Training in progress, step {step}"].files["reca_run.json"])
+        assert run["settings"]["steps"] == step
