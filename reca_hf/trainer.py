@@ -498,22 +498,24 @@ class RecATrainer(HubResilienceMixin, Trainer):
             self._write_run_card(folder, run)  # our card over PEFT's; in a checkpoint, before its push
 
     def _check_finite_weights(self) -> None:
-        """Refuse to save NaN or inf weights (every process checks its own tensors; they decide together)."""
-        tensors = {name: t for name, t in self.model.state_dict().items() if t.is_floating_point() and t.numel()}
+        """Refuse to save NaN or inf weights. Each process checks the tensors it holds (one host sync); sharded
+        runs (FSDP, DeepSpeed) decide together, since every rank holds other values."""
+        named = [*self.model.named_parameters(), *self.model.named_buffers()]
+        tensors = {name: getattr(t, "to_local", lambda t=t: t)().detach() for name, t in named}  # a DTensor's shard
+        tensors = {name: t for name, t in tensors.items() if t.is_floating_point() and t.numel()}
         if not tensors:
             return
-        device = self.accelerator.device
-        bad = torch.stack([~torch.isfinite(t).all() for t in tensors.values()]).any().float().to(device)
-        if self.accelerator.num_processes > 1:
-            bad = self.accelerator.reduce(bad, reduction="sum")
+        bad = torch.stack([~torch.isfinite(t).all() for t in tensors.values()]).any().float()
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            bad = self.accelerator.reduce(bad.to(self.accelerator.device), reduction="sum")
         if not bad.item():
             return
         names = [name for name, t in tensors.items() if not torch.isfinite(t).all()]
         raise NonFiniteWeightsError(
             f"save_model refused to write weights with NaN or inf values: {len(names)} of {len(tensors)} tensors "
-            f"(on this process), e.g. {', '.join(names[:5])}. The run diverged: lower learning_rate (now "
-            f"{self.args.learning_rate:g}) and keep nonfinite_action='stop' (the default), which stops before such "
-            "a step."
+            f"(on this process){', e.g. ' + ', '.join(names[:5]) if names else ''}. The run diverged: lower "
+            f"learning_rate (now {self.args.learning_rate:g}) and keep nonfinite_action='stop' (the default), which "
+            "stops before such a step."
         )
 
     def _save_checkpoint(self, model, trial) -> None:
