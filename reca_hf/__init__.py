@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "RecAConfig": "config",
     "RecATrainer": "trainer",
+    "NonFiniteLossError": "trainer",
     "RecACollator": "collator",
     "CollapseDetector": "callbacks",
     "load_prompts": "prompts",

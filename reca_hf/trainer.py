@@ -348,52 +348,53 @@ class RecATrainer(HubResilienceMixin, Trainer):
 
     def _check_finite(self, grad_norm) -> None:
         """Before each optimizer step: stop, or skip the step, when a task loss since the last step or the
-        gradient norm is not finite (``nonfinite_action``). One host sync per optimizer step (the flags and the
-        norm in one tensor, summed over the processes so that every rank decides alike)."""
+        gradient norm is not finite (``nonfinite_action``)."""
         if self._skipping_step:  # the previous step was skipped: accelerate's flag of a skipped step goes back
             self.optimizer._is_overflow = False
             self._skipping_step = False
+        problem = self._nonfinite_problem(grad_norm)
+        if problem is None:
+            return
+        step, args, totals = self.state.global_step + 1, self.args, self._totals()
+        fix = (
+            f"Fix: lower learning_rate (now {args.learning_rate:g}; try {args.learning_rate / 10:g}), clip gradients "
+            f"with max_grad_norm (now {args.max_grad_norm:g}), or train in fp32/bf16 rather than fp16."
+        )
+        if args.nonfinite_action == "skip" and totals.nonfinite_skipped_steps < args.max_nonfinite_steps:
+            totals.nonfinite_skipped_steps += 1
+            self._skip_optimizer_step()
+            if self.is_world_process_zero():
+                logger.warning(
+                    "Step %d skipped: %s (nonfinite_action='skip'; %d of at most max_nonfinite_steps=%d skipped). %s",
+                    step, problem, totals.nonfinite_skipped_steps, args.max_nonfinite_steps, fix,
+                )  # fmt: skip
+            return
+        reason = "nonfinite_action='stop'"
+        if args.nonfinite_action == "skip":
+            reason = (f"more than max_nonfinite_steps={args.max_nonfinite_steps} non-finite steps "
+                      f"({totals.nonfinite_skipped_steps} skipped before)")  # fmt: skip
+        last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        raise NonFiniteLossError(
+            f"training stopped at step {step} before the optimizer step ({reason}): {problem}. Nothing of this step "
+            f"was applied or saved; {kept}. {fix} nonfinite_action='skip' skips such steps instead."
+        )
+
+    def _nonfinite_problem(self, grad_norm) -> str | None:
+        """What is not finite in this step (None when all is): one host sync per optimizer step, the task flags
+        and the norm in one tensor, averaged over the processes so that every rank decides alike."""
         device = self.accelerator.device
         flags = [self._nonfinite.get(task, torch.zeros((), dtype=torch.bool, device=device)) for task in TASKS]
+        self._nonfinite.clear()
         norm = torch.as_tensor(0.0 if grad_norm is None else grad_norm, device=device).detach().float()
         values = torch.stack([*(flag.to(device).float() for flag in flags), (~torch.isfinite(norm)).float(), norm])
-        self._nonfinite.clear()
         if self.accelerator.num_processes > 1:
             values = self.accelerator.reduce(values, reduction="mean")
         *task_flags, norm_flag, norm_value = values.tolist()
-        bad_tasks = [task for task, flag in zip(TASKS, task_flags) if flag > 0]
-        if not bad_tasks and not norm_flag:
-            return
-        step = self.state.global_step + 1
+        bad_tasks = [f"{task}_loss" for task, flag in zip(TASKS, task_flags) if flag > 0]
         if bad_tasks:
-            what = f"{' and '.join(f'{task}_loss' for task in bad_tasks)} not finite (gradient norm {norm_value})"
-        else:
-            what = f"the gradient norm is {norm_value} (every task loss was finite)"
-        fix = (
-            f"Fix: lower learning_rate (now {self.args.learning_rate:g}; try {self.args.learning_rate / 10:g}), "
-            f"clip gradients with max_grad_norm (now {self.args.max_grad_norm:g}), or train in fp32/bf16 rather "
-            "than fp16."
-        )
-        totals = self._totals()
-        if self.args.nonfinite_action == "skip" and totals.nonfinite_skipped_steps < self.args.max_nonfinite_steps:
-            totals.nonfinite_skipped_steps += 1
-            self._skip_optimizer_step()
-            logger.warning(
-                "Step %d skipped: %s (nonfinite_action='skip'; %d of at most max_nonfinite_steps=%d skipped). %s",
-                step, what, totals.nonfinite_skipped_steps, self.args.max_nonfinite_steps, fix,
-            )  # fmt: skip
-            return
-        if self.args.nonfinite_action == "skip":
-            reason = (f"more than max_nonfinite_steps={self.args.max_nonfinite_steps} non-finite steps "
-                      f"({totals.nonfinite_skipped_steps} skipped before)")  # fmt: skip
-        else:
-            reason = "nonfinite_action='stop'"
-        last = get_last_checkpoint(self.args.output_dir) if Path(self.args.output_dir).is_dir() else None
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        raise NonFiniteLossError(
-            f"training stopped at step {step} before the optimizer step ({reason}): {what}. Nothing of this step was "
-            f"applied or saved; {kept}. {fix} nonfinite_action='skip' skips such steps instead."
-        )
+            return f"{' and '.join(bad_tasks)} not finite (gradient norm {norm_value})"
+        return f"the gradient norm is {norm_value} (every task loss was finite)" if norm_flag else None
 
     def _skip_optimizer_step(self) -> None:
         """Make the coming optimizer step a no-op, reported as skipped: the weights, the optimizer's moments and
