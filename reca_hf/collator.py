@@ -95,6 +95,7 @@ class RecACollator:
         self.caption_column = caption_column
         self.epoch = 0
         self._rows_seen = 0
+        self.frozen_cache = None  # a reca_hf.frozen_cache.FrozenFeatureCache, set by the trainer
 
     @classmethod
     def from_config(cls, adapter: UMMAdapter, args) -> RecACollator:
@@ -221,10 +222,31 @@ class RecACollator:
             *(self.views.views(image, self.crop_position(index)) for image, index in zip(images, indices))
         )
         batch = self.adapter.prepare(list(conditions), list(targets), instructions)
+        if self.frozen_cache is not None:  # the frozen towers' outputs of these rows, computed before training
+            batch.update(self.frozen_cache.batch_entries(rows, SOURCE_KEY, ROW_KEY))
         batch["dataset_index"] = torch.tensor(indices)
         batch["prompt_dropped"] = torch.tensor([dropped for _, dropped in draws])
         batch["instructions"] = instructions
         return batch
+
+    def frozen_inputs(self, examples: list[dict[str, Any]]) -> tuple[list[int], dict[str, Any]]:
+        """``(dataset rows, prepared batch)`` of source rows (tagged by :func:`~reca_hf.data.as_source`) with the
+        same pixel tensors as in training, for computing their frozen features once; under ``bad_image_policy:
+        skip`` a bad row is left out (training replaces it by a later row)."""
+        rows, images = [], []
+        for example in examples:
+            row = int(example[ROW_KEY])
+            try:
+                images.append(self._image(example, row, self.views.largest_side))
+            except BadImageError:
+                if self.bad_image_policy == "error":
+                    raise
+                continue
+            rows.append(row)
+        if not rows:
+            return rows, {}
+        conditions, targets = zip(*(self.views.views(image) for image in images))
+        return rows, self.adapter.prepare(list(conditions), list(targets), [self.adapter.null_prompt] * len(rows))
 
     def _image_to_text(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         """The image at the understanding resolution (no bottleneck), a question, and the caption as answer."""

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import re
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from . import __version__
 from .adapters import get_adapter, unwrap_model
+from .adapters.base import eval_mode
 from .callbacks import CollapseDetector, PromptEpochCallback, ReconstructionGridCallback, RunTotals
 from .cards import PAPER_ID, PAPER_TITLE
 from .checks import bf16_without_accelerator, check_run
@@ -24,6 +26,14 @@ from .collator import RecACollator, resolve_dropout
 from .config import RESUME_LATEST, RecAConfig
 from .data import ROW_KEY, SOURCE_KEY, synthetic_shapes
 from .freeze import apply_freeze, format_table, parameter_table
+from .frozen_cache import (
+    FrozenFeatureCache,
+    cache_components,
+    cache_key,
+    default_cache_root,
+    frozen_share,
+    resolve_frozen_cache,
+)
 from .hub import HubPushError, HubResilienceMixin, write_run_card
 from .images import ViewSpec, views_from_config
 from .loading import is_hub_id, load_model_and_processor, save_module_config
@@ -151,6 +161,8 @@ class RecATrainer(HubResilienceMixin, Trainer):
         self.views: ViewSpec = data_collator.views if is_reca_collator else views_from_config(self.adapter, args)
         data = prepare_datasets(self.adapter, args, train_dataset, eval_dataset, i2t_dataset, t2i_dataset)
         self.task_ratios, self.task_weights = data.task_ratios, data.task_weights
+        self._train_source = data.sources.get("train")  # the rows the frozen-tower cache is keyed by
+        self.frozen_cache: FrozenFeatureCache | None = None
         if is_reca_collator:  # where bad_image_policy="skip" finds replacement rows
             data_collator.add_sources(data.sources)
         apply_freeze(model, self.adapter, args.freeze)
@@ -449,6 +461,7 @@ class RecATrainer(HubResilienceMixin, Trainer):
                 "nonfinite_action='stop'."
             )
         args, kwargs = self._resolve_resume(args, kwargs)
+        self.setup_frozen_cache()
         with _plain_config_tolerated(self.model):
             return super().train(*args, **kwargs)
 
@@ -479,6 +492,73 @@ class RecATrainer(HubResilienceMixin, Trainer):
                                          token=self.args.hub_token, revision=self.args.hub_revision)  # fmt: skip
         kwargs["resume_from_checkpoint"] = resume
         return args, kwargs
+
+    # ---- the frozen-tower cache (reca_hf.frozen_cache) ----
+
+    def setup_frozen_cache(self) -> FrozenFeatureCache | None:
+        """Resolve ``cache_frozen_features``; when on, compute the missing cache (the main process of each node
+        first, the others then find it) and hand it to the collator. Returns the cache in use, if any."""
+        collator, source = self.data_collator, self._train_source
+        is_reca = isinstance(collator, RecACollator)
+        names = resolve_frozen_cache(
+            self.args.cache_frozen_features,
+            self.adapter,
+            self.model,
+            collator.views if is_reca else self.views,
+            source,
+            lambda names: self._frozen_share(names),
+            collator_is_reca=is_reca,
+        )
+        if not names:
+            return None
+        components = cache_components(
+            self.adapter, self.model, collator.views, source, names, image_column=self.args.image_column,
+            precision="bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32",
+            max_image_pixels=self.args.max_image_pixels,
+        )  # fmt: skip
+        cache = FrozenFeatureCache(default_cache_root(self.args.frozen_cache_dir) / cache_key(components))
+        with self.args.main_process_first(desc="frozen-tower cache"):
+            if cache.complete:
+                logger.info("Frozen-tower cache hit: %s (%s).", cache.directory, ", ".join(cache.names))
+            else:
+                started = time.time()
+                stored = cache.build(self._frozen_batches(), self._frozen_compute(names), components, len(source))
+                logger.info(
+                    "Frozen-tower cache built: %s of %s rows (%s) in %.0f s, %.1f MB, in %s.",
+                    stored, len(source), ", ".join(names), time.time() - started, cache.nbytes() / 2**20,
+                    cache.directory,
+                )  # fmt: skip
+        collator.frozen_cache = self.frozen_cache = cache
+        return cache
+
+    def _frozen_batches(self):
+        """The training rows as ``(rows, prepared batch)``, collated in the run's dataloader workers."""
+        workers = self.args.dataloader_num_workers
+        return torch.utils.data.DataLoader(
+            self._train_source,
+            batch_size=self.args.per_device_train_batch_size,
+            collate_fn=self.data_collator.frozen_inputs,
+            num_workers=workers if isinstance(workers, int) else 0,
+        )
+
+    def _frozen_compute(self, names: tuple[str, ...]):
+        base = unwrap_model(self.model)
+
+        def compute(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            # As in training (autocast included), in eval mode: a frozen tower's output is that of its eval mode.
+            with torch.no_grad(), eval_mode(base), self.accelerator.autocast():
+                return self.adapter.frozen_features(base, self._prepare_inputs(batch), names)
+
+        return compute
+
+    def _frozen_share(self, names: tuple[str, ...]) -> float:
+        """The frozen towers' FLOP share of a step, counted on the first training rows."""
+        rows = [self._train_source[i] for i in range(min(2, len(self._train_source)))]
+        kept, batch = self.data_collator.frozen_inputs(rows)
+        if not kept:  # both bad images, skipped: nothing to count on
+            return 0.0
+        with self.accelerator.autocast():
+            return frozen_share(self.adapter, unwrap_model(self.model), self._prepare_inputs(batch), names)
 
     # ---- outputs: the run record (reca_run.json) and the side files written from it ----
 

@@ -70,6 +70,9 @@ class UMMAdapter:
     # Prompt dropout of cond_dropout_prob="auto": the authors' rate where they published one (optional)
     default_cond_dropout_prob: ClassVar[float] = 0.1
 
+    # Frozen-tower cache (optional, see frozen_features): feature name -> patterns of the modules it comes from
+    frozen_feature_sources: ClassVar[dict[str, tuple[str, ...]]] = {}
+
     # LoRA (optional; full-name regular expressions of Linear layers, see reca_hf.lora)
     lora_generation_targets: ClassVar[tuple[str, ...]] = ()  # generation-only Linear layers
     lora_llm_targets: ClassVar[tuple[str, ...]] = ()  # the shared LLM's attention and MLP projections
@@ -274,6 +277,20 @@ class UMMAdapter:
         """
         raise NotImplementedError
 
+    # ---- the frozen-tower cache (optional: adapters without frozen_feature_sources are never cached) ----
+
+    def frozen_features(self, model, batch: dict[str, Any], names: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """The outputs of frozen modules that :meth:`loss` reads, for a prepared reconstruction batch.
+
+        One entry per name of ``frozen_feature_sources`` (or of ``names``), each ``(B, ...)`` and a function of
+        that sample's views alone (not of its instruction), so that it can be computed once per image and
+        cached (:mod:`reca_hf.frozen_cache`). :meth:`loss` uses ``batch[cached_key(name)]`` instead of
+        recomputing ``name`` when the batch holds it.
+        """
+        if self.frozen_feature_sources:
+            raise NotImplementedError(f"the {self.name} adapter declares frozen_feature_sources but no frozen_features")
+        return {}
+
     # ---- the other tasks of a mixed run (optional: adapters without them train reconstruction only) ----
 
     @property
@@ -429,6 +446,14 @@ def left_pad(sequences: list[list[int]], value: int) -> tuple[torch.Tensor, torc
             ids[row, -len(sequence) :] = torch.tensor(sequence)
             mask[row, -len(sequence) :] = 1
     return ids, mask
+
+
+CACHED_PREFIX = "cached_"  # batch keys of precomputed frozen features (see UMMAdapter.frozen_features)
+
+
+def cached_key(name: str) -> str:
+    """The batch key under which a precomputed frozen feature ``name`` travels, e.g. ``cached_target_codes``."""
+    return CACHED_PREFIX + name
 
 
 IGNORE_INDEX = -100  # label of positions without a loss

@@ -19,7 +19,7 @@ from PIL import Image
 
 from ..images import ViewSpec, load_image, to_pil, to_tensor
 from ..testing import build_tiny_janus
-from .base import UMMAdapter, answer_batch, answer_loss, next_code, register_adapter, unwrap_model
+from .base import UMMAdapter, answer_batch, answer_loss, cached_key, next_code, register_adapter, unwrap_model
 from .targets import GenerationTarget, LossNoise, per_sample_cross_entropy, reduce_loss
 
 _VQ_MEAN = _VQ_STD = (0.5, 0.5, 0.5)  # Janus' VQ encoder reads pixels in [-1, 1]
@@ -50,6 +50,11 @@ class JanusAdapter(UMMAdapter):
         "model.language_model.embed_tokens",
     )
     null_prompt = ""
+    # SigLIP + aligner features of the condition view, and the VQ codes of the target view.
+    frozen_feature_sources = {
+        "condition_features": ("model.vision_model", "model.aligner"),
+        "target_codes": ("model.vqmodel",),
+    }
     lora_generation_targets = (
         r"model\.generation_aligner\.(fc1|hidden_layers\.\d+)",
         r"model\.generation_head\.(proj_out|vision_head)",
@@ -195,11 +200,9 @@ class JanusAdapter(UMMAdapter):
         """Prompt embeddings with the understanding features scattered into the condition slots (if any)."""
         if "condition_pixel_values" not in batch:  # text-to-image: the caption is the only condition
             return janus.model.language_model.get_input_embeddings()(batch["input_ids"])
-        pixels = batch["condition_pixel_values"]
-        native = pixels.shape[-1] == self.min_condition_resolution
-        features = janus.model.get_image_features(
-            pixel_values=pixels.to(janus.model.vision_model.dtype), interpolate_pos_encoding=not native
-        ).pooler_output
+        features = batch.get(cached_key("condition_features"))
+        if features is None:
+            features = self.understanding_features(janus, batch["condition_pixel_values"])
         embeddings = janus.model.language_model.get_input_embeddings()(batch["input_ids"])
         mask = batch["condition_mask"].to(embeddings.device)
         if int(mask.sum()) != features.shape[0] * features.shape[1]:
@@ -208,6 +211,23 @@ class JanusAdapter(UMMAdapter):
                 "understanding features: the collator's condition_resolution and the batch disagree"
             )
         return embeddings.masked_scatter(mask.unsqueeze(-1), features.to(embeddings.dtype))
+
+    def understanding_features(self, janus, pixels: torch.Tensor) -> torch.Tensor:
+        """SigLIP + aligner features of condition pixels ``(B, slots, width)``."""
+        native = pixels.shape[-1] == self.min_condition_resolution
+        return janus.model.get_image_features(
+            pixel_values=pixels.to(janus.model.vision_model.dtype), interpolate_pos_encoding=not native
+        ).pooler_output
+
+    def frozen_features(self, model, batch, names=None) -> dict[str, torch.Tensor]:
+        janus = unwrap_model(model)
+        names = tuple(self.frozen_feature_sources) if names is None else names
+        features = {}
+        if "condition_features" in names:
+            features["condition_features"] = self.understanding_features(janus, batch["condition_pixel_values"])
+        if "target_codes" in names:
+            features["target_codes"] = self.target_codes(janus, batch["target_pixel_values"])
+        return features
 
     @torch.no_grad()
     def target_codes(self, janus, target_pixel_values: torch.Tensor) -> torch.Tensor:
@@ -243,7 +263,9 @@ class JanusAdapter(UMMAdapter):
 
     def target_logits(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         janus = unwrap_model(model)
-        codes = self.target_codes(janus, batch["target_pixel_values"])
+        codes = batch.get(cached_key("target_codes"))
+        if codes is None:
+            codes = self.target_codes(janus, batch["target_pixel_values"])
         prompt = self._condition_embeddings(janus, batch)
         teacher = janus.prepare_embeddings_for_image_generation(codes[:, :-1]).to(prompt.dtype)
         embeddings = torch.cat([prompt, teacher], dim=1)

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from ..images import ViewSpec, load_image, to_pil, to_tensor
-from .base import UMMAdapter, eval_mode, left_pad, register_adapter, unwrap_model
+from .base import UMMAdapter, cached_key, eval_mode, left_pad, register_adapter, unwrap_model
 from .targets import GenerationTarget, LossNoise
 
 _PIXEL_MEAN = _PIXEL_STD = (0.5, 0.5, 0.5)  # the model reads pixels in [-1, 1] (InternViT's norm is inside it)
@@ -56,6 +56,12 @@ class OpenUniAdapter(UMMAdapter):
     default_freeze = ("lmm", "vae")  # the authors freeze InternVL in every stage
     null_prompt = "Generate an image."  # the authors' unconditional prompt for classifier-free guidance
     default_cond_dropout_prob = 0.0  # the authors' reconstruction data has no prompt dropout
+    # InternViT + projector features of the condition view, and the DC-AE latents of the target view. (The
+    # frozen LLM's states depend on the instruction too, so they are not per-image outputs.)
+    frozen_feature_sources = {
+        "condition_features": (r"lmm\.model\.vision_tower", r"lmm\.model\.multi_modal_projector"),
+        "target_latents": ("vae",),
+    }
     target_fit = "random_crop"  # both views from one random square crop, as the authors
     text_to_image_template = "Generate an image: {caption}"
     lora_generation_targets = (
@@ -137,11 +143,25 @@ class OpenUniAdapter(UMMAdapter):
     @staticmethod
     def encoder_states(model, batch: dict[str, Any]) -> torch.Tensor:
         """SANA's encoder states for a prepared batch (with or without a condition image)."""
+        features = batch.get(cached_key("condition_features"))
         condition = batch.get("condition_pixel_values")
-        features = model.semantic_features(condition.to(model.device)) if condition is not None else None
+        if features is None and condition is not None:
+            features = model.semantic_features(condition.to(model.device))
         input_ids, attention_mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
         queries = model.query_states(input_ids, attention_mask, features)
         return model.encoder_states(queries)
+
+    def frozen_features(self, model, batch, names=None) -> dict[str, torch.Tensor]:
+        openuni = unwrap_model(model)
+        names = tuple(self.frozen_feature_sources) if names is None else names
+        features = {}
+        if "condition_features" in names:
+            features["condition_features"] = openuni.semantic_features(
+                batch["condition_pixel_values"].to(openuni.device)
+            )
+        if "target_latents" in names:
+            features["target_latents"] = openuni.encode_latents(batch["target_pixel_values"].to(openuni.device))
+        return features
 
     @staticmethod
     def training_timesteps(model, levels: torch.Tensor) -> torch.Tensor:
@@ -157,7 +177,9 @@ class OpenUniAdapter(UMMAdapter):
     ) -> torch.Tensor:
         openuni = unwrap_model(model)
         states = self.encoder_states(openuni, batch)
-        latents = openuni.encode_latents(batch["target_pixel_values"].to(openuni.device))
+        latents = batch.get(cached_key("target_latents"))
+        if latents is None:
+            latents = openuni.encode_latents(batch["target_pixel_values"].to(openuni.device))
         generator, timesteps = None, None
         if noise is not None:
             generator = noise.generator(latents.device)
