@@ -131,8 +131,8 @@ class RecAConfig(TrainingArguments):
             Compute the outputs of frozen towers (understanding features, VQ codes or autoencoder latents) once per
             training image before the first step, store them under frozen_cache_dir and read them back instead of
             re-encoding: 'true' (refused when a source module trains or the views are drawn per epoch, such as
-            OpenUni's random crop), 'auto' (on where the adapter's frozen towers take at least 20% of a step's
-            FLOPs; off, with the reason logged, where they take less or cannot be cached) or 'false'. Off by
+            OpenUni's random crop), 'auto' (on where the adapter's frozen towers take at least 20 percent of a
+            step's FLOPs; off, with the reason logged, where they take less or cannot be cached) or 'false'. Off by
             default: the cache costs a pass over the data and disk space (Janus at 384 px: about 2.4 MB per
             image).
         frozen_cache_dir (`str` or `None`, *optional*, defaults to `None`):
@@ -428,10 +428,10 @@ class RecAConfig(TrainingArguments):
             "help": "Compute the outputs of frozen towers (understanding features, VQ codes or autoencoder latents) "
             "once per training image before the first step, store them under frozen_cache_dir and read them back "
             "instead of re-encoding: 'true' (refused when a source module trains or the views are drawn per epoch, "
-            "such as OpenUni's random crop), 'auto' (on where the adapter's frozen towers take at least 20% of a "
-            "step's FLOPs; off, with the reason logged, where they take less or cannot be cached) or 'false'. Off "
-            "by default: the cache costs a pass over the data and disk space (Janus at 384 px: about 2.4 MB per "
-            "image).",
+            "such as OpenUni's random crop), 'auto' (on where the adapter's frozen towers take at least 20 percent "
+            "of a step's FLOPs; off, with the reason logged, where they take less or cannot be cached) or 'false'. "
+            "Off by default: the cache costs a pass over the data and disk space (Janus at 384 px: about 2.4 MB "
+            "per image).",
             "choices": list(CACHE_MODES),
         },
     )

@@ -88,16 +88,37 @@ def frozen_share(adapter: UMMAdapter, model, batch: dict[str, Any], names: Itera
     """The FLOP share of one training step that the frozen towers behind ``names`` take, counted by
     ``torch.utils.flop_counter`` on ``batch``: ``frozen / (forward + 2 x (forward - frozen))`` (the backward of
     everything that is not cached costs about twice its forward)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     with torch.no_grad(), eval_mode(unwrap_model(model)):
-        with FlopCounterMode(display=False) as frozen:
+        with _TotalFlops() as frozen:
             adapter.frozen_features(model, batch, tuple(names))
-        with FlopCounterMode(display=False) as total:
+        with _TotalFlops() as total:
             adapter.loss(model, batch)
     cached, forward = frozen.get_total_flops(), total.get_total_flops()
     step = forward + 2 * max(forward - cached, 0)
     return cached / step if step else 0.0
+
+
+class _Everywhere:
+    """A module tracker that attributes every operation to the whole model (see :class:`_TotalFlops`)."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def _TotalFlops():  # noqa: N802 - a class, made on use so that importing reca_hf does not import the counter
+    """``torch.utils.flop_counter.FlopCounterMode`` counting the total only: its per-module tracker hooks the
+    backward of every module output, which fails under ``no_grad`` on a module that returns a bare parameter
+    (OpenUni's meta-queries)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _Everywhere()
+    return counter
 
 
 def resolve_frozen_cache(

@@ -235,3 +235,29 @@ def test_the_config_field_takes_its_three_modes(tmp_path):
     assert RecAConfig(output_dir=str(tmp_path)).cache_frozen_features == "false"
     with pytest.raises(ValueError, match="cache_frozen_features='sometimes': choose one of auto, true, false"):
         RecAConfig(output_dir=str(tmp_path), cache_frozen_features="sometimes")
+
+
+def test_an_adapter_declaring_frozen_features_must_compute_them():
+    from reca_hf.adapters import registered_adapters
+
+    with pytest.raises(TypeError, match="declares frozen_feature_sources but does not implement frozen_features"):
+
+        class Half(registered_adapters()["flow"]):
+            name = "half"
+            frozen_feature_sources = {"condition_features": ("vision_model",)}
+
+    for name in ("janus", "openuni"):  # every declared feature is computed, under its declared name
+        model, processor = tiny_umm(name)
+        adapter = get_adapter(model, processor)
+        collator = RecACollator(adapter)
+        rows, batch = collator.frozen_inputs([{"image": image, "__reca_row__": i} for i, image in
+                                              enumerate(synthetic_images(2))])  # fmt: skip
+        with torch.no_grad():
+            assert set(adapter.frozen_features(model, batch)) == set(adapter.frozen_feature_sources)
+        assert rows == [0, 1]
+
+
+def synthetic_images(n: int):
+    from reca_hf.data import synthetic_shapes
+
+    return synthetic_shapes(n, size=32, seed=3)["image"]

@@ -110,6 +110,10 @@ class UMMAdapter:
             )
         if not isinstance(cls.generation_target, GenerationTarget):
             raise TypeError(f"adapter {cls.__name__}: generation_target must be a reca_hf.adapters.GenerationTarget")
+        if cls.frozen_feature_sources and cls.frozen_features is UMMAdapter.frozen_features:
+            raise TypeError(
+                f"adapter {cls.__name__} declares frozen_feature_sources but does not implement frozen_features"
+            )
 
     def __init__(self, config, processor=None, model=None):
         self.config = config
@@ -287,8 +291,6 @@ class UMMAdapter:
         cached (:mod:`reca_hf.frozen_cache`). :meth:`loss` uses ``batch[cached_key(name)]`` instead of
         recomputing ``name`` when the batch holds it.
         """
-        if self.frozen_feature_sources:
-            raise NotImplementedError(f"the {self.name} adapter declares frozen_feature_sources but no frozen_features")
         return {}
 
     # ---- the other tasks of a mixed run (optional: adapters without them train reconstruction only) ----
