@@ -36,6 +36,7 @@ from .base import (
     UMMAdapter,
     answer_batch,
     answer_loss,
+    cached_key,
     eval_mode,
     next_code,
     register_adapter,
@@ -65,6 +66,7 @@ class Emu3Adapter(UMMAdapter):
     shared_modules = ("model.text_model", "lm_head")
     tokenizer_modules = ("model.vqmodel",)
     default_freeze = ("model.vqmodel",)
+    frozen_feature_sources = {"condition_codes": ("model.vqmodel",), "target_codes": ("model.vqmodel",)}
     null_prompt = ""
     lora_llm_targets = (
         r"model\.text_model\.layers\.\d+\.self_attn\.[qkvo]_proj",
@@ -338,6 +340,12 @@ class Emu3Adapter(UMMAdapter):
             encoded = vq.encode(pixel_values.to(vq.device, vq.dtype), [(height, width)] * pixel_values.shape[0])
         return torch.stack(encoded.image_tokens).long()
 
+    def frozen_features(self, model, batch, names=None) -> dict[str, torch.Tensor]:
+        emu3 = unwrap_model(model)
+        names = tuple(self.frozen_feature_sources) if names is None else names
+        views = {"condition_codes": "condition_pixel_values", "target_codes": "target_pixel_values"}
+        return {name: self.image_codes(emu3, batch[views[name]]) for name in names}
+
     @staticmethod
     def _code_ids(emu3, device) -> torch.Tensor:
         """The vocabulary id of every VQ code, in code order."""
@@ -363,9 +371,13 @@ class Emu3Adapter(UMMAdapter):
     def _filled(self, emu3, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         input_ids = batch["input_ids"].clone()
         if "condition_pixel_values" in batch:  # text-to-image batches have none
-            condition = self.image_codes(emu3, batch["condition_pixel_values"])
+            condition = batch.get(cached_key("condition_codes"))
+            if condition is None:
+                condition = self.image_codes(emu3, batch["condition_pixel_values"])
             self._fill(input_ids, batch["condition_mask"], self.vocabulary_ids(emu3, condition), "condition")
-        codes = self.image_codes(emu3, batch["target_pixel_values"])
+        codes = batch.get(cached_key("target_codes"))
+        if codes is None:
+            codes = self.image_codes(emu3, batch["target_pixel_values"])
         target_mask = batch["target_mask"].to(input_ids.device)
         self._fill(input_ids, target_mask, self.vocabulary_ids(emu3, codes), "target")
         attention_mask = batch["attention_mask"].to(input_ids.device)
