@@ -1,5 +1,5 @@
 """The frozen-tower cache (cache_frozen_features): hits, misses, invalidation, refusals, and losses equal to the
-uncached ones for tiny Janus and tiny OpenUni."""
+uncached ones for tiny Janus, Emu3 and OpenUni."""
 
 from __future__ import annotations
 
@@ -28,10 +28,6 @@ class EncoderCalls:
 
 def janus_encoders(model):
     return EncoderCalls(model.model.vision_model, model.model.vqmodel.encoder)
-
-
-def openuni_encoders(model):
-    return EncoderCalls(model.lmm.model.vision_tower, model.vae.encoder)
 
 
 def cache_args(tmp_path, **overrides):
@@ -83,6 +79,19 @@ def test_janus_cached_losses_equal_uncached_and_a_second_run_encodes_nothing(tmp
     assert calls.count == 0
     again.train()  # setup again (a hit), then two steps that never run the frozen encoders
     assert calls.count == 0 and again.state.global_step == 2
+
+
+def test_a_cached_run_logs_the_losses_of_an_uncached_one(tmp_path, shapes):
+    losses = {}
+    for mode in ("false", "true"):
+        model, processor = tiny_umm("janus")
+        args = cache_args(tmp_path / mode, cache_frozen_features=mode, max_steps=3)
+        trainer = RecATrainer(model, args, train_dataset=shapes, processing_class=processor)
+        trainer.train()
+        assert (trainer.frozen_cache is not None) == (mode == "true")
+        losses[mode] = [log["reconstruction_loss"] for log in trainer.state.log_history if "reconstruction_loss" in log]
+    assert len(losses["true"]) == 3
+    torch.testing.assert_close(losses["true"], losses["false"])
 
 
 def source_calls(model, adapter):
