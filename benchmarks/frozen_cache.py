@@ -120,8 +120,9 @@ def measure(name: str, build, rounds: int, steps: int, batch_size: int, workdir:
     step_time(uncached_batches[:1])  # warm-up
     timings = {"uncached": [], "cached": []}
     collate_timings = {"uncached": [], "cached": []}
-    for _ in range(rounds):  # interleaved, so both arms see the same machine load
-        for arm, batches in (("uncached", uncached_batches), ("cached", cached_batches)):
+    arms = [("uncached", uncached_batches), ("cached", cached_batches)]
+    for round_ in range(rounds):  # interleaved, first arm alternating, so both arms see the same machine load
+        for arm, batches in arms if round_ % 2 == 0 else arms[::-1]:
             timings[arm].append(step_time(batches))
             collate_timings[arm].append(collate(arm == "cached")[1])
     best = {arm: min(values) for arm, values in timings.items()}

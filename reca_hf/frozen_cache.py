@@ -183,7 +183,8 @@ def resolve_frozen_cache(
 
 def weights_fingerprint(model, patterns: Iterable[str]) -> str:
     """A hash of the parameters and buffers under ``patterns``: names, shapes, dtypes, sums and a strided sample
-    of values (computed where the weights are, read back once)."""
+    of values (computed where the weights are, in float32, read back once: the same weights on another kind of
+    device may hash differently, which only costs a recomputation)."""
     patterns = tuple(patterns)
     module = unwrap_model(model)
     tensors = [
@@ -197,7 +198,7 @@ def weights_fingerprint(model, patterns: Iterable[str]) -> str:
     stats = []
     for name, tensor in tensors:
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        flat = tensor.detach().flatten().double()
+        flat = tensor.detach().flatten().float()
         sample = flat[:: max(1, flat.numel() // 16)][:16]
         stats.append(
             torch.cat(

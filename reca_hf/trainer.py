@@ -506,7 +506,7 @@ class RecATrainer(HubResilienceMixin, Trainer):
             self.model,
             collator.views if is_reca else self.views,
             source,
-            lambda names: self._frozen_share(names),
+            self._frozen_share,
             collator_is_reca=is_reca,
         )
         if not names:
