@@ -283,3 +283,33 @@ def synthetic_images(n: int):
     from reca_hf.data import synthetic_shapes
 
     return synthetic_shapes(n, size=32, seed=3)["image"]
+
+
+def test_entries_are_found_across_shards(tmp_path, shapes, monkeypatch):
+    import reca_hf.frozen_cache as frozen_cache
+
+    monkeypatch.setattr(frozen_cache, "_SHARD_BYTES", 1)  # one shard per batch of 4
+    model, processor = tiny_umm("janus")
+    trainer = RecATrainer(model, cache_args(tmp_path), train_dataset=shapes, processing_class=processor)
+    cache = trainer.setup_frozen_cache()
+    assert len(cache.index["shards"]) == 4 and cache.index["rows"] == 16
+    rows = [15, 0, 7, 4]  # from four shards, out of order
+    batch = _tensors(trainer.data_collator([trainer.train_dataset[i] for i in rows]))
+    with torch.no_grad():
+        fresh = trainer.adapter.frozen_features(model, _uncached(batch))
+    torch.testing.assert_close(batch[cached_key("condition_features")], fresh["condition_features"])
+    assert torch.equal(batch[cached_key("target_codes")], fresh["target_codes"])
+    assert cache.lookup([16]) is None and cache.lookup([-1]) is None
+
+
+def test_in_a_task_mix_only_the_reconstruction_rows_read_the_cache(tmp_path, shapes):
+    model, processor = tiny_umm("janus")
+    args = cache_args(tmp_path, task_ratios={"reconstruction": 1, "image_to_text": 1})
+    trainer = RecATrainer(model, args, train_dataset=shapes, i2t_dataset=shapes, processing_class=processor)
+    trainer.setup_frozen_cache()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+    reconstruction = batch["input_ids"].shape[0]
+    assert 0 < reconstruction < 8 and batch[cached_key("target_codes")].shape[0] == reconstruction
+    assert not any(key.startswith("cached_") for key in batch["image_to_text"])
+    trainer.train()
+    assert trainer.state.global_step == 2
