@@ -243,7 +243,7 @@ def cache_components(
     max_image_pixels: int,
 ) -> dict[str, Any]:  # fmt: skip
     """Everything a cache entry depends on (its key is their hash)."""
-    config = unwrap_model(model).config
+    config = getattr(unwrap_model(model), "config", None)  # a plain nn.Module model may have none
     names = sorted(names)
     patterns = [pattern for name in names for pattern in adapter.frozen_feature_sources[name]]
     image_processor = getattr(adapter.processor, "image_processor", None)
