@@ -643,8 +643,8 @@ class RecAConfig(TrainingArguments):
         self.generation_resolution = parse_resolution(self.generation_resolution)
         self.freeze = parse_freeze(self.freeze)
         self.cond_dropout_prob = parse_probability(self.cond_dropout_prob)
-        if isinstance(self.cache_frozen_features, bool):  # YAML's true/false
-            self.cache_frozen_features = str(self.cache_frozen_features).lower()
+        if isinstance(self.cache_frozen_features, bool | str):  # YAML's true/false, or "True" from a flag
+            self.cache_frozen_features = str(self.cache_frozen_features).strip().lower()
         if isinstance(self.lora_target_modules, tuple):
             self.lora_target_modules = list(self.lora_target_modules)
         for name in _JSON_FIELDS:

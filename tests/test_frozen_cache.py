@@ -255,6 +255,7 @@ def test_an_interrupted_build_leaves_no_index_and_is_redone(tmp_path, shapes):
 def test_the_config_field_takes_its_three_modes(tmp_path):
     assert RecAConfig(output_dir=str(tmp_path), cache_frozen_features=True).cache_frozen_features == "true"
     assert RecAConfig(output_dir=str(tmp_path)).cache_frozen_features == "false"
+    assert RecAConfig(output_dir=str(tmp_path), cache_frozen_features="Auto").cache_frozen_features == "auto"
     with pytest.raises(ValueError, match="cache_frozen_features='sometimes': choose one of auto, true, false"):
         RecAConfig(output_dir=str(tmp_path), cache_frozen_features="sometimes")
 
