@@ -178,7 +178,7 @@ def swap_probe(adapter: UMMAdapter, model, images: list, views: ViewSpec, instru
 
     def predictions(condition_views):
         batch = adapter.prepare(condition_views, targets, [instruction] * len(targets))
-        batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         logits, codes = adapter.target_logits(model, batch)
         return logits.argmax(-1), codes
 

@@ -17,7 +17,6 @@ from .images import (
     BadImageError,
     ViewSpec,
     load_image,
-    pad_to_square,
     resolve_views,
     source_file,
 )
@@ -78,6 +77,8 @@ class RecACollator:
         caption_column: str = "caption",
         bad_image_policy: str = "error",
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        target_fit: str = AUTO,
+        condition_fit: str = AUTO,
     ):
         if bad_image_policy not in BAD_IMAGE_POLICIES:
             raise ValueError(f"bad_image_policy={bad_image_policy!r}: choose one of {', '.join(BAD_IMAGE_POLICIES)}")
@@ -87,7 +88,14 @@ class RecACollator:
         self.skipped_rows: Counter[str] = Counter()
         self.adapter = adapter
         self.views: ViewSpec = resolve_views(
-            adapter, condition_resolution, generation_resolution, condition_bottleneck, blur_factor, allow_shortcut
+            adapter,
+            condition_resolution,
+            generation_resolution,
+            condition_bottleneck,
+            blur_factor,
+            allow_shortcut,
+            target_fit,
+            condition_fit,
         )
         templates = prompts if isinstance(prompts, list) else load_prompts(prompts)
         self.sampler = PromptSampler(templates, adapter.null_prompt, resolve_dropout(adapter, cond_dropout_prob), seed)
@@ -114,6 +122,8 @@ class RecACollator:
             caption_column=args.caption_column,
             bad_image_policy=args.bad_image_policy,
             max_image_pixels=args.max_image_pixels,
+            target_fit=args.target_fit,
+            condition_fit=args.condition_fit,
         )
 
     def _row_index(self, example: dict[str, Any]) -> int:
@@ -124,8 +134,8 @@ class RecACollator:
 
     def crop_position(self, index: int) -> float | None:
         """Where a ``random_crop`` view cuts row ``index``'s square this epoch, drawn from (seed, epoch, row) like
-        its instruction, so workers and resumed runs cut the same crops; None for the other fits."""
-        if self.views.target_fit != "random_crop":
+        its instruction, so workers and resumed runs cut the same crops; None without a random crop."""
+        if not self.views.uses_random_crop:
             return None
         return float(np.random.default_rng([self.sampler.seed, self.epoch, index, _CROP_STREAM]).random())
 
@@ -133,7 +143,7 @@ class RecACollator:
         """Register the datasets (by name, from :func:`~reca_hf.data.as_source`) that bad rows are replaced from."""
         self.sources.update({name: dataset for name, dataset in sources.items() if dataset is not None})
 
-    def _image(self, example: dict[str, Any], index: int, draft: int):
+    def _image(self, example: dict[str, Any], index: int, draft: int, fit: str):
         if self.image_column not in example:
             raise KeyError(
                 f"{_row_name(example, index)} has no column {self.image_column!r} (columns: "
@@ -142,7 +152,7 @@ class RecACollator:
             )
         value = example[self.image_column]
         try:
-            return load_image(value, self.max_image_pixels, draft, self.views.target_fit)
+            return load_image(value, self.max_image_pixels, draft, fit)
         except Exception as error:
             file = source_file(value)
             where = f" (file {file})" if file else ""
@@ -152,14 +162,14 @@ class RecACollator:
                 file,
             ) from error
 
-    def _decoded(self, examples: list[dict[str, Any]], draft: int) -> tuple[list[dict[str, Any]], list]:
+    def _decoded(self, examples: list[dict[str, Any]], draft: int, fit: str) -> tuple[list[dict[str, Any]], list]:
         """``(rows, images)``: each row with its decoded image; under ``skip``, bad rows replaced (see class doc)."""
         rows, images = [], []
         for example, index in zip(examples, [self._row_index(example) for example in examples]):
             row = {**example, INDEX_KEY: index}
             for _ in range(_MAX_REPLACEMENTS):
                 try:
-                    images.append(self._image(row, index, draft))
+                    images.append(self._image(row, index, draft, fit))
                     break
                 except BadImageError as error:
                     if self.bad_image_policy == "error":
@@ -214,7 +224,7 @@ class RecACollator:
         )
 
     def _reconstruction(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        rows, images = self._decoded(examples, self.views.largest_side)
+        rows, images = self._decoded(examples, self.views.largest_side, self.views.decode_fit)
         indices = [row[INDEX_KEY] for row in rows]
         draws = [self.sampler.draw(index, self.epoch) for index in indices]
         instructions = [instruction for instruction, _ in draws]
@@ -251,9 +261,9 @@ class RecACollator:
     def _image_to_text(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         """The image at the understanding resolution (no bottleneck), a question, and the caption as answer."""
         resolution = self.adapter.understanding_resolution
-        rows, images = self._decoded(examples, resolution)
+        rows, images = self._decoded(examples, resolution, self.views.condition_fit)
         indices = [row[INDEX_KEY] for row in rows]
-        images = [pad_to_square(image, resolution, self.views.background) for image in images]
+        images = [self.views.square(image, resolution, self.views.condition_fit) for image in images]
         texts = [self._text(row, self._report_index(row), IMAGE_TO_TEXT) for row in rows]
         questions = [q if q is not None else self.sampler.template(i, self.epoch) for (q, _), i in zip(texts, indices)]
         batch = self.adapter.prepare_image_to_text(images, questions, [answer for _, answer in texts])
@@ -263,7 +273,7 @@ class RecACollator:
     def _text_to_image(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         """The caption as the generation prompt (dropped to the null prompt like instructions are) and the target."""
         resolution = self.views.generation_resolution
-        rows, images = self._decoded(examples, resolution)
+        rows, images = self._decoded(examples, resolution, self.views.target_fit)
         indices = [row[INDEX_KEY] for row in rows]
         targets = [self.views.square(image, resolution) for image in images]
         dropped = [self.sampler.draw(index, self.epoch)[1] for index in indices]

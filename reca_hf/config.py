@@ -14,7 +14,7 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import TrainingArguments
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
-from .images import AUTO, BOTTLENECKS, DEFAULT_MAX_IMAGE_PIXELS
+from .images import AUTO, BOTTLENECKS, DEFAULT_MAX_IMAGE_PIXELS, FITS
 from .tasks import TASKS
 
 logger = logging.getLogger(__name__)
@@ -111,6 +111,17 @@ class RecAConfig(TrainingArguments):
             downscaled by blur_factor and upscaled back: same token count, less information) or 'none'.
         blur_factor (`int`, *optional*, defaults to `4`):
             Downscale factor of the 'blur' bottleneck (the guide's Show-o example uses 8: 512 -> 64 -> 512).
+        target_fit (`str`, *optional*, defaults to `"auto"`):
+            How an image that is not square becomes the target view: 'center_crop' (the centred square of the shorter
+            side), 'random_crop' (a square at a position drawn from seed, epoch and row), 'pad' (the whole image on a
+            square of the processor's background colour) or 'stretch' (resized to the square, aspect ignored). 'auto' is
+            the architecture adapter's target_fit: 'center_crop', 'random_crop' for OpenUni. No RecA author pads a
+            generation target: a generator trained on grey bars learns to draw them.
+        condition_fit (`str`, *optional*, defaults to `"auto"`):
+            How the condition view fits a square where the target does not crop (under a cropping target_fit the
+            condition is cut from the target's own square): 'pad', 'stretch', 'center_crop' or 'random_crop' (the same
+            square a random-crop target would take). 'auto' follows the model's understanding processor (the adapter's
+            condition_fit: 'pad' for Janus, 'stretch' for OpenUni).
         prompt_templates (`str`, *optional*, defaults to `"default"`):
             Reconstruction instructions: 'default' for the project's templates, or a file with one instruction
             per line or a JSON list of strings.
@@ -386,6 +397,32 @@ class RecAConfig(TrainingArguments):
         default=4,
         metadata={
             "help": "Downscale factor of the 'blur' bottleneck (the guide's Show-o example uses 8: 512 -> 64 -> 512)."
+        },
+    )
+    target_fit: str = field(
+        default=AUTO,
+        metadata={
+            "help": (
+                "How an image that is not square becomes the target view: 'center_crop' (the centred square of the "
+                "shorter side), 'random_crop' (a square at a position drawn from seed, epoch and row), 'pad' (the "
+                "whole image on a square of the processor's background colour) or 'stretch' (resized to the square, "
+                "aspect ignored). 'auto' is the architecture adapter's target_fit: 'center_crop', 'random_crop' for "
+                "OpenUni. No RecA author pads a generation target: a generator trained on grey bars learns to draw "
+                "them."
+            ),
+            "choices": [AUTO, *FITS],
+        },
+    )
+    condition_fit: str = field(
+        default=AUTO,
+        metadata={
+            "help": (
+                "How the condition view fits a square where the target does not crop (under a cropping target_fit the"
+                " condition is cut from the target's own square): 'pad', 'stretch', 'center_crop' or 'random_crop' "
+                "(the same square a random-crop target would take). 'auto' follows the model's understanding "
+                "processor (the adapter's condition_fit: 'pad' for Janus, 'stretch' for OpenUni)."
+            ),
+            "choices": [AUTO, *FITS],
         },
     )
     prompt_templates: str = field(
@@ -668,6 +705,8 @@ class RecAConfig(TrainingArguments):
             if value != AUTO and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
                 errors.append(f"{name}={value!r}: use 'auto' or a positive number of pixels such as 384.")
         errors += _choice_error("condition_bottleneck", self.condition_bottleneck, BOTTLENECKS)
+        errors += _choice_error("target_fit", self.target_fit, (AUTO, *FITS))
+        errors += _choice_error("condition_fit", self.condition_fit, (AUTO, *FITS))
         if not isinstance(self.blur_factor, int) or self.blur_factor < 2:
             errors.append(f"blur_factor={self.blur_factor!r}: use an integer of at least 2 (e.g. 4 or 8).")
         dropout = self.cond_dropout_prob

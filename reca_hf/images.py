@@ -6,12 +6,16 @@ by an upscale back (``"blur"``: same token count, less information). Without it,
 condition and target share one representation learns to copy pixels instead of semantics.
 The *target view* is what the generation loss reconstructs, at the generation resolution.
 
-Aspect policy (both views, ``ViewSpec.target_fit``): ``"pad"`` (the default) resizes the longer side to
-the view's resolution and pads to a square with the model processor's background colour, which is what
-the Janus image processor does for understanding; nothing is cropped away. ``"center_crop"`` first cuts
-the centred square of the shorter side, so both views come from the same crop; ``"random_crop"`` cuts a
-square at a position the collator draws from (seed, epoch, row), as OpenUni's authors do (the views of the
-grid and the probe, which have no row, use the centred square).
+Fit policies (``ViewSpec.target_fit``, ``ViewSpec.condition_fit``): how a non-square image becomes a square
+view. ``"center_crop"`` cuts the centred square of the shorter side; ``"random_crop"`` cuts a square at a
+position the collator draws from (seed, epoch, row), as OpenUni's authors do (the views of the grid and the
+probe, which have no row, use the centred square); ``"pad"`` resizes the longer side to the view's resolution
+and pads to a square with the model processor's background colour (what the Janus image processor does for
+understanding); ``"stretch"`` resizes both sides to the resolution, ignoring the aspect (Harmon, Show-o).
+The target's default is ``"center_crop"``: no RecA author pads a generation target, and a generator trained
+on grey bars learns to draw them. The condition shows what the target shows: under a cropping target fit it
+is cut from the target's own square (so ``condition_fit`` has nothing left to fit), under ``"pad"`` and
+``"stretch"`` targets it is the whole image under ``condition_fit`` (the understanding processor's way).
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ from PIL import Image, ImageOps
 logger = logging.getLogger(__name__)
 
 BOTTLENECKS = ("resize", "blur", "none")
-TARGET_FITS = ("pad", "center_crop", "random_crop")
+FITS = ("pad", "center_crop", "random_crop", "stretch")
+TARGET_FITS = FITS  # the old name: the fits a target view can take (a condition view takes the same)
 CROP_FITS = ("center_crop", "random_crop")  # the fits that cut a square of the shorter side
+SHORTER_SIDE_FITS = (*CROP_FITS, "stretch")  # the fits whose view side comes from the image's shorter side
 _HIGH_BIT_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0}
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own warning threshold: a 0.25 GiB RGB image
 _DERIVE_RATIO = 2  # a smaller view is resized from a larger one at least this much larger (see ViewSpec.views)
@@ -101,13 +107,13 @@ def load_image(
     """Decode one dataset value (see :func:`open_image`) to an RGB image, EXIF orientation applied.
 
     ``draft``: the largest view side that will be made from the image. JPEGs are then decoded at the
-    smallest DCT scale (1/2, 1/4, 1/8) whose longer side (shorter side, for ``fit="center_crop"``, whose
-    square crop is that side) is still at least ``draft``, several times faster than a full decode and,
-    after the view's resize, within a few levels of it.
+    smallest DCT scale (1/2, 1/4, 1/8) whose longer side (shorter side, for the crop fits, whose square is
+    that side, and ``"stretch"``, which resizes it to the view side) is still at least ``draft``, several
+    times faster than a full decode and, after the view's resize, within a few levels of it.
     """
     image = open_image(value, max_pixels)
     if draft is not None and image.format == "JPEG" and not isinstance(value, Image.Image):
-        scale = draft / (min(image.size) if fit in CROP_FITS else max(image.size))
+        scale = draft / (min(image.size) if fit in SHORTER_SIDE_FITS else max(image.size))
         image.draft(image.mode, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
     try:
         image.load()  # decode now, so a truncated or corrupt file fails here and not later
@@ -177,26 +183,31 @@ def blur(image: Image.Image, factor: int) -> Image.Image:
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """How one image becomes its condition view and its target view."""
+    """How one image becomes its condition view and its target view (fits: see the module docstring)."""
 
     condition_resolution: int
     generation_resolution: int
     bottleneck: str = "resize"
     blur_factor: int = 4
     background: tuple[int, int, int] = (127, 127, 127)
-    target_fit: str = "pad"  # "pad", "center_crop" or "random_crop" (both views from the same square)
+    target_fit: str = "center_crop"  # one of FITS; a cropping fit cuts both views from one square
+    condition_fit: str = "pad"  # one of FITS; used where the target does not crop (pad, stretch)
 
     def __post_init__(self):
         if self.bottleneck not in BOTTLENECKS:
             raise ValueError(f"condition_bottleneck={self.bottleneck!r}: choose one of {BOTTLENECKS}.")
-        if self.target_fit not in TARGET_FITS:
-            raise ValueError(f"target_fit={self.target_fit!r}: choose one of {TARGET_FITS}.")
+        for name in ("target_fit", "condition_fit"):
+            if getattr(self, name) not in FITS:
+                raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(FITS)}.")
 
-    def square(self, image: Image.Image, resolution: int) -> Image.Image:
-        """``image`` as a square of side ``resolution`` under this spec's fit, without the bottleneck (the
-        text-to-image target)."""
-        if self.target_fit in CROP_FITS:
+    def square(self, image: Image.Image, resolution: int, fit_policy: str | None = None) -> Image.Image:
+        """``image`` as a square of side ``resolution`` under ``fit_policy`` (default: the target fit; a random
+        crop is centred here), without the bottleneck: the text-to-image target, the image-to-text image."""
+        fit_policy = fit_policy or self.target_fit
+        if fit_policy in CROP_FITS:
             return fit(center_square(image), resolution)
+        if fit_policy == "stretch":
+            return _resized(image, resolution, stretch=True)
         return pad_to_square(image, resolution, self.background)
 
     def condition_view(self, image: Image.Image) -> Image.Image:
@@ -210,25 +221,60 @@ class ViewSpec:
         """The largest view side: what an image needs to be decoded at (see :func:`load_image`'s ``draft``)."""
         return max(self.condition_resolution, self.generation_resolution)
 
+    @property
+    def uses_random_crop(self) -> bool:
+        """Whether a view is cut at a position drawn per row (the collator's ``crop_position``)."""
+        return "random_crop" in (self.target_fit, self.condition_fit)
+
+    @property
+    def decode_fit(self) -> str:
+        """The fit that decides which side JPEG draft decoding keeps (see :func:`load_image`'s ``fit``)."""
+        return self.target_fit if self.target_fit != "pad" else self.condition_fit
+
     def views(self, image: Image.Image, crop_position: float | None = None) -> tuple[Image.Image, Image.Image]:
         """``(condition view, target view)`` of ``image`` with as few resizes as exactness allows.
 
-        Views of one size share one resize. A smaller view is resized from the larger one's content when
-        that is at least twice its size (a bicubic downscale from 2x or more above the target size is
-        within a level or two of one from the source), else from the source. Under ``target_fit=
-        "center_crop"`` the source is the centred square, under ``"random_crop"`` the square at
-        ``crop_position`` (centred when None), so the condition is cut from the target's crop.
+        Under a cropping ``target_fit`` both views come from one square: the centred one, or for
+        ``"random_crop"`` the one at ``crop_position`` (centred when None), so the condition is cut from the
+        target's crop. Views of one source and shape share one resize: a smaller view is resized from the
+        larger one's content when that is at least twice its size (a bicubic downscale from 2x or more above
+        the target size is within a level or two of one from the source), else from the source.
         """
-        if self.target_fit in CROP_FITS:
-            image = center_square(image, 0.5 if crop_position is None else crop_position)
-        larger, smaller = sorted((self.condition_resolution, self.generation_resolution), reverse=True)
-        big = fit(image, larger)
-        small = big if smaller == larger else fit(big if larger >= _DERIVE_RATIO * smaller else image, smaller)
-        fitted = {larger: big, smaller: small}
-        condition = _pad(fitted[self.condition_resolution], self.condition_resolution, self.background)
+        target_source = condition_source = image
+        target_fit, condition_fit = self.target_fit, self.condition_fit
+        if target_fit in CROP_FITS:
+            target_source = condition_source = center_square(image, _position(target_fit, crop_position))
+            condition_fit = target_fit
+        elif condition_fit in CROP_FITS:
+            condition_source = center_square(image, _position(condition_fit, crop_position))
+        stretch_target, stretch_condition = target_fit == "stretch", condition_fit == "stretch"
+        resolution_c, resolution_g = self.condition_resolution, self.generation_resolution
+        if condition_source is target_source and stretch_target == stretch_condition:
+            larger, smaller = sorted((resolution_c, resolution_g), reverse=True)
+            big = _resized(target_source, larger, stretch_target)
+            source = big if larger >= _DERIVE_RATIO * smaller else target_source
+            fitted = {larger: big, smaller: big if smaller == larger else _resized(source, smaller, stretch_target)}
+            condition, target = fitted[resolution_c], fitted[resolution_g]
+        else:
+            condition = _resized(condition_source, resolution_c, stretch_condition)
+            target = _resized(target_source, resolution_g, stretch_target)
+        condition = _pad(condition, resolution_c, self.background)
         if self.bottleneck == "blur":
             condition = blur(condition, self.blur_factor)
-        return condition, _pad(fitted[self.generation_resolution], self.generation_resolution, self.background)
+        return condition, _pad(target, resolution_g, self.background)
+
+
+def _position(fit_policy: str, crop_position: float | None) -> float:
+    """Where a crop fit cuts its square: a random crop at ``crop_position``, everything else at the centre."""
+    return crop_position if fit_policy == "random_crop" and crop_position is not None else 0.5
+
+
+def _resized(image: Image.Image, resolution: int, stretch: bool) -> Image.Image:
+    """``image`` resized to a ``resolution`` square (``stretch``), else with its longer side at ``resolution``."""
+    if not stretch:
+        return fit(image, resolution)
+    size = (resolution, resolution)
+    return image if image.size == size else image.resize(size, Image.Resampling.BICUBIC)
 
 
 def to_tensor(images: list[Image.Image], mean, std) -> torch.Tensor:
@@ -316,11 +362,17 @@ def resolve_views(
     bottleneck: str = "resize",
     blur_factor: int = 4,
     allow_shortcut: bool = False,
+    target_fit: str = AUTO,
+    condition_fit: str = AUTO,
 ) -> ViewSpec:
-    """The views of a run: ``"auto"`` resolved for this model, both resolutions checked, the shortcut guarded."""
+    """The views of a run: ``"auto"`` resolved for this model (resolutions, and fits from the adapter's
+    ``target_fit`` and ``condition_fit``), both resolutions checked, the shortcut guarded."""
     condition, generation = adapter.resolve_resolutions(condition_resolution, generation_resolution)
-    fit_policy = getattr(adapter, "target_fit", "pad")  # an adapter's class attribute, e.g. OpenUni's centre crop
-    views = ViewSpec(condition, generation, bottleneck, blur_factor, adapter.background_color, fit_policy)
+    fits = (
+        adapter.target_fit if target_fit == AUTO else target_fit,
+        adapter.condition_fit if condition_fit == AUTO else condition_fit,
+    )
+    views = ViewSpec(condition, generation, bottleneck, blur_factor, adapter.background_color, *fits)
     check_shortcut(adapter, views, allow_shortcut)
     return views
 
@@ -334,4 +386,6 @@ def views_from_config(adapter, args) -> ViewSpec:
         args.condition_bottleneck,
         args.blur_factor,
         args.allow_shortcut,
+        args.target_fit,
+        args.condition_fit,
     )

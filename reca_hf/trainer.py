@@ -276,7 +276,8 @@ class RecATrainer(HubResilienceMixin, Trainer):
     # ---- loss ----
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        batches = {RECONSTRUCTION: {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}}
+        # Every entry the collator made reaches the adapter, tensors or not (lists, variable-size entries).
+        batches = {RECONSTRUCTION: {k: v for k, v in inputs.items() if k not in (IMAGE_TO_TEXT, TEXT_TO_IMAGE)}}
         batches.update({task: inputs[task] for task in (IMAGE_TO_TEXT, TEXT_TO_IMAGE) if task in inputs})
         batches = {task: batch for task, batch in batches.items() if batch}
         base = unwrap_model(model)
@@ -312,7 +313,7 @@ class RecATrainer(HubResilienceMixin, Trainer):
         if reduction == "task_mean":
             total = sum(self.task_ratios.values())
             return sum(self.task_ratios[task] / total * loss for task, loss in weighted.items())
-        sizes = {task: _batch_size(batches[task]) for task in losses}
+        sizes = {task: self.adapter.batch_size(batches[task]) for task in losses}
         total = sum(sizes.values())
         return sum(sizes[task] / total * loss for task, loss in weighted.items())
 
@@ -323,7 +324,7 @@ class RecATrainer(HubResilienceMixin, Trainer):
         if mode == "eval" and isinstance(self.eval_dataset, EvalTasksDataset):
             active = sorted(set(active) | set(self.eval_dataset.tasks), key=TASKS.index)
         for task in active:
-            size = _batch_size(batches[task]) if task in losses else 0
+            size = self.adapter.batch_size(batches[task]) if task in losses else 0
             value = losses[task].detach().float() * size if task in losses else torch.zeros((), device=device)
             pair = torch.stack([value.to(device), torch.tensor(float(size), device=device)])
             total, count = self.accelerator.gather(pair[None]).sum(0).tolist()
@@ -648,6 +649,8 @@ class RecATrainer(HubResilienceMixin, Trainer):
             "generation_resolution": self.views.generation_resolution,
             "condition_bottleneck": self.views.bottleneck,
             "blur_factor": self.views.blur_factor,
+            "target_fit": self.views.target_fit,
+            "condition_fit": self.views.condition_fit,
             "prompt_templates": self.args.prompt_templates,
             "num_prompts": len(sampler.prompts) if sampler else None,
             "null_prompt": self.adapter.null_prompt,
@@ -665,6 +668,7 @@ class RecATrainer(HubResilienceMixin, Trainer):
             "condition bottleneck": views.bottleneck
             + (f" (factor {views.blur_factor})" if views.bottleneck == "blur" else ""),
             "generation resolution": views.generation_resolution,
+            "view fits": f"target {views.target_fit}, condition {views.condition_fit}",
             "prompt templates": len(sampler.prompts) if sampler else args.prompt_templates,
             "prompt dropout": self.cond_dropout_prob,
             "freeze": f"{args.freeze} ({trainable:,} trainable parameters)",
@@ -791,10 +795,6 @@ def _as_reca_config(args, model_id: str) -> RecAConfig:
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
         return RecAConfig(**values)  # getattr keeps hub_token, which to_dict() would hide
     raise TypeError(f"args must be a RecAConfig or TrainingArguments, got {type(args).__name__}")
-
-
-def _batch_size(batch: dict[str, torch.Tensor]) -> int:
-    return int(batch["input_ids"].shape[0])
 
 
 def _hardware() -> str:

@@ -51,7 +51,7 @@ def test_paths_and_dataset_dicts(tmp_path):
 
 
 def test_views_keep_aspect_and_blur_keeps_token_count():
-    views = ViewSpec(16, 32, "blur", 4, (0, 0, 0))
+    views = ViewSpec(16, 32, "blur", 4, (0, 0, 0), target_fit="pad")
     wide = Image.new("RGB", (64, 32), (255, 255, 255))
     target = views.target_view(wide)
     assert target.size == (32, 32)
@@ -125,3 +125,58 @@ def test_cond_dropout_auto_is_the_architecture_adapters_rate_and_the_record_says
     assert parse_recipe("recipes/janus/tiny_demo.yaml", ["--cond_dropout_prob", "0.25"]).cond_dropout_prob == 0.25
     with pytest.raises(ValueError, match="cond_dropout_prob='often'"):
         make_args(cond_dropout_prob="often")
+
+
+def _two_to_one() -> Image.Image:
+    """A 2:1 image, red | green | blue | white in vertical quarters."""
+    image = Image.new("RGB", (64, 32), (255, 0, 0))
+    for i, colour in enumerate(((0, 255, 0), (0, 0, 255), (255, 255, 255))):
+        image.paste(Image.new("RGB", (16, 32), colour), (16 * (i + 1), 0))
+    return image
+
+
+def test_a_center_cropped_2_to_1_image_has_no_padding_in_its_target(adapter):
+    """The default target fit is center_crop: the target holds the centre square only, no background bars."""
+    background = adapter.background_color
+    collator = RecACollator(adapter, cond_dropout_prob=0.0)
+    assert (collator.views.target_fit, collator.views.condition_fit) == ("center_crop", "pad")
+    condition, target = collator.views.views(_two_to_one())
+    for view in (condition, target):
+        colours = {colour for _, colour in view.getcolors()}
+        assert background not in colours and colours <= {(0, 255, 0), (0, 0, 255)}, colours
+    batch = collator([{"image": _two_to_one()}])
+    pixels = ((batch["target_pixel_values"][0] + 1) * 127.5).round()  # the VQ's [-1, 1] back to levels
+    assert not (pixels == torch.tensor(background, dtype=pixels.dtype).view(3, 1, 1)).all(0).any()
+
+
+def test_stretch_pad_and_a_condition_fit_of_their_own(adapter):
+    """Under pad and stretch targets the condition takes its own fit; a random-crop condition uses the row's draw."""
+    image = _two_to_one()
+    stretched = ViewSpec(16, 32, target_fit="stretch").target_view(image)
+    assert stretched.getpixel((2, 16)) == (255, 0, 0) and stretched.getpixel((30, 16)) == (255, 255, 255)
+    padded = ViewSpec(16, 32, background=(7, 7, 7), target_fit="pad", condition_fit="stretch")
+    condition, target = padded.views(image)
+    assert target.getpixel((0, 0)) == (7, 7, 7) and condition.getpixel((0, 0)) == (255, 0, 0)
+    collator = RecACollator(adapter, target_fit="pad", condition_fit="random_crop", seed=1)
+    positions = [collator.crop_position(row) for row in range(8)]
+    assert None not in positions and len(set(positions)) == 8
+    condition, target = collator.views.views(image, 0.0)  # the condition: the left square, red | green
+    colours = {colour for _, colour in condition.getcolors()}
+    assert (255, 0, 0) in colours and not colours & {(0, 0, 255), (255, 255, 255)}
+    assert adapter.background_color in {colour for _, colour in target.getcolors()}  # the whole image, padded
+    with pytest.raises(ValueError, match="condition_fit='letterbox'"):
+        ViewSpec(16, 32, condition_fit="letterbox")
+
+
+def test_fit_fields_resolve_auto_from_the_adapter_and_reach_the_record(make_args, tiny_janus, shapes):
+    from reca_hf import RecAConfig, RecATrainer
+
+    assert RecAConfig(output_dir="x").target_fit == "auto"
+    with pytest.raises(ValueError, match="target_fit='crop'"):
+        RecAConfig(output_dir="x", target_fit="crop")
+    model, processor = tiny_janus
+    trainer = RecATrainer(model, args=make_args(target_fit="stretch"), train_dataset=shapes, processing_class=processor)
+    assert (trainer.views.target_fit, trainer.views.condition_fit) == ("stretch", "pad")
+    record = trainer.run_record()
+    assert (record["reca"]["target_fit"], record["reca"]["condition_fit"]) == ("stretch", "pad")
+    assert record["settings"]["view fits"] == "target stretch, condition pad"

@@ -13,7 +13,7 @@ from reca_hf import data as data_module
 from reca_hf.adapters import get_adapter
 from reca_hf.collator import RecACollator
 from reca_hf.data import as_source, find_bad_images, image_folder, load_image_dataset, undecoded
-from reca_hf.images import BadImageError, ViewSpec, blur, load_image, pad_to_square, to_tensor
+from reca_hf.images import BadImageError, ViewSpec, blur, center_square, load_image, pad_to_square, to_tensor
 from reca_hf.tasks import IMAGE_TO_TEXT, INDEX_KEY, RECONSTRUCTION, TASK_KEY, MixedTaskDataset
 from reca_hf.testing import tiny_umm
 
@@ -56,10 +56,18 @@ REAL_FORMATS = {
 def _plain_views(views: ViewSpec, value) -> tuple[Image.Image, Image.Image]:
     """Today's path before the speed-up: full decode, one resize per view from the source."""
     image = load_image(value)
-    condition = pad_to_square(image, views.condition_resolution, views.background)
+    if views.target_fit == "center_crop":
+        image = center_square(image)
+
+    def square(resolution):
+        if views.target_fit == "stretch":
+            return image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+        return pad_to_square(image, resolution, views.background)
+
+    condition = square(views.condition_resolution)
     if views.bottleneck == "blur":
         condition = blur(condition, views.blur_factor)
-    return condition, pad_to_square(image, views.generation_resolution, views.background)
+    return condition, square(views.generation_resolution)
 
 
 def _levels(a: Image.Image, b: Image.Image) -> np.ndarray:
@@ -74,10 +82,11 @@ def photo():
 @pytest.mark.parametrize("fmt", sorted(REAL_FORMATS))
 @pytest.mark.parametrize("resolutions", [(384, 384), (384, 128), (128, 384)])
 @pytest.mark.parametrize("bottleneck", ["resize", "blur"])
-def test_fast_views_equal_the_plain_ones_within_the_tolerance(photo, fmt, resolutions, bottleneck):
-    views = ViewSpec(*resolutions, bottleneck)
+@pytest.mark.parametrize("fit", ["pad", "center_crop", "stretch"])
+def test_fast_views_equal_the_plain_ones_within_the_tolerance(photo, fmt, resolutions, bottleneck, fit):
+    views = ViewSpec(*resolutions, bottleneck, target_fit=fit, condition_fit=fit)
     value = REAL_FORMATS[fmt](photo)
-    fast = views.views(load_image(value, draft=views.largest_side))
+    fast = views.views(load_image(value, draft=views.largest_side, fit=views.decode_fit))
     for name, plain, new in zip(("condition", "target"), _plain_views(views, value), fast):
         assert new.size == plain.size and new.mode == "RGB"
         diff = _levels(plain, new)
@@ -95,7 +104,8 @@ def test_collator_output_equals_the_plain_path_within_the_tolerance(photo):
     model, processor = tiny_umm("janus")
     adapter = get_adapter(model, processor)
     collator = RecACollator(adapter, cond_dropout_prob=0.0)
-    collator.views = ViewSpec(384, 384, "resize", 4, adapter.background_color)  # the tiny VQ is 32 px only
+    # the tiny VQ is 32 px only; "pad", the plain path's fit
+    collator.views = ViewSpec(384, 384, "resize", 4, adapter.background_color, target_fit="pad")
     values = [REAL_FORMATS[fmt](photo) for fmt in sorted(REAL_FORMATS)]
     batch = collator([{"image": value, INDEX_KEY: i} for i, value in enumerate(values)])
     plain = [_plain_views(collator.views, value) for value in values]

@@ -204,3 +204,33 @@ def test_log_level_reaches_reca_hf_and_a_missing_processor_is_an_error_at_constr
     loaded = type(model).from_pretrained(tmp_path / "base")
     trainer = RecATrainer(loaded, args=make_args(), train_dataset=shapes)  # the processor comes from the folder
     assert trainer.processing_class is not None and trainer.adapter.processor is trainer.processing_class
+
+
+def test_prepare_may_return_lists_and_ragged_entries_and_the_adapter_counts_the_batch(
+    make_args, tiny_janus, shapes, monkeypatch
+):
+    """Non-tensor and variable-size entries of prepare() reach the loss; adapter.batch_size counts the samples."""
+    from reca_hf.adapters import JanusAdapter, base
+
+    seen = []
+
+    class RaggedJanus(JanusAdapter):
+        name = "ragged_janus"
+
+        def prepare(self, condition_images, target_images, instructions):
+            batch = super().prepare(condition_images, target_images, instructions)
+            return {"ragged": [torch.zeros(i + 1) for i in range(len(instructions))], **batch}
+
+        def loss(self, model, batch, **kwargs):
+            seen.append(([len(t) for t in batch["ragged"]], len(batch["instructions"]), self.batch_size(batch)))
+            return super().loss(model, batch, **kwargs)
+
+    monkeypatch.setattr(base, "_REGISTRY", {"ragged_janus": RaggedJanus, **base._REGISTRY})
+    model, processor = tiny_janus
+    args = make_args(max_steps=1, per_device_train_batch_size=3, collapse_action="off")
+    trainer = RecATrainer(model, args=args, train_dataset=shapes, processing_class=processor)
+    trainer.train()
+    assert type(trainer.adapter) is RaggedJanus and seen == [([1, 2, 3], 3, 3)]
+    assert trainer.task_counts["reconstruction"] == 3
+    with pytest.raises(ValueError, match="cannot tell the batch size"):
+        trainer.adapter.batch_size({"scale": torch.tensor(1.0)})

@@ -23,6 +23,7 @@ from PIL import Image
 
 from ..images import (
     AUTO,
+    FITS,
     ViewSpec,
     auto_condition_resolution,
     check_shortcut,
@@ -69,6 +70,10 @@ class UMMAdapter:
 
     # Prompt dropout of cond_dropout_prob="auto": the authors' rate where they published one (optional)
     default_cond_dropout_prob: ClassVar[float] = 0.1
+    # View fits of target_fit / condition_fit "auto" (optional; see reca_hf.images): no RecA author pads a
+    # generation target; a condition follows the model's understanding processor.
+    target_fit: ClassVar[str] = "center_crop"
+    condition_fit: ClassVar[str] = "pad"
 
     # Frozen-tower cache (optional, see frozen_features): feature name -> patterns of the modules it comes from
     frozen_feature_sources: ClassVar[dict[str, tuple[str, ...]]] = {}
@@ -108,6 +113,9 @@ class UMMAdapter:
             raise TypeError(
                 f"adapter {cls.__name__}: condition_relation must be one of {', '.join(CONDITION_RELATIONS)}"
             )
+        for attr in ("target_fit", "condition_fit"):
+            if getattr(cls, attr) not in FITS:
+                raise TypeError(f"adapter {cls.__name__}: {attr} must be one of {', '.join(FITS)}")
         if not isinstance(cls.generation_target, GenerationTarget):
             raise TypeError(f"adapter {cls.__name__}: generation_target must be a reca_hf.adapters.GenerationTarget")
         if cls.frozen_feature_sources and cls.frozen_features is UMMAdapter.frozen_features:
@@ -271,6 +279,17 @@ class UMMAdapter:
     ) -> dict[str, torch.Tensor]:
         """CPU face: build the model inputs of a batch (no model access; runs in dataloader workers)."""
         raise NotImplementedError
+
+    def batch_size(self, batch: dict[str, Any]) -> int:
+        """How many samples a prepared batch holds (the trainer weighs and counts task losses by it): the
+        length of its first tensor or list. ``prepare`` may return entries of any type and size, so an adapter
+        whose first entry is not per sample overrides this."""
+        for value in batch.values():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                return int(value.shape[0])
+            if isinstance(value, list | tuple):
+                return len(value)
+        raise ValueError(f"the {self.name} adapter cannot tell the batch size of a batch with keys {sorted(batch)}")
 
     def loss(self, model, batch: dict[str, Any], *, reduction: str = "mean", noise=None) -> torch.Tensor:
         """Model face: the reconstruction loss of a prepared batch, in the model's native generation loss.

@@ -68,6 +68,7 @@ class Emu3Adapter(UMMAdapter):
     default_freeze = ("model.vqmodel",)
     frozen_feature_sources = {"condition_codes": ("model.vqmodel",), "target_codes": ("model.vqmodel",)}
     null_prompt = ""
+    condition_fit = "pad"  # Emu3's processor keeps an image's aspect (no crop, no stretch): a square view pads
     lora_llm_targets = (
         r"model\.text_model\.layers\.\d+\.self_attn\.[qkvo]_proj",
         r"model\.text_model\.layers\.\d+\.mlp\.(gate|up|down)_proj",

@@ -50,6 +50,7 @@ class JanusAdapter(UMMAdapter):
         "model.language_model.embed_tokens",
     )
     null_prompt = ""
+    condition_fit = "pad"  # JanusImageProcessor pads to a square with its background colour
     # SigLIP + aligner features of the condition view, and the VQ codes of the target view.
     frozen_feature_sources = {
         "condition_features": ("model.vision_model", "model.aligner"),

@@ -63,6 +63,7 @@ class OpenUniAdapter(UMMAdapter):
         "target_latents": ("vae",),
     }
     target_fit = "random_crop"  # both views from one random square crop, as the authors
+    condition_fit = "stretch"  # InternVL's transform resizes an image to its square tile (where the target pads)
     text_to_image_template = "Generate an image: {caption}"
     lora_generation_targets = (
         r"transformer\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)",
