@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import Counter
 from pathlib import Path
@@ -40,7 +41,8 @@ class RecACollator:
     condition view at ``condition_resolution`` through ``condition_bottleneck`` and the target view at
     ``generation_resolution``, draws one instruction from ``(seed, epoch, row index)`` and, with
     probability ``cond_dropout_prob`` (``"auto"``: the adapter's ``default_cond_dropout_prob``), replaces it with
-    the adapter's null prompt. The adapter then tokenises and normalises (:meth:`UMMAdapter.prepare`).
+    the adapter's null prompt (None: the prompt leaves the instruction out). The adapter then tokenises and
+    normalises (:meth:`UMMAdapter.prepare`, told which rows were dropped with ``dropped=``).
 
     For adapters whose condition and target share one representation (Emu3: both VQ ids), a condition
     view the model could copy (not smaller than the target and not blurred) is refused unless
@@ -231,11 +233,12 @@ class RecACollator:
         conditions, targets = zip(
             *(self.views.views(image, self.crop_position(index)) for image, index in zip(images, indices))
         )
-        batch = self.adapter.prepare(list(conditions), list(targets), instructions)
+        dropped = [drop for _, drop in draws]
+        batch = self._prepare(self.adapter.prepare, list(conditions), list(targets), instructions, dropped=dropped)
         if self.frozen_cache is not None:  # the frozen towers' outputs of these rows, computed before training
             batch.update(self.frozen_cache.batch_entries(rows, SOURCE_KEY, ROW_KEY))
         batch["dataset_index"] = torch.tensor(indices)
-        batch["prompt_dropped"] = torch.tensor([dropped for _, dropped in draws])
+        batch["prompt_dropped"] = torch.tensor(dropped)
         batch["instructions"] = instructions
         return batch
 
@@ -281,10 +284,18 @@ class RecACollator:
             self.adapter.null_prompt if drop else self._text(row, self._report_index(row), TEXT_TO_IMAGE)[1]
             for row, drop in zip(rows, dropped)
         ]
-        batch = self.adapter.prepare_text_to_image(captions, targets)
+        batch = self._prepare(self.adapter.prepare_text_to_image, captions, targets, dropped=dropped)
         batch["dataset_index"] = torch.tensor(indices)
         batch["prompt_dropped"] = torch.tensor(dropped)
         return batch
+
+    @staticmethod
+    def _prepare(method, *inputs, dropped: list[bool]) -> dict[str, Any]:
+        """``method(*inputs, dropped=dropped)``; an adapter written before ``dropped=`` gets the inputs alone."""
+        parameters = inspect.signature(method).parameters
+        if "dropped" in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return method(*inputs, dropped=dropped)
+        return method(*inputs)
 
     @staticmethod
     def _report_index(row: dict[str, Any]) -> int:

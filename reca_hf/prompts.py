@@ -57,7 +57,7 @@ class PromptSampler:
     uninterrupted run would have seen.
     """
 
-    def __init__(self, prompts: list[str], null_prompt: str, dropout_prob: float = 0.0, seed: int = 0):
+    def __init__(self, prompts: list[str], null_prompt: str | None, dropout_prob: float = 0.0, seed: int = 0):
         if not prompts:
             raise ValueError("PromptSampler needs at least one prompt.")
         self.prompts = list(prompts)
@@ -65,11 +65,12 @@ class PromptSampler:
         self.dropout_prob = dropout_prob
         self.seed = seed
 
-    def draw(self, index: int, epoch: int = 0) -> tuple[str, bool]:
+    def draw(self, index: int, epoch: int = 0) -> tuple[str | None, bool]:
         """Return ``(instruction, dropped)`` for dataset row ``index`` in ``epoch``.
 
         ``dropped`` is True when the instruction was replaced by the null prompt (prompt dropout,
-        which trains the branch that classifier-free guidance contrasts against).
+        which trains the branch that classifier-free guidance contrasts against); a null prompt of None
+        (no instruction at all) is returned as None.
         """
         rng = np.random.default_rng([self.seed, epoch, index])
         choice = int(rng.integers(len(self.prompts)))

@@ -671,6 +671,7 @@ class RecATrainer(HubResilienceMixin, Trainer):
             "view fits": f"target {views.target_fit}, condition {views.condition_fit}",
             "prompt templates": len(sampler.prompts) if sampler else args.prompt_templates,
             "prompt dropout": self.cond_dropout_prob,
+            "null prompt": _null_prompt_text(self.adapter.null_prompt),
             "freeze": f"{args.freeze} ({trainable:,} trainable parameters)",
             "task mix": self._task_mix_summary(),
             "steps": self.state.global_step,
@@ -795,6 +796,11 @@ def _as_reca_config(args, model_id: str) -> RecAConfig:
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
         return RecAConfig(**values)  # getattr keeps hub_token, which to_dict() would hide
     raise TypeError(f"args must be a RecAConfig or TrainingArguments, got {type(args).__name__}")
+
+
+def _null_prompt_text(null_prompt: str | None) -> str:
+    """What a dropped prompt becomes, as the card says it."""
+    return "none: a dropped prompt leaves the instruction out" if null_prompt is None else repr(null_prompt)
 
 
 def _hardware() -> str:

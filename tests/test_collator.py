@@ -180,3 +180,60 @@ def test_fit_fields_resolve_auto_from_the_adapter_and_reach_the_record(make_args
     record = trainer.run_record()
     assert (record["reca"]["target_fit"], record["reca"]["condition_fit"]) == ("stretch", "pad")
     assert record["settings"]["view fits"] == "target stretch, condition pad"
+
+
+def test_a_null_prompt_of_none_leaves_the_instruction_out_and_prepare_learns_the_dropped_rows(
+    make_args, shapes, monkeypatch
+):
+    """null_prompt=None (BAGEL): a dropped row's prompt has no instruction segment, not an empty one."""
+    from reca_hf import RecATrainer
+    from reca_hf.adapters import FlowAdapter, base
+    from reca_hf.testing import tiny_umm
+
+    seen = []
+
+    class NoInstructionFlow(FlowAdapter):
+        name = "no_instruction_flow"
+        null_prompt = None
+
+        def prepare(self, condition_images, target_images, instructions, *, dropped=None):
+            seen.append((list(instructions), dropped))
+            return super().prepare(condition_images, target_images, instructions, dropped=dropped)
+
+    model, processor = tiny_umm("flow")
+    adapter = NoInstructionFlow(model.config, processor)
+    collator = RecACollator(adapter, cond_dropout_prob=0.5, seed=0)
+    batch = collator([{"image": shapes[i]["image"], "__reca_index__": i} for i in range(8)])
+    instructions, dropped = seen[-1]
+    assert dropped == batch["prompt_dropped"].tolist() and 0 < sum(dropped) < 8
+    assert all((text is None) == drop for text, drop in zip(instructions, dropped))
+    tokenizer = processor.tokenizer if hasattr(processor, "tokenizer") else processor
+    slots = adapter.num_condition_tokens(collator.views.condition_resolution)
+    row = dropped.index(True)
+    text = tokenizer.decode(batch["input_ids"][row][batch["attention_mask"][row].bool()])
+    assert text.endswith(tokenizer.decode(tokenizer(adapter.format_prompt(None, slots))["input_ids"]))
+    assert adapter.format_prompt(None, slots) != adapter.format_prompt("", slots)  # left out, not emptied
+    assert torch.isfinite(adapter.loss(model, batch))
+
+    monkeypatch.setattr(base, "_REGISTRY", {"no_instruction_flow": NoInstructionFlow, **base._REGISTRY})
+    args = make_args(max_steps=1, cond_dropout_prob=0.5, collapse_action="off")
+    trainer = RecATrainer(model, args=args, train_dataset=shapes, processing_class=processor)
+    record = trainer.run_record()
+    assert record["reca"]["null_prompt"] is None and record["reca"]["cond_dropout_prob"] == 0.5
+    assert record["settings"]["null prompt"].startswith("none: a dropped prompt leaves the instruction out")
+
+
+def test_an_adapter_written_before_dropped_still_prepares(adapter, shapes):
+    """prepare(...) without a dropped= parameter gets the inputs alone."""
+    calls = []
+
+    class Before(type(adapter)):
+        name = "janus_before_dropped"
+
+        def prepare(self, condition_images, target_images, instructions):
+            calls.append(len(instructions))
+            return super().prepare(condition_images, target_images, instructions)
+
+    old = Before(adapter.config, adapter.processor)
+    batch = RecACollator(old, cond_dropout_prob=0.5)([shapes[i] for i in range(3)])
+    assert calls == [3] and batch["input_ids"].shape[0] == 3

@@ -62,7 +62,9 @@ class UMMAdapter:
     shared_modules: ClassVar[tuple[str, ...]]  # modules both paths use
     tokenizer_modules: ClassVar[tuple[str, ...]]  # image tokenizers/autoencoders (always frozen)
     default_freeze: ClassVar[tuple[str, ...]]  # what `freeze="auto"` freezes
-    null_prompt: ClassVar[str]  # the instruction used for prompt dropout (classifier-free guidance)
+    # The instruction of a dropped prompt (prompt dropout, the branch classifier-free guidance contrasts against);
+    # None: a dropped row's prompt leaves the instruction segment out entirely (BAGEL), not an empty string.
+    null_prompt: ClassVar[str | None]
     generation_target: ClassVar[GenerationTarget]  # what the generator predicts (instances fill in the codebook)
     # How the condition relates to the target: "same" (the target's own tokens: copyable, guarded), "derived"
     # (a trainable encoder over the target's own latents at its resolution: warned), "separate" (no guard).
@@ -275,9 +277,16 @@ class UMMAdapter:
         self,
         condition_images: list[Image.Image],
         target_images: list[Image.Image] | None,
-        instructions: list[str],
-    ) -> dict[str, torch.Tensor]:
-        """CPU face: build the model inputs of a batch (no model access; runs in dataloader workers)."""
+        instructions: list[str | None],
+        *,
+        dropped: list[bool] | None = None,
+    ) -> dict[str, Any]:
+        """CPU face: build the model inputs of a batch (no model access; runs in dataloader workers).
+
+        ``dropped`` says which rows prompt dropout replaced (None: none did); their instruction is already the
+        :attr:`null_prompt`, so None where that leaves the instruction segment out. Entries may be of any type
+        and size (see :meth:`batch_size`).
+        """
         raise NotImplementedError
 
     def batch_size(self, batch: dict[str, Any]) -> int:
@@ -330,8 +339,11 @@ class UMMAdapter:
         """Caption cross-entropy of the text head (mean over answer tokens)."""
         raise NotImplementedError(f"the {self.name} adapter has no image-to-text task")
 
-    def prepare_text_to_image(self, captions: list[str], target_images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        """CPU face of text-to-image: a generation prompt from ``captions`` and the target images."""
+    def prepare_text_to_image(
+        self, captions: list[str | None], target_images: list[Image.Image], *, dropped: list[bool] | None = None
+    ) -> dict[str, Any]:
+        """CPU face of text-to-image: a generation prompt from ``captions`` and the target images (``dropped``
+        and a None caption as in :meth:`prepare`)."""
         raise NotImplementedError(f"the {self.name} adapter has no text-to-image task")
 
     def text_to_image_loss(self, model, batch: dict[str, Any]) -> torch.Tensor:

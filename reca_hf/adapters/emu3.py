@@ -214,19 +214,23 @@ class Emu3Adapter(UMMAdapter):
         bos = self._tokenizer().bos_token  # Emu3's processor writes it; its tokenizer does not add it
         return text if bos is None or text.startswith(bos) else bos + text
 
-    def format_prompt(self, instruction: str, condition_grid: tuple[int, int], target_grid: tuple[int, int]) -> str:
+    def format_prompt(
+        self, instruction: str | None, condition_grid: tuple[int, int], target_grid: tuple[int, int]
+    ) -> str:
         """The understanding prompt with the condition's slots, ending in the generation prefix of the target."""
         return self.understanding_prompt(instruction, condition_grid) + self._image_prefix(*target_grid)
 
-    def understanding_prompt(self, instruction: str, condition_grid: tuple[int, int]) -> str:
-        """The understanding prompt with an image's slots, ready for the assistant's answer."""
+    def understanding_prompt(self, instruction: str | None, condition_grid: tuple[int, int]) -> str:
+        """The understanding prompt with an image's slots (and ``instruction``, unless None), ready for the
+        assistant's answer."""
         tokenizer = self._tokenizer()
         image = tokenizer.image_token
-        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+        text_part = [] if instruction is None else [{"type": "text", "text": instruction}]
+        conversation = [{"role": "user", "content": [{"type": "image"}, *text_part]}]
         if getattr(self.processor, "chat_template", None):
             text = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         else:  # Emu3's own understanding prompt
-            text = f"You are a helpful assistant. USER: {image}{instruction} ASSISTANT:"
+            text = f"You are a helpful assistant. USER: {image}{instruction or ''} ASSISTANT:"
         if text.count(image) != 1:
             raise ValueError(f"the chat template must place exactly one {image!r} in a one-image prompt; got: {text!r}")
         return self._with_bos(text.replace(image, self._image_block(*condition_grid)))
@@ -256,8 +260,9 @@ class Emu3Adapter(UMMAdapter):
         self,
         condition_images: list[Image.Image],
         target_images: list[Image.Image] | None,
-        instructions: list[str],
+        instructions: list[str | None],
         *,
+        dropped: list[bool] | None = None,
         generation_resolution: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Prompts with placeholder slots for both images (filled with VQ ids by the model face) and pixels.
@@ -313,13 +318,13 @@ class Emu3Adapter(UMMAdapter):
             "condition_pixel_values": to_tensor(images, mean, std),
         }
 
-    def prepare_text_to_image(self, captions, target_images) -> dict[str, torch.Tensor]:
+    def prepare_text_to_image(self, captions, target_images, *, dropped=None) -> dict[str, torch.Tensor]:
         """Emu3's text-to-image input: the caption, then the target's generation prefix and slots."""
         tokenizer = self._tokenizer()
         grid = self._grid_of(target_images, "target")
         slots = tokenizer.image_token * self.num_slots(*grid)
         input_ids, attention_mask = self._tokenize(
-            [self._with_bos(caption) + self._image_prefix(*grid) + slots for caption in captions]
+            [self._with_bos(caption or "") + self._image_prefix(*grid) + slots for caption in captions]
         )
         mean, std = self._pixel_stats()
         target_mask = input_ids == tokenizer.convert_tokens_to_ids(tokenizer.image_token)

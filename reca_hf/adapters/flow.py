@@ -81,18 +81,20 @@ class FlowAdapter(UMMAdapter):
 
     # ---- CPU face ----
 
-    def format_prompt(self, instruction: str, num_condition_tokens: int) -> str:
+    def format_prompt(self, instruction: str | None, num_condition_tokens: int) -> str:
+        """The user turn: the condition slots (if any), then ``instruction`` (None: left out)."""
         tokenizer = self.text_tokenizer()
         slots = tokenizer.image_token * num_condition_tokens
-        image = f"{tokenizer.boi_token}{slots}{tokenizer.eoi_token} " if num_condition_tokens else ""
-        return f"<|User|>: {image}{instruction.strip()}\n\n<|Assistant|>:"
+        image = [f"{tokenizer.boi_token}{slots}{tokenizer.eoi_token}"] if num_condition_tokens else []
+        text = [] if instruction is None else [instruction.strip()]
+        return f"<|User|>: {' '.join(image + text)}\n\n<|Assistant|>:"
 
     def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         tokenizer = self.text_tokenizer()
         sequences = [tokenizer(text)["input_ids"] for text in texts]
         return left_pad(sequences, tokenizer.pad_token_id)
 
-    def prepare(self, condition_images, target_images, instructions) -> dict[str, torch.Tensor]:
+    def prepare(self, condition_images, target_images, instructions, *, dropped=None) -> dict[str, torch.Tensor]:
         num_slots = self.num_condition_tokens(condition_images[0].size[0])
         input_ids, attention_mask = self._encode([self.format_prompt(text, num_slots) for text in instructions])
         image_token = self.text_tokenizer().convert_tokens_to_ids(self.text_tokenizer().image_token)
@@ -106,7 +108,7 @@ class FlowAdapter(UMMAdapter):
             batch["target_pixel_values"] = to_tensor(target_images, _PIXEL_MEAN, _PIXEL_STD)
         return batch
 
-    def prepare_text_to_image(self, captions, target_images) -> dict[str, torch.Tensor]:
+    def prepare_text_to_image(self, captions, target_images, *, dropped=None) -> dict[str, torch.Tensor]:
         input_ids, attention_mask = self._encode([self.format_prompt(caption, 0) for caption in captions])
         return {
             "input_ids": input_ids,

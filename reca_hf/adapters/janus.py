@@ -126,18 +126,21 @@ class JanusAdapter(UMMAdapter):
             raise ValueError("the Janus processor's image processor has no image_mean/image_std to normalise with")
         return mean, std
 
-    def _chat(self, text: str, with_image: bool) -> str:
-        """One user turn (an optional image, then ``text``) in the processor's chat format, ready for the answer."""
+    def _chat(self, text: str | None, with_image: bool) -> str:
+        """One user turn (an optional image, then ``text``; None: no text) in the processor's chat format, ready
+        for the answer."""
         tokenizer = self._tokenizer()
         image = tokenizer.image_token
         content = [{"type": "image"}] if with_image else []
-        conversation = [{"role": "user", "content": [*content, {"type": "text", "text": text}]}]
+        if text is not None:
+            content.append({"type": "text", "text": text})
+        conversation = [{"role": "user", "content": content}]
         if getattr(self.processor, "chat_template", None):
             return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
         image_line = f"{image}\n" if with_image else ""
-        return f"<|User|>: {image_line}{text}\n\n<|Assistant|>:"  # Janus' own conversation format
+        return f"<|User|>: {image_line}{text or ''}\n\n<|Assistant|>:"  # Janus' own conversation format
 
-    def format_prompt(self, instruction: str, num_condition_tokens: int, generation: bool = True) -> str:
+    def format_prompt(self, instruction: str | None, num_condition_tokens: int, generation: bool = True) -> str:
         """The chat prompt with ``num_condition_tokens`` condition slots; for generation it ends in <boi>."""
         tokenizer = self._tokenizer()
         image, boi, eoi = tokenizer.image_token, tokenizer.boi_token, tokenizer.eoi_token
@@ -146,7 +149,7 @@ class JanusAdapter(UMMAdapter):
             raise ValueError(f"the chat template must place exactly one {image!r} in a one-image prompt; got: {text!r}")
         return text.replace(image, boi + image * num_condition_tokens + eoi) + (boi if generation else "")
 
-    def prepare(self, condition_images, target_images, instructions) -> dict[str, torch.Tensor]:
+    def prepare(self, condition_images, target_images, instructions, *, dropped=None) -> dict[str, torch.Tensor]:
         tokenizer = self._tokenizer()
         resolution = condition_images[0].size[0]
         num_slots = self.num_condition_tokens(resolution)
@@ -185,7 +188,7 @@ class JanusAdapter(UMMAdapter):
             "condition_pixel_values": to_tensor(images, mean, std),
         }
 
-    def prepare_text_to_image(self, captions, target_images) -> dict[str, torch.Tensor]:
+    def prepare_text_to_image(self, captions, target_images, *, dropped=None) -> dict[str, torch.Tensor]:
         tokenizer = self._tokenizer()
         texts = [self._chat(caption, with_image=False) + tokenizer.boi_token for caption in captions]
         encoded = tokenizer(texts, padding="longest", padding_side="left", return_tensors="pt")

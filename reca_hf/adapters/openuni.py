@@ -100,21 +100,24 @@ class OpenUniAdapter(UMMAdapter):
 
     # ---- CPU face ----
 
-    def format_prompt(self, instruction: str, with_image: bool) -> str:
-        """The authors' prompt, ending at the ``<img>`` the meta-queries follow."""
+    def format_prompt(self, instruction: str | None, with_image: bool) -> str:
+        """The authors' prompt, ending at the ``<img>`` the meta-queries follow (``instruction`` None: the image
+        alone in the user turn)."""
         tokenizer = self.text_tokenizer()
         start = getattr(tokenizer, "start_image_token", None) or _START_IMAGE
         end = getattr(tokenizer, "end_image_token", None) or _END_IMAGE
         context = getattr(tokenizer, "context_image_token", None) or _CONTEXT_IMAGE
-        image = f"{start}{context * self.config.internvl_config.image_seq_length}{end}\n" if with_image else ""
-        return f"<|im_start|>user\n{image}{instruction.strip()}<|im_end|>\n<|im_start|>assistant\n{start}"
+        image = [f"{start}{context * self.config.internvl_config.image_seq_length}{end}"] if with_image else []
+        text = [] if instruction is None else [instruction.strip()]
+        user = "\n".join(image + text)
+        return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{start}"
 
     def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         tokenizer = self.text_tokenizer()
         sequences = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
         return left_pad(sequences, tokenizer.pad_token_id)  # the authors left-pad too
 
-    def prepare(self, condition_images, target_images, instructions) -> dict[str, torch.Tensor]:
+    def prepare(self, condition_images, target_images, instructions, *, dropped=None) -> dict[str, torch.Tensor]:
         input_ids, attention_mask = self._encode([self.format_prompt(text, True) for text in instructions])
         batch = {
             "input_ids": input_ids,
@@ -125,12 +128,14 @@ class OpenUniAdapter(UMMAdapter):
             batch["target_pixel_values"] = to_tensor(target_images, _PIXEL_MEAN, _PIXEL_STD)
         return batch
 
-    def text_to_image_prompt(self, caption: str) -> str:
+    def text_to_image_prompt(self, caption: str | None) -> str | None:
         """The authors' text-to-image instruction; the null prompt (prompt dropout, CFG) stays as it is."""
+        if caption is None:
+            return None
         caption = caption.strip()
         return caption if caption == self.null_prompt else self.text_to_image_template.format(caption=caption)
 
-    def prepare_text_to_image(self, captions, target_images) -> dict[str, torch.Tensor]:
+    def prepare_text_to_image(self, captions, target_images, *, dropped=None) -> dict[str, torch.Tensor]:
         prompts = [self.format_prompt(self.text_to_image_prompt(caption), False) for caption in captions]
         input_ids, attention_mask = self._encode(prompts)
         return {
