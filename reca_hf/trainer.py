@@ -60,6 +60,7 @@ from .tasks import (
 logger = logging.getLogger(__name__)
 
 FREEZE_TABLE_FILE = "reca_parameters.json"
+DERIVED_PROBE_FACTOR = 2  # a derived condition is probed this many times as often
 PROBE_SEED = 20250909  # synthetic probe images: a seed no training set of synthetic shapes uses by default
 RESUME_FROM_HUB_DIR = "_resume_from_hub"  # under output_dir; "_*" keeps it out of the output dir's pushes
 __all__ = ["FREEZE_TABLE_FILE", "HubPushError", "IndexedDataset", "NonFiniteLossError", "NonFiniteWeightsError",
@@ -191,6 +192,8 @@ class RecATrainer(HubResilienceMixin, Trainer):
             self.add_callback(PromptEpochCallback(data_collator, data.train_dataset))
         self._add_grid_callback(train_dataset)
         self.collapse_detector = self._collapse_detector(eval_dataset)
+        if self.adapter.condition_relation == "derived":
+            self._warn_derived_condition()
         if self.is_world_process_zero():
             title = f"RecA parameters ({self.adapter.name}, freeze={args.freeze!r})"
             logger.info("%s", format_table(self.parameter_table, title))
@@ -232,11 +235,32 @@ class RecATrainer(HubResilienceMixin, Trainer):
             images = []
         if len(images) < 2:  # no held-out images: shapes this model has never seen
             images = synthetic_shapes(count, size=self.views.generation_resolution, seed=PROBE_SEED)["image"]
+        probe_steps = args.collapse_probe_steps
+        if self.adapter.condition_relation == "derived":  # copyable by learning: probe twice as often
+            probe_steps = max(1, probe_steps // DERIVED_PROBE_FACTOR)
         detector = CollapseDetector(
-            self.adapter, self.views, images, action=args.collapse_action, probe_steps=args.collapse_probe_steps
+            self.adapter, self.views, images, action=args.collapse_action, probe_steps=probe_steps
         )
         self.add_callback(detector)
         return detector
+
+    def _warn_derived_condition(self) -> None:
+        """A derived condition is trained, not refused: say why it is risky and what the detector does about it."""
+        detector = self.collapse_detector
+        watch = (
+            f"the collapse probe runs twice as often (every {detector.probe_steps} steps instead of "
+            f"{self.args.collapse_probe_steps}); watch condition_gain"
+            if detector is not None and detector.probe_steps < self.args.collapse_probe_steps
+            else "watch reconstruction_loss and condition_gain for a fall toward copying"
+        )
+        logger.warning(
+            "The %s architecture adapter derives its condition from the target (condition_relation 'derived': a "
+            "trainable encoder reads the target's own latents at the target's resolution, as Harmon does). Such an "
+            "encoder can learn to pass the target through, and RecA then collapses into copying; the run is not "
+            "refused, because a trained encoder is no copy to begin with, but %s.",
+            self.adapter.name,
+            watch,
+        )
 
     def _check_understanding_data(self, model, args) -> None:
         """The guide's third rule: a shared LLM trained without image-to-text data loses understanding."""

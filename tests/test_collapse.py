@@ -157,3 +157,35 @@ def test_the_probe_rides_on_the_next_regular_log_instead_of_forcing_one(make_arg
     assert len(trainer.collapse_detector.history) == 4  # probed at every step, logged with the next log
     assert all("collapse_score" in log for log in history if "loss" in log)
     assert not [log for log in history if "collapse_score" in log and "loss" not in log and "train_loss" not in log]
+
+
+def test_a_derived_condition_warns_once_and_is_probed_twice_as_often(make_args, shapes, monkeypatch, caplog):
+    """condition_relation "derived" (a trainable encoder over the target's own latents, as Harmon) is trained, with
+    a WARNING naming the adapter and a collapse probe at half the interval; a separate condition keeps it."""
+    import logging
+
+    from reca_hf import RecATrainer
+    from reca_hf.adapters import FlowLatentsAdapter, base
+    from reca_hf.testing import tiny_umm
+
+    class DerivedFlow(FlowLatentsAdapter):
+        name = "derived_flow"
+        condition_relation = "derived"
+
+    monkeypatch.setattr(base, "_REGISTRY", {"derived_flow": DerivedFlow, **base._REGISTRY})
+    model, processor = tiny_umm("flow_latents")
+    args = make_args(max_steps=1, collapse_probe_steps=10, collapse_probe_images=2)
+    with caplog.at_level(logging.WARNING, logger="reca_hf"):
+        trainer = RecATrainer(model, args=args, train_dataset=shapes, processing_class=processor)
+    assert type(trainer.adapter) is DerivedFlow and trainer.collapse_detector.probe_steps == 5
+    records = {id(r): r for r in caplog.records if "derives its condition" in r.getMessage()}  # one per handler
+    assert len(records) == 1
+    (record,) = records.values()
+    message = record.getMessage()
+    assert record.levelno == logging.WARNING and "derived_flow" in message and "every 5 steps instead of 10" in message
+    caplog.clear()
+    model, processor = tiny_umm("flow")
+    with caplog.at_level(logging.WARNING, logger="reca_hf"):
+        separate = RecATrainer(model, args=args, train_dataset=shapes, processing_class=processor)
+    assert separate.collapse_detector.probe_steps == 10
+    assert not [r for r in caplog.records if "derives its condition" in r.getMessage()]
