@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -627,7 +628,8 @@ class RecATrainer(HubResilienceMixin, Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         if self.output_dir_free():  # never while an upload reads the output dir (HubResilienceMixin)
             self.create_model_card()  # first, so that the checkpoint's push carries the current card (as TRL does)
-        super()._save_checkpoint(model, trial)
+        with _own_parameter_names(self.accelerator.unwrap_model(self.model)):
+            super()._save_checkpoint(model, trial)
 
     def push_to_hub(self, *args, **kwargs):
         """Upload the model, its card and the run's files (:meth:`reca_hf.hub.HubResilienceMixin.push_to_hub`).
@@ -776,6 +778,24 @@ def download_checkpoint(repo_id: str, folder: str | Path, token: str | None = No
     checkpoint = Path(folder) / name
     logger.info("Resuming from %s/%s, downloaded into %s", repo_id, name, checkpoint)
     return str(checkpoint)
+
+
+@contextlib.contextmanager
+def _own_parameter_names(model):
+    """Inside the block, ``model.save_pretrained`` writes the model's own parameter names.
+
+    By default transformers writes some architectures (Emu3) under their original checkpoints' names, which the
+    Trainer's resume, a plain ``load_state_dict``, does not map back: a resumed run would silently start from the
+    base weights. A checkpoint exists to be resumed, so it keeps the names resuming reads (``from_pretrained``
+    loads either)."""
+    if not isinstance(model, PreTrainedModel):  # a PEFT model saves its adapter under PEFT's names
+        yield
+        return
+    model.save_pretrained = functools.partial(type(model).save_pretrained, model, save_original_format=False)
+    try:
+        yield
+    finally:
+        del model.save_pretrained
 
 
 def processor_of(model) -> Any:
