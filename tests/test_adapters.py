@@ -1,13 +1,20 @@
-"""The shared architecture-adapter battery, parametrised over the registry's tiny builders, plus Janus specifics."""
+"""The shared architecture-adapter battery, parametrised over the registry's tiny builders, plus Janus specifics.
+
+Every architecture registered with ``register_adapter(tiny=...)`` runs each test marked by ``ARCHS``: prepare ->
+loss -> backward under ``freeze="auto"``, per-sample losses and fixed noise, prompt dropout's ``dropped=``,
+save/reload, LoRA save/reload, the collapse probe, ``reconstruct``, a short ``RecATrainer`` run with resume, and
+the card. A new architecture joins by registering its tiny builder.
+"""
 
 import json
+import math
 import warnings
 
 import pytest
 import torch
 from PIL import Image
 
-from reca_hf import RecACollator, RecATrainer
+from reca_hf import RecACollator, RecATrainer, load_reca_adapter
 from reca_hf.adapters import (
     JanusAdapter,
     LossNoise,
@@ -18,18 +25,24 @@ from reca_hf.adapters import (
     registered_adapters,
     tiny_builders,
 )
+from reca_hf.callbacks import CollapseDetector, has_target_logits
 from reca_hf.cli import validate
 from reca_hf.freeze import apply_freeze, parameter_table
+from reca_hf.hub import render_run_card
 from reca_hf.testing import tiny_umm
 
 ARCHS = sorted(tiny_builders())  # every architecture registered with a tiny builder runs the battery
+
+
+def _tensors(batch):
+    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
 def _batch(arch, shapes, n=4):
     model, processor = tiny_umm(arch)
     adapter = get_adapter(model, processor)
     batch = RecACollator(adapter, cond_dropout_prob=0.0)([shapes[i] for i in range(n)])
-    return model, processor, adapter, {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    return model, processor, adapter, _tensors(batch)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -108,6 +121,116 @@ def test_a_lora_run_writes_its_side_files_from_one_record(arch, make_args, shape
     assert side == {"reca_hf_version": run["reca_hf_version"], "adapter": arch, **run["lora"], **run["reca"]}
     scoped = mode == "generation+llm" and adapter.understanding_entry is not None
     assert side["lora_target_modules"] == mode and side["generation_scoped"] is scoped
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_trained_lora_adapter_saves_and_reloads_to_the_same_loss(arch, make_args, shapes, tmp_path):
+    model, processor = tiny_umm(arch)
+    adapter = get_adapter(model, processor)
+    mode = "generation" if adapter.lora_generation_targets else "generation+llm"
+    args = make_args(use_peft=True, lora_target_modules=mode, collapse_action="off", max_steps=1, learning_rate=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's notes on a base model it cannot look up offline
+        trainer = RecATrainer(model, args=args, train_dataset=shapes, processing_class=processor)
+        trainer.train()
+        trainer.save_model()
+        reloaded = load_reca_adapter(tmp_path / "run", tiny_umm(arch)[0])
+    batch = _tensors(trainer.data_collator([shapes[i] for i in range(4)]))
+    noise = LossNoise(seed=0)
+    trainer.model.eval(), reloaded.eval()
+    expected = adapter.loss(trainer.model, batch, noise=noise)
+    assert torch.allclose(adapter.loss(reloaded, batch, noise=noise), expected, atol=1e-6)
+    base_model = tiny_umm(arch)[0].eval()
+    assert not torch.allclose(adapter.loss(base_model, batch, noise=noise), expected, atol=1e-6)  # LoRA trained
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_per_sample_losses_average_to_the_mean_and_fixed_noise_repeats_bitwise(arch, shapes):
+    model, _, adapter, batch = _batch(arch, shapes)
+    model.eval()
+    noise = LossNoise(seed=5, timesteps=(0.3, 0.8))
+    per_sample = adapter.loss(model, batch, reduction="none", noise=noise)
+    assert per_sample.shape == (4,) and torch.isfinite(per_sample).all()
+    assert torch.allclose(per_sample.mean(), adapter.loss(model, batch, noise=noise), atol=1e-5)
+    assert torch.equal(adapter.loss(model, batch, reduction="none", noise=noise), per_sample)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prepare_takes_the_dropped_rows_and_a_left_out_instruction(arch, shapes):
+    """Prompt dropout's inputs: ``dropped=`` and a None instruction (a null prompt of None) in any row."""
+    model, processor = tiny_umm(arch)
+    adapter = get_adapter(model, processor)
+    views = adapter.default_views()
+    pictures = [shapes[i]["image"] for i in range(2)]
+    conditions, targets = zip(*(views.views(p) for p in pictures))
+    batch = adapter.prepare(list(conditions), list(targets), [None, "Describe the image."], dropped=[True, False])
+    assert adapter.batch_size(batch) == 2 and torch.isfinite(adapter.loss(model, _tensors(batch)))
+    if adapter.supports("text_to_image"):
+        squares = [views.square(p, views.generation_resolution) for p in pictures]
+        t2i = adapter.prepare_text_to_image([None, "a red circle"], squares, dropped=[True, False])
+        assert torch.isfinite(adapter.text_to_image_loss(model, _tensors(t2i)))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_collapse_probe_reads_the_model_and_gives_back_its_training_flags(arch, shapes):
+    """The detector's default probe for this target kind; with every image alike a swap changes nothing."""
+    model, processor = tiny_umm(arch)
+    adapter = get_adapter(model, processor)
+    views = adapter.default_views()
+    images = [shapes[i]["image"] for i in range(3)]
+    model.train()
+    detector = CollapseDetector(adapter, views, images)
+    reading = detector.probe(model)
+    assert model.training
+    token = has_target_logits(adapter)
+    keys = {"swap_copy_rate", "swap_target_rate", "own_accuracy"} if token else {"condition_gain", "swap_own_loss",
+                                                                                 "swap_other_loss"}  # fmt: skip
+    assert set(reading) == keys and all(math.isfinite(v) for v in reading.values())
+    detector.observe_probe(0, reading)
+    assert 0.0 <= detector.history[-1]["collapse_score"] <= 1.0
+    alike = CollapseDetector(adapter, views, [images[0]] * 2).probe(model)
+    if token:
+        assert alike["swap_copy_rate"] == alike["swap_target_rate"] == 0.0  # no token differs: nothing to count
+    else:
+        assert alike["condition_gain"] == 0.0 and alike["swap_own_loss"] == alike["swap_other_loss"] > 0
+
+
+def _run(arch, make_args, shapes, max_steps, resume=None):
+    model, processor = tiny_umm(arch)
+    args = make_args(max_steps=max_steps, save_strategy="steps", save_steps=2, learning_rate=1e-3,
+                     lr_scheduler_type="constant", collapse_action="off", per_device_train_batch_size=2)  # fmt: skip
+    trainer = RecATrainer(model, args=args, train_dataset=shapes, processing_class=processor)
+    trainer.train(resume_from_checkpoint=resume)
+    losses = [log["reconstruction_loss"] for log in trainer.state.log_history if "reconstruction_loss" in log]
+    return trainer, losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_short_run_resumes_with_the_same_losses(arch, make_args, shapes, tmp_path):
+    """Four steps straight, and two resumed from the checkpoint at step 2, log the same losses (the Trainer
+    restores the random state, so stochastic losses draw the same noise); a checkpoint loads as a model too."""
+    first, straight = _run(arch, make_args, shapes, 4)
+    saved = type(first.model).from_pretrained(tmp_path / "run" / "checkpoint-4").state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in first.model.state_dict().items())
+    trainer, resumed = _run(arch, make_args, shapes, 4, resume=str(tmp_path / "run" / "checkpoint-2"))
+    assert len(straight) == 4 and trainer.state.global_step == 4
+    assert resumed == pytest.approx(straight, abs=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_card_states_the_run(arch, make_args, shapes, tmp_path):
+    trainer, _ = _run(arch, make_args, shapes, 1)
+    trainer.save_model()
+    out = tmp_path / "run"
+    run = json.loads((out / "reca_run.json").read_text())
+    card = (out / "README.md").read_text()
+    assert card == str(render_run_card(out)) and run["architecture"] == arch
+    views = trainer.views
+    for value in (arch, f"target {views.target_fit}, condition {views.condition_fit}", "prompt dropout"):
+        assert value in card, value
+    assert run["settings"]["prompt dropout"] == trainer.cond_dropout_prob == trainer.adapter.default_cond_dropout_prob
+    assert run["reca"]["generation_resolution"] == views.generation_resolution
 
 
 def test_an_architecture_registered_with_its_tiny_builder_is_reachable_as_tiny(monkeypatch, tmp_path):
