@@ -250,7 +250,7 @@ class RecACollator:
         for example in examples:
             row = int(example[ROW_KEY])
             try:
-                images.append(self._image(example, row, self.views.largest_side))
+                images.append(self._image(example, row, self.views.largest_side, self.views.decode_fit))
             except BadImageError:
                 if self.bad_image_policy == "error":
                     raise

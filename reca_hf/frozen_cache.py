@@ -71,11 +71,11 @@ def cache_problems(adapter: UMMAdapter, model, views, dataset, collator_is_reca:
     problems = []
     if not adapter.frozen_feature_sources:
         problems.append(f"the {adapter.name} architecture adapter declares no frozen features to cache")
-    if views is not None and views.target_fit == "random_crop":
+    if views is not None and views.uses_random_crop:
         problems.append(
-            f"the views are cut at a random square per epoch (target_fit='random_crop', the {adapter.name} "
-            "adapter's default), so a frozen tower's output changes every epoch; caching per crop seed is not "
-            "supported: use an adapter with target_fit='center_crop' or 'pad' to cache"
+            f"the views are cut at a random square per epoch (target_fit={views.target_fit!r}, condition_fit="
+            f"{views.condition_fit!r}), so a frozen tower's output changes every epoch; caching per crop seed is not "
+            "supported: set target_fit and condition_fit to 'center_crop', 'pad' or 'stretch' to cache"
         )
     if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
         problems.append("the training dataset is not a map-style dataset (an iterable or streaming one)")
