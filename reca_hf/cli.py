@@ -1,8 +1,9 @@
-"""The `reca` command: `reca train RECIPE [--field value ...]`, `reca validate RECIPE`, `reca push OUTPUT_DIR
---repo-id ID` and `reca card OUTPUT_DIR`.
+"""The `reca` command: `reca train RECIPE [--field value ...]`, `reca validate RECIPE [--field value ...]`,
+`reca push OUTPUT_DIR --repo-id ID` and `reca card OUTPUT_DIR`.
 
-Recipes are YAML files whose keys are `RecAConfig` fields (plus an optional `env:` block). Parsing
-goes through trl's `TrlParser`, so command-line flags override the recipe and unknown keys are errors.
+Recipes are YAML files whose keys are `RecAConfig` fields (plus an optional `env:` block). Both `reca train`
+and `reca validate` read them with :func:`reca_hf.recipe.load_recipe` (trl's `TrlParser`): command-line flags
+override the recipe, and unknown keys, wrong types and YAML syntax errors are all reported, each by its key.
 `reca train RECIPE --accelerate_config NAME [--num_processes N ...]` relaunches the run through
 `accelerate launch`, as `trl sft --accelerate_config` does.
 """
@@ -11,103 +12,37 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 import sys
 from pathlib import Path
 
 import yaml
 
-from ._resources import resource_dir
-
-
-def _recipe_path(recipe: str) -> Path:
-    """A recipe path as given, or relative to the recipes shipped with reca_hf (e.g. 'janus/tiny_demo.yaml')."""
-    path = Path(recipe)
-    if path.is_file():
-        return path
-    shipped = resource_dir("recipes") / recipe.removeprefix("recipes/")
-    if shipped.is_file():
-        return shipped
-    raise SystemExit(f"reca: recipe {recipe!r} not found (also looked in {resource_dir('recipes')})")
-
-
-def import_beside_recipe(recipe: Path, adapter: str | None) -> None:
-    """Make a module next to the recipe importable when the recipe's ``adapter`` names a class in it
-    (``adapter: my_umm:MyUMMAdapter`` beside ``my_umm.py``) and it is not importable already."""
-    if not adapter or (":" not in adapter and "." not in adapter):
-        return
-    top = adapter.partition(":")[0].partition(".")[0]
-    folder = recipe.resolve().parent
-    if importlib.util.find_spec(top) is None and ((folder / f"{top}.py").is_file() or (folder / top).is_dir()):
-        sys.path.insert(0, str(folder))
-
-
-LIST_FIELDS = ("freeze", "lora_target_modules")  # fields a list of space-separated flag values can set
-
-
-class _ListOrOne(argparse.Action):
-    """One value is parsed as the field's string form (a mode, a regular expression, comma-separated
-    patterns); several values are a list."""
-
-    def __init__(self, *args, parse=str, **kwargs):
-        self.parse = parse
-        super().__init__(*args, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, self.parse(values[0]) if len(values) == 1 else list(values))
-
 
 def _parser():
-    """trl's `TrlParser` for `RecAConfig`, where the union-typed fields take their parser from
-    ``reca_hf.config.STRING_PARSERS`` (the parser alone would keep one member of the union)."""
-    from trl import TrlParser
+    """The parser of `reca train` and `reca validate` (:func:`reca_hf.recipe.recipe_parser`)."""
+    from .recipe import recipe_parser
 
-    from .config import STRING_PARSERS, RecAConfig
-
-    class RecAParser(TrlParser):
-        @staticmethod
-        def _parse_dataclass_field(parser, field):
-            parse = STRING_PARSERS.get(field.name)
-            if parse is None:
-                return TrlParser._parse_dataclass_field(parser, field)
-            names = [f"--{field.name}", f"--{field.name.replace('_', '-')}"]
-            options = {"default": field.default, "help": field.metadata.get("help")}
-            if field.name in LIST_FIELDS:  # `--freeze a b`: space-separated values make a list
-                parser.add_argument(*names, nargs="+", action=_ListOrOne, parse=parse, **options)
-            else:
-                parser.add_argument(*names, type=parse, **options)
-
-    return RecAParser([RecAConfig], prog="reca train")
+    return recipe_parser()
 
 
 def parse_recipe(recipe: str | None, overrides: list[str] | None = None):
-    """Parse a recipe (or none: flags alone) plus command-line overrides into a `RecAConfig` with trl's
-    `TrlParser`."""
-    parser = _parser()
-    if recipe is None:
-        (config,) = parser.parse_args_and_config(list(overrides or []))
-        return config
-    path = _recipe_path(recipe)
+    """Parse a recipe (or none: flags alone) plus command-line overrides into a `RecAConfig`
+    (:func:`reca_hf.recipe.load_recipe`); every problem found is one ``SystemExit`` listing them all."""
+    from .recipe import RecipeError, load_recipe
+
     try:
-        (config,) = parser.parse_args_and_config(["--config", str(path), *(overrides or [])])
-    except ValueError as error:
-        if str(error).startswith("Unknown arguments from config file"):
-            unknown = _unknown_keys(yaml.safe_load(path.read_text()) or {})
-            raise SystemExit(
-                f"reca: {path}: unknown key(s) {', '.join(map(repr, unknown))}: not RecAConfig fields "
-                "(only RecAConfig and TrainingArguments fields are allowed; check the spelling)"
-            ) from None
-        raise SystemExit(f"reca: {path}: {error}") from None
-    import_beside_recipe(path, config.adapter)
-    return config
+        return load_recipe(recipe, overrides)
+    except RecipeError as error:
+        raise SystemExit(_problems_text(recipe, error.problems)) from None
 
 
-def _unknown_keys(recipe: dict) -> list[str]:
-    from .config import RecAConfig
-
-    known = {f.name for f in dataclasses.fields(RecAConfig)} | {"env"}
-    return [key for key in recipe if key not in known]
+def _problems_text(recipe: str | None, problems: list[str]) -> str:
+    """``reca: RECIPE: N problem(s):`` and one ``  - problem`` line each (the same lines as reca validate)."""
+    where = recipe or "flags"
+    if len(problems) == 1:
+        return f"reca: {where}: {problems[0]}"
+    return f"reca: {where}: {len(problems)} problem(s):\n" + "\n".join(f"  - {problem}" for problem in problems)
 
 
 def train(recipe: str | None, overrides: list[str]) -> None:
@@ -122,13 +57,15 @@ def train(recipe: str | None, overrides: list[str]) -> None:
             "reca train: set model_name_or_path and dataset_name (in a recipe, or as --model_name_or_path ... "
             "--dataset_name ...)"
         )
+    columns = config.image_columns
     dataset = load_image_dataset(
         config.dataset_name,
         config.dataset_config,
         config.dataset_split,
-        config.image_column,
+        columns["train"],
         config.max_train_samples,
         seed=config.seed,
+        streaming=config.dataset_streaming,
     )
     extra = {}
     for task in ("i2t", "t2i"):
@@ -138,9 +75,11 @@ def train(recipe: str | None, overrides: list[str]) -> None:
                 name,
                 getattr(config, f"{task}_dataset_config"),
                 getattr(config, f"{task}_dataset_split"),
-                config.image_column,
+                columns[task],
                 seed=config.seed + 1,  # synthetic shapes: other images than the reconstruction set's
                 text_column=config.caption_column,
+                source=task,
+                streaming=config.dataset_streaming,
             )
     trainer = RecATrainer(config.model_name_or_path, args=config, train_dataset=dataset, **extra)
     _check_processes_train_together(trainer)
@@ -165,6 +104,8 @@ def train(recipe: str | None, overrides: list[str]) -> None:
             print(f"{name}: {losses[0]:.4f} (first log) -> {losses[-1]:.4f} (last log)")
     print(f"Saved to {config.output_dir}")
 
+
+DATASET_NAME_FIELDS = ("dataset_name", "i2t_dataset_name", "t2i_dataset_name")
 
 # ---- multi-process launches ----
 
@@ -266,38 +207,33 @@ def _check_processes_train_together(trainer) -> None:
         )
 
 
-def validate(recipe: str, check_images: bool = False) -> list[str]:
-    """Every problem of a recipe, found without loading weights (empty when the recipe is valid).
+def validate(recipe: str | None, check_images: bool = False, overrides: list[str] | None = None) -> list[str]:
+    """Every problem of a recipe and its ``--field value`` overrides, found without loading weights (empty when
+    the recipe is valid). Parsing is `reca train`'s own (:func:`reca_hf.recipe.load_recipe`: the same parser,
+    overrides and ``env:`` block), so both name the same problems.
 
     ``check_images`` also decodes every image of every dataset the recipe names, reporting each one that fails
     by dataset, row and file (one decode per row: slow on large datasets).
     """
-    from .config import RecAConfig
+    from .recipe import RecipeError, load_recipe
 
-    path = _recipe_path(recipe)
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        return [f"{path}: a recipe must be a YAML mapping of RecAConfig fields"]
-    unknown = _unknown_keys(values)
-    errors = [f"unknown key {key!r}: not a RecAConfig field" for key in unknown]
-    known = {k: v for k, v in values.items() if k != "env" and k not in unknown}
     try:
-        config = RecAConfig(**known)
-    except (ValueError, TypeError) as error:
-        errors += [line.removeprefix("- ") for line in str(error).splitlines() if line != "Invalid RecAConfig:"]
-        return errors
-    import_beside_recipe(path, config.adapter)
-    errors += _model_errors(config) + _dataset_errors(config)
+        config = load_recipe(recipe, overrides)
+    except RecipeError as error:
+        return [*error.problems, *_dataset_errors(error.values.get)]
+    errors = _model_errors(config) + _dataset_errors(lambda name: getattr(config, name, None))
+    if not config.dataset_name:
+        errors.append("dataset_name is not set: give a datasets hub id, a local folder or 'synthetic_shapes'")
     if check_images and not errors:
         errors += _image_errors(config)
     return errors
 
 
-def _bf16_note(recipe: str) -> str | None:
+def _bf16_note(recipe: str | None, overrides: list[str] | None = None) -> str | None:
     """On a machine without an accelerator, what training a bf16 recipe here would need (validating is fine)."""
     from .checks import bf16_without_accelerator
 
-    return bf16_without_accelerator(parse_recipe(recipe))
+    return bf16_without_accelerator(parse_recipe(recipe, overrides))
 
 
 def _image_errors(config) -> list[str]:
@@ -305,18 +241,17 @@ def _image_errors(config) -> list[str]:
     from .data import find_bad_images, load_image_dataset
 
     errors = []
-    for field, config_field, split_field in (
-        ("dataset_name", "dataset_config", "dataset_split"),
-        ("i2t_dataset_name", "i2t_dataset_config", "i2t_dataset_split"),
-        ("t2i_dataset_name", "t2i_dataset_config", "t2i_dataset_split"),
-    ):
+    for source, field in zip(("train", "i2t", "t2i"), DATASET_NAME_FIELDS):
         name = getattr(config, field)
         if name is None:
             continue
+        prefix = field.removesuffix("dataset_name")
+        column = config.image_columns[source]
         dataset = load_image_dataset(
-            name, getattr(config, config_field), getattr(config, split_field), image_column=config.image_column
-        )
-        errors += [f"{field}={name!r} {problem}" for problem in find_bad_images(dataset, config.image_column,
+            name, getattr(config, f"{prefix}dataset_config"), getattr(config, f"{prefix}dataset_split"), column,
+            source=source,
+        )  # fmt: skip
+        errors += [f"{field}={name!r} {problem}" for problem in find_bad_images(dataset, column,
                                                                                  config.max_image_pixels)]  # fmt: skip
     return errors
 
@@ -352,18 +287,12 @@ def _model_errors(config) -> list[str]:
     return run_errors(config, adapter)
 
 
-def _dataset_errors(config) -> list[str]:
-    from .data import SYNTHETIC
+def _dataset_errors(get) -> list[str]:
+    """Missing and empty local dataset folders (``get(field)`` reads a field's value)."""
+    from .data import local_dataset_problem
 
-    if not config.dataset_name:
-        return ["dataset_name is not set: give a datasets hub id, a local folder or 'synthetic_shapes'"]
-    errors = []
-    for field in ("dataset_name", "i2t_dataset_name", "t2i_dataset_name"):
-        name = getattr(config, field)
-        looks_local = name is not None and (name.startswith((".", "/", "~")) or Path(name).exists())
-        if looks_local and name != SYNTHETIC and not Path(name).expanduser().exists():
-            errors.append(f"{field}={name!r}: no such folder")
-    return errors
+    problems = [local_dataset_problem(get(field), field) for field in DATASET_NAME_FIELDS]
+    return [problem for problem in problems if problem]
 
 
 def _eval_results(text: str | None) -> dict | None:
@@ -467,7 +396,11 @@ def _main(argv: list[str]) -> None:
         add_help=False,
     )
     commands.add_parser("env", help="print the versions and devices a bug report needs")
-    validate_parser = commands.add_parser("validate", help="check a recipe without loading weights")
+    validate_parser = commands.add_parser(
+        "validate",
+        help="check a recipe (and --field value overrides, as reca train takes them) without loading weights",
+        usage="reca validate RECIPE [--check-images] [--field value ...]",
+    )
     validate_parser.add_argument("recipe")
     validate_parser.add_argument(
         "--check-images", action="store_true", help="also decode every image of the datasets and report the bad ones"
@@ -503,7 +436,8 @@ def _main(argv: list[str]) -> None:
             "of the public InternVL3-*-hf and SANA checkpoints into an OpenUniModel folder.",
         )
     )
-    args = parser.parse_args(argv)
+    # validate: its own flags, then --field value overrides that go to the recipe parser as for reca train
+    args, overrides = parser.parse_known_args(argv) if argv and argv[0] == "validate" else (parser.parse_args(argv), [])
     if args.command == "env":
         print(environment())
         return
@@ -516,16 +450,21 @@ def _main(argv: list[str]) -> None:
     elif args.command == "card":
         card(args.output_dir, args.eval_results)
     else:
-        errors = validate(args.recipe, check_images=args.check_images)
-        if errors:
-            print(f"{args.recipe}: {len(errors)} problem(s)", file=sys.stderr)
-            for error in errors:
-                print(f"  - {error}", file=sys.stderr)
-            raise SystemExit(1)
-        print(f"{args.recipe}: OK")
-        note = _bf16_note(args.recipe)
-        if note:
-            print(f"note: {note}")
+        run_validate(args.recipe, overrides, check_images=args.check_images)
+
+
+def run_validate(recipe: str, overrides: list[str], check_images: bool = False) -> None:
+    """`reca validate`: every problem on stderr and exit 1, or OK (and a note on bf16 without an accelerator)."""
+    errors = validate(recipe, check_images=check_images, overrides=overrides)
+    if errors:
+        print(f"{recipe}: {len(errors)} problem(s)", file=sys.stderr)
+        for error in errors:
+            print(f"  - {error}", file=sys.stderr)
+        raise SystemExit(1)
+    print(f"{recipe}: OK")
+    note = _bf16_note(recipe, overrides)
+    if note:
+        print(f"note: {note}")
 
 
 if __name__ == "__main__":

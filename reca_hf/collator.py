@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .adapters.base import AUTO, UMMAdapter
-from .data import ROW_KEY, SOURCE_KEY
+from .data import IMAGE_COLUMN_FIELDS, ROW_KEY, SOURCE_KEY
 from .images import (
     DEFAULT_MAX_IMAGE_PIXELS,
     BadImageError,
@@ -81,6 +81,7 @@ class RecACollator:
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         target_fit: str = AUTO,
         condition_fit: str = AUTO,
+        image_columns: dict[str, str] | None = None,
     ):
         if bad_image_policy not in BAD_IMAGE_POLICIES:
             raise ValueError(f"bad_image_policy={bad_image_policy!r}: choose one of {', '.join(BAD_IMAGE_POLICIES)}")
@@ -102,6 +103,7 @@ class RecACollator:
         templates = prompts if isinstance(prompts, list) else load_prompts(prompts)
         self.sampler = PromptSampler(templates, adapter.null_prompt, resolve_dropout(adapter, cond_dropout_prob), seed)
         self.image_column = image_column
+        self.image_columns = dict(image_columns or {})  # per dataset (train, i2t, t2i, eval); else image_column
         self.caption_column = caption_column
         self.epoch = 0
         self._rows_seen = 0
@@ -126,6 +128,7 @@ class RecACollator:
             max_image_pixels=args.max_image_pixels,
             target_fit=args.target_fit,
             condition_fit=args.condition_fit,
+            image_columns=args.image_columns,
         )
 
     def _row_index(self, example: dict[str, Any]) -> int:
@@ -146,20 +149,23 @@ class RecACollator:
         self.sources.update({name: dataset for name, dataset in sources.items() if dataset is not None})
 
     def _image(self, example: dict[str, Any], index: int, draft: int, fit: str):
-        if self.image_column not in example:
+        source = example.get(SOURCE_KEY)
+        column = self.image_columns.get(source, self.image_column)
+        field = IMAGE_COLUMN_FIELDS.get(source, "image_column")
+        if column not in example:
             raise KeyError(
-                f"{_row_name(example, index)} has no column {self.image_column!r} (columns: "
+                f"{_row_name(example, index)} has no column {field}={column!r} (columns: "
                 f"{sorted(k for k in example if not k.startswith('__reca'))}); "
-                "set image_column to the column that holds the images"
+                f"set {field} to the column that holds the images"
             )
-        value = example[self.image_column]
+        value = example[column]
         try:
             return load_image(value, self.max_image_pixels, draft, fit)
         except Exception as error:
             file = source_file(value)
             where = f" (file {file})" if file else ""
             raise BadImageError(
-                f"{_row_name(example, index)}: column {self.image_column!r}{where} could not be decoded as an image "
+                f"{_row_name(example, index)}: column {column!r}{where} could not be decoded as an image "
                 f"({type(error).__name__}: {error}); fix or remove that row, or set bad_image_policy: skip",
                 file,
             ) from error

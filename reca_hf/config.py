@@ -14,6 +14,7 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import TrainingArguments
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
+from .data import IMAGE_COLUMN_FIELDS
 from .images import AUTO, BOTTLENECKS, DEFAULT_MAX_IMAGE_PIXELS, FITS
 from .tasks import TASKS
 
@@ -94,6 +95,16 @@ class RecAConfig(TrainingArguments):
         caption_column (`str`, *optional*, defaults to `"caption"`):
             Column of the image-to-text, text-to-image and eval datasets holding a caption string or chat-style
             messages (a list of {"role", "content"}; the last assistant turn is the answer).
+        i2t_image_column (`str` or `None`, *optional*, defaults to `None`):
+            Column of the image-to-text dataset holding its images; unset: image_column.
+        t2i_image_column (`str` or `None`, *optional*, defaults to `None`):
+            Column of the text-to-image dataset holding its images; unset: image_column.
+        eval_image_column (`str` or `None`, *optional*, defaults to `None`):
+            Column of the eval dataset holding its images; unset: image_column.
+        dataset_streaming (`bool`, *optional*, defaults to `False`):
+            Stream every dataset (datasets' streaming=True: rows are read as training goes, nothing is downloaded
+            or listed in full first). Needs max_steps; the task mix becomes an iterable interleave with the same
+            shares, and a resumed run reads the stream again from its start and skips the batches it trained on.
 
         > RecA: the reconstruction task
 
@@ -364,6 +375,26 @@ class RecAConfig(TrainingArguments):
         metadata={
             "help": "Column of the image-to-text, text-to-image and eval datasets holding a caption string or "
             'chat-style messages (a list of {"role", "content"}; the last assistant turn is the answer).'
+        },
+    )
+    i2t_image_column: str | None = field(
+        default=None,
+        metadata={"help": "Column of the image-to-text dataset holding its images; unset: image_column."},
+    )
+    t2i_image_column: str | None = field(
+        default=None,
+        metadata={"help": "Column of the text-to-image dataset holding its images; unset: image_column."},
+    )
+    eval_image_column: str | None = field(
+        default=None, metadata={"help": "Column of the eval dataset holding its images; unset: image_column."}
+    )
+    dataset_streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream every dataset (datasets' streaming=True: rows are read as training goes, nothing is "
+            "downloaded or listed in full first). Needs max_steps; the task mix becomes an iterable interleave with "
+            "the same shares, and a resumed run reads the stream again from its start and skips the batches it "
+            "trained on."
         },
     )
 
@@ -670,6 +701,11 @@ class RecAConfig(TrainingArguments):
         if errors:
             raise ValueError("Invalid RecAConfig:\n" + "\n".join(f"- {e}" for e in errors))
 
+    @property
+    def image_columns(self) -> dict[str, str]:
+        """The image column of each dataset of a run (train, i2t, t2i, eval); unset ones are ``image_column``."""
+        return {source: getattr(self, field) or self.image_column for source, field in IMAGE_COLUMN_FIELDS.items()}
+
     # ---- normalising: values given as strings (the command line, JSON) become what the fields hold ----
 
     def normalise(self) -> None:
@@ -748,6 +784,15 @@ class RecAConfig(TrainingArguments):
         for name in ("task_ratios", "task_weights"):
             errors += self._task_dict_errors(name)
         errors += _choice_error("task_loss_reduction", self.task_loss_reduction, TASK_LOSS_REDUCTIONS)
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                errors.append(f"{name}={value!r}: use a positive integer such as 8.")
+        if self.dataset_streaming and not (isinstance(self.max_steps, int) and self.max_steps > 0):
+            errors.append(
+                f"max_steps={self.max_steps!r}: dataset_streaming needs max_steps (a positive number of optimizer "
+                "steps), since a stream has no length to count epochs in; set max_steps, or dataset_streaming: false."
+            )
         if self.max_train_samples is not None and self.max_train_samples < 1:
             errors.append(f"max_train_samples={self.max_train_samples!r}: use a positive integer or leave it unset.")
         errors += self._lora_errors()

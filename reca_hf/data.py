@@ -16,6 +16,9 @@ from torch.utils.data import Dataset
 SYNTHETIC = "synthetic_shapes"
 SOURCE_KEY = "__reca_source__"  # the name of the dataset a row comes from: train, i2t, t2i or eval
 ROW_KEY = "__reca_row__"  # the row's index in that dataset, whatever mixes or wrappers re-index it later
+# The RecAConfig field naming each dataset's image column (unset ones fall back to image_column).
+IMAGE_COLUMN_FIELDS = {"train": "image_column", "i2t": "i2t_image_column", "t2i": "t2i_image_column",
+                       "eval": "eval_image_column"}  # fmt: skip
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _FOLDER_CACHE: dict[str, Any] = {}  # folder-state key -> dataset, for loads within one process
 _COLOURS = {
@@ -84,6 +87,9 @@ def synthetic_shapes(n: int, size: int = 64, seed: int = 0):
     return datasets.Dataset.from_dict({"image": list(images), "caption": list(captions)}, features=features)
 
 
+DATASET_FIELDS = {"train": "dataset_name", "i2t": "i2t_dataset_name", "t2i": "t2i_dataset_name"}
+
+
 def load_image_dataset(
     name: str,
     config_name: str | None = None,
@@ -92,15 +98,23 @@ def load_image_dataset(
     max_samples: int | None = None,
     seed: int = 0,
     text_column: str | None = None,
+    source: str = "train",
+    streaming: bool = False,
 ):
     """Load training images: ``"synthetic_shapes"``, a folder of images, a ``save_to_disk`` folder, or a hub id.
 
-    Checks that ``image_column`` (and ``text_column``, for captioned data) exist and says which columns
-    do when one does not.
+    Checks that ``image_column`` (and ``text_column``, for captioned data) exist and says which columns do when
+    one does not; errors name the recipe fields of ``source`` (train, i2t or t2i), e.g. ``i2t_image_column``.
+    ``streaming`` gives a ``datasets.IterableDataset`` (``load_dataset(..., streaming=True)``; in-memory and
+    saved datasets through ``to_iterable_dataset``).
     """
     import datasets
 
+    field, column_field = DATASET_FIELDS.get(source, "dataset_name"), IMAGE_COLUMN_FIELDS.get(source, "image_column")
     path = Path(name).expanduser()
+    problem = local_dataset_problem(name, field)
+    if problem:
+        raise (FileNotFoundError if "no such folder" in problem else ValueError)(problem)
     if name == SYNTHETIC:
         dataset = synthetic_shapes(max_samples or 256, seed=seed)
     elif (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
@@ -108,26 +122,43 @@ def load_image_dataset(
         if isinstance(dataset, datasets.DatasetDict):
             dataset = dataset[split]
     elif path.is_dir() and not any(path.glob("*.py")) and not (path / "README.md").is_file() and _has_images(path):
-        dataset = image_folder(path, split)
-    elif path.is_dir() and not any(p.is_file() for p in path.rglob("*")):
-        raise ValueError(f"dataset {name!r} is an empty folder; set dataset_name to a folder of images or a hub id")
-    elif _looks_local(name) and not path.exists():
-        raise FileNotFoundError(f"dataset {name!r}: no such folder; set dataset_name to an existing folder or a hub id")
+        if streaming:
+            dataset = datasets.load_dataset("imagefolder", data_dir=str(path), split=split, streaming=True)
+        else:
+            dataset = image_folder(path, split)
     else:
-        dataset = datasets.load_dataset(name, config_name, split=split)
-    if image_column not in dataset.column_names:
+        dataset = datasets.load_dataset(name, config_name, split=split, streaming=streaming)
+    columns = dataset.column_names
+    if columns is not None and image_column not in columns:
         raise ValueError(
-            f"image_column={image_column!r} is not a column of dataset {name!r} (columns: {dataset.column_names}); "
-            "set image_column to the column that holds the images"
+            f"{column_field}={image_column!r} is not a column of dataset {field}={name!r} (columns: {columns}); "
+            f"set {column_field} to the column that holds the images"
         )
-    if text_column is not None and text_column not in dataset.column_names:
+    if columns is not None and text_column is not None and text_column not in columns:
         raise ValueError(
-            f"caption_column={text_column!r} is not a column of dataset {name!r} (columns: {dataset.column_names}); "
+            f"caption_column={text_column!r} is not a column of dataset {field}={name!r} (columns: {columns}); "
             "set caption_column to the column that holds the captions or chat messages"
         )
+    if streaming and isinstance(dataset, datasets.Dataset):
+        dataset = dataset.to_iterable_dataset()
     if max_samples is not None and name != SYNTHETIC:
-        dataset = dataset.select(range(min(max_samples, len(dataset))))
+        if isinstance(dataset, datasets.IterableDataset):
+            dataset = dataset.take(max_samples)
+        else:
+            dataset = dataset.select(range(min(max_samples, len(dataset))))
     return dataset
+
+
+def local_dataset_problem(name: str | None, field: str = "dataset_name") -> str | None:
+    """What is wrong with a dataset name that is a local path (a missing or empty folder), else None."""
+    if not name or name == SYNTHETIC:
+        return None
+    path = Path(name).expanduser()
+    if path.is_dir() and not any(p.is_file() for p in path.rglob("*")):
+        return f"{field}={name!r} is an empty folder; set {field} to a folder of images or a hub id"
+    if _looks_local(name) and not path.exists():
+        return f"{field}={name!r}: no such folder; set {field} to an existing folder or a hub id"
+    return None
 
 
 def image_folder(folder: str | Path, split: str = "train"):

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset, IterableDataset
 
-from .data import as_source
+from .data import IMAGE_COLUMN_FIELDS, as_source
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def check_column(dataset, field: str, column: str, name: str) -> None:
         return
     present = caption_column_in(columns, column) is not None if field == "caption_column" else column in columns
     if not present:
-        what = "images" if field == "image_column" else "captions (or chat messages)"
+        what = "captions (or chat messages)" if field == "caption_column" else "images"
         raise ValueError(
             f"{name} has no column {field}={column!r} (columns: {columns}); set {field} to the column that holds "
             f"the {what}"
@@ -204,12 +204,15 @@ def prepare_datasets(
     tasks, add the image-to-text eval task for a captioned eval set, and index every row."""
     given = {"train_dataset": train_dataset, "eval_dataset": eval_dataset, "i2t_dataset": i2t_dataset,
              "t2i_dataset": t2i_dataset}  # fmt: skip
+    columns = args.image_columns
     for name, dataset in given.items():
-        check_column(dataset, "image_column", args.image_column, name)
+        source = name.removesuffix("_dataset")
+        check_column(dataset, IMAGE_COLUMN_FIELDS[source], columns[source], name)
     for name in ("i2t_dataset", "t2i_dataset"):
         check_column(given[name], "caption_column", args.caption_column, name)
     # The collator decodes the images, so that a bad one names its dataset, original row and file.
-    sources = {name.removesuffix("_dataset"): as_source(data, name.removesuffix("_dataset"), args.image_column)
+    sources = {name.removesuffix("_dataset"): as_source(data, name.removesuffix("_dataset"),
+                                                        columns[name.removesuffix("_dataset")])
                for name, data in given.items()}  # fmt: skip
     train_dataset, eval_dataset, i2t_dataset, t2i_dataset = sources.values()
     by_task = {RECONSTRUCTION: train_dataset, IMAGE_TO_TEXT: i2t_dataset, TEXT_TO_IMAGE: t2i_dataset}

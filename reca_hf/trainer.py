@@ -108,7 +108,8 @@ class RecATrainer(HubResilienceMixin, Trainer):
             is loaded from the same place unless `processing_class` is given).
         args: a [`RecAConfig`]; `None` gives the defaults, a plain `TrainingArguments` is converted.
         data_collator: `None` builds a [`RecACollator`] from the adapter, the processor and `args`.
-        train_dataset, eval_dataset: datasets whose `args.image_column` holds images.
+        train_dataset, eval_dataset: datasets whose `args.image_column` (`args.eval_image_column`) holds images;
+            `i2t_dataset` and `t2i_dataset` (captioned images) are mixed in by `args.task_ratios`.
         processing_class: the model's processor (tokenizer and image processor).
         peft_config: a `peft.PeftConfig` to train a LoRA adapter instead of the weights; it wins over the
             `use_peft` / `lora_*` fields of `args`. Every base parameter stays frozen.
@@ -231,7 +232,7 @@ class RecATrainer(HubResilienceMixin, Trainer):
             return None
         count = args.collapse_probe_images
         if eval_dataset is not None and not isinstance(eval_dataset, torch.utils.data.IterableDataset):
-            images = [eval_dataset[i][args.image_column] for i in range(min(count, len(eval_dataset)))]
+            images = [eval_dataset[i][args.image_columns["eval"]] for i in range(min(count, len(eval_dataset)))]
         else:
             images = []
         if len(images) < 2:  # no held-out images: shapes this model has never seen
@@ -292,8 +293,8 @@ class RecATrainer(HubResilienceMixin, Trainer):
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = [self.args.image_column, self.args.caption_column, INDEX_KEY, TASK_KEY,
-                                       SOURCE_KEY, ROW_KEY]  # fmt: skip
+            self._signature_columns = [*dict.fromkeys(self.args.image_columns.values()), self.args.caption_column,
+                                       INDEX_KEY, TASK_KEY, SOURCE_KEY, ROW_KEY]  # fmt: skip
 
     def _get_dataloader(self, dataset, *args, **kwargs):
         return super()._get_dataloader(indexed(dataset), *args, **kwargs)  # also a dataset given to evaluate()
