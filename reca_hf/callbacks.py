@@ -41,14 +41,19 @@ class PromptEpochCallback(TrainerCallback):
 
 class RunTotals(TrainerCallback, ExportableState):
     """What a run has done, over all its processes and all its resumed parts: the training samples per task
-    (``task_counts``, which the trainer adds to), the training wall time (:meth:`elapsed`) and the skipped
-    non-finite steps. Saved into every checkpoint's ``trainer_state.json`` (``stateful_callbacks``) and taken up
+    (``task_counts``, which the trainer adds to), the training wall time (:meth:`elapsed`), the skipped
+    non-finite steps and the bad images skipped per dataset (``skipped_rows``). Saved into every checkpoint's ``trainer_state.json`` (``stateful_callbacks``) and taken up
     again when training resumes from one, so the card of a resumed run counts the whole run."""
 
     def __init__(
-        self, task_counts: dict[str, int] | None = None, seconds: float = 0.0, nonfinite_skipped_steps: int = 0
+        self,
+        task_counts: dict[str, int] | None = None,
+        seconds: float = 0.0,
+        nonfinite_skipped_steps: int = 0,
+        skipped_rows: dict[str, int] | None = None,
     ):
         self.task_counts = dict(task_counts or {})
+        self.skipped_rows = dict(skipped_rows or {})
         self.seconds = float(seconds)  # wall time of the parts that ended (or were checkpointed) before this one
         self.nonfinite_skipped_steps = int(nonfinite_skipped_steps)
         self._started: float | None = None
@@ -66,6 +71,7 @@ class RunTotals(TrainerCallback, ExportableState):
                 "task_counts": dict(self.task_counts),
                 "seconds": self.elapsed() or 0.0,
                 "nonfinite_skipped_steps": self.nonfinite_skipped_steps,
+                "skipped_rows": dict(self.skipped_rows),
             },
         }
 
@@ -76,6 +82,7 @@ class RunTotals(TrainerCallback, ExportableState):
             self.task_counts = {**dict.fromkeys(self.task_counts, 0), **attributes.get("task_counts", {})}
             self.seconds = float(attributes.get("seconds", 0.0))
             self.nonfinite_skipped_steps = int(attributes.get("nonfinite_skipped_steps", 0))
+            self.skipped_rows = dict(attributes.get("skipped_rows", {}))
         self._started = time.time()
 
     def on_train_end(self, args, state, control, **kwargs):

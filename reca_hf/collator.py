@@ -27,6 +27,7 @@ from .tasks import IMAGE_TO_TEXT, INDEX_KEY, RECONSTRUCTION, TASK_KEY, TASKS, TE
 logger = logging.getLogger(__name__)
 _CROP_STREAM = 1  # keeps the crop draws apart from the instruction draws of the same (seed, epoch, row)
 BAD_IMAGE_POLICIES = ("error", "skip")
+SKIPPED_KEY = "reca_skipped_rows"  # a batch's {dataset: bad rows skipped}, popped by the trainer (not a model input)
 
 
 def resolve_dropout(adapter: UMMAdapter, cond_dropout_prob: float | str) -> float:
@@ -60,8 +61,13 @@ class RecACollator:
     An image that cannot be used (undecodable, truncated, over ``max_image_pixels``) raises
     :class:`~reca_hf.images.BadImageError` naming the dataset, its original row and the file, for rows
     from :func:`~reca_hf.data.as_source` datasets. With ``bad_image_policy="skip"`` such a row is
-    replaced by the next good row of the same dataset (registered with :meth:`add_sources`), so batches
-    keep their size and every prompt its image; skips are counted per dataset in :attr:`skipped_rows`.
+    replaced by the next good row of the same dataset (registered with :meth:`add_sources`; for a streamed
+    dataset, by another good row of that dataset in the same batch), so batches keep their size and every
+    prompt its image. Skips are counted per dataset in :attr:`skipped_rows`, and each batch carries its own
+    counts under ``reca_skipped_rows`` (so that counts made in dataloader workers reach the trainer).
+
+    ``image_columns`` names the image column of each dataset (``train``, ``i2t``, ``t2i``, ``eval``, the names
+    :func:`~reca_hf.data.as_source` tags rows with); rows of other datasets read ``image_column``.
     """
 
     def __init__(
@@ -88,7 +94,8 @@ class RecACollator:
         self.bad_image_policy = bad_image_policy
         self.max_image_pixels = int(max_image_pixels)
         self.sources: dict[str, Any] = {}
-        self.skipped_rows: Counter[str] = Counter()
+        self.skipped_rows: Counter[str] = Counter()  # in this process (dataloader workers count their own)
+        self._batch_skips: Counter[str] = Counter()
         self.adapter = adapter
         self.views: ViewSpec = resolve_views(
             adapter,
@@ -145,8 +152,11 @@ class RecACollator:
         return float(np.random.default_rng([self.sampler.seed, self.epoch, index, _CROP_STREAM]).random())
 
     def add_sources(self, sources: dict[str, Any]) -> None:
-        """Register the datasets (by name, from :func:`~reca_hf.data.as_source`) that bad rows are replaced from."""
-        self.sources.update({name: dataset for name, dataset in sources.items() if dataset is not None})
+        """Register the datasets (by name, from :func:`~reca_hf.data.as_source`) that bad rows are replaced from
+        (map-style ones: a streamed dataset's bad row is replaced from its batch)."""
+        self.sources.update(
+            {name: data for name, data in sources.items() if hasattr(data, "__getitem__") and hasattr(data, "__len__")}
+        )
 
     def _image(self, example: dict[str, Any], index: int, draft: int, fit: str):
         source = example.get(SOURCE_KEY)
@@ -172,16 +182,21 @@ class RecACollator:
 
     def _decoded(self, examples: list[dict[str, Any]], draft: int, fit: str) -> tuple[list[dict[str, Any]], list]:
         """``(rows, images)``: each row with its decoded image; under ``skip``, bad rows replaced (see class doc)."""
-        rows, images = [], []
+        rows, images, streamed_bad = [], [], []
         for example, index in zip(examples, [self._row_index(example) for example in examples]):
             row = {**example, INDEX_KEY: index}
             for _ in range(_MAX_REPLACEMENTS):
                 try:
-                    images.append(self._image(row, index, draft, fit))
+                    image = self._image(row, index, draft, fit)
                     break
                 except BadImageError as error:
                     if self.bad_image_policy == "error":
                         raise
+                    if row.get(SOURCE_KEY) is not None and row.get(SOURCE_KEY) not in self.sources:
+                        image = None  # a streamed dataset has no next row to read: filled from this batch below
+                        streamed_bad.append((len(rows), error))
+                        self._count_skip(row, error)
+                        break
                     row = self._replacement(row, error)
             else:
                 raise BadImageError(
@@ -189,7 +204,29 @@ class RecACollator:
                     "looks broken (check it with reca validate --check-images)"
                 )
             rows.append(row)
+            images.append(image)
+        for position, error in streamed_bad:
+            rows[position], images[position] = self._stand_in(rows, images, position, error)
         return rows, images
+
+    @staticmethod
+    def _stand_in(rows: list[dict[str, Any]], images: list, position: int, error: BadImageError):
+        """A good row of the same streamed dataset from this batch for the bad row at ``position`` (its task and
+        slot index kept), so that the batch stays whole and every prompt has its own image."""
+        bad = rows[position]
+        for row, image in zip(rows, images):
+            if image is not None and row.get(SOURCE_KEY) == bad[SOURCE_KEY]:
+                return {**row, **{key: bad[key] for key in (INDEX_KEY, TASK_KEY) if key in bad}}, image
+        raise BadImageError(
+            f"{error} (bad_image_policy: skip replaces a bad row of a streamed dataset by another row of that dataset in "
+            "its batch, and this batch has no good one; fix the data or use a larger batch)",
+            error.file,
+        ) from error
+
+    def _count_skip(self, row: dict[str, Any], error: BadImageError) -> None:
+        self.skipped_rows[row[SOURCE_KEY]] += 1
+        self._batch_skips[row[SOURCE_KEY]] += 1
+        logger.warning("Skipped a bad image (bad_image_policy: skip): %s", error)
 
     def _replacement(self, row: dict[str, Any], error: BadImageError) -> dict[str, Any]:
         """The row after ``row`` in its source dataset, keeping ``row``'s task and slot index; counts the skip."""
@@ -200,8 +237,7 @@ class RecACollator:
                 "collator does not know: wrap the dataset with reca_hf.data.as_source and pass it to add_sources)",
                 error.file,
             ) from error
-        self.skipped_rows[row[SOURCE_KEY]] += 1
-        logger.warning("Skipped a bad image (bad_image_policy: skip): %s", error)
+        self._count_skip(row, error)
         nxt = (int(row[ROW_KEY]) + 1) % len(source)
         return {**source[nxt], **{key: row[key] for key in (INDEX_KEY, TASK_KEY) if key in row}}
 
@@ -310,6 +346,7 @@ class RecACollator:
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         """A RecA batch: reconstruction inputs at the top level, other tasks' inputs under their task name."""
+        self._batch_skips = Counter()
         by_task: dict[str, list[dict[str, Any]]] = {}
         for example in examples:
             task = example.get(TASK_KEY, RECONSTRUCTION)
@@ -321,6 +358,8 @@ class RecACollator:
             batch[IMAGE_TO_TEXT] = self._image_to_text(by_task[IMAGE_TO_TEXT])
         if TEXT_TO_IMAGE in by_task:
             batch[TEXT_TO_IMAGE] = self._text_to_image(by_task[TEXT_TO_IMAGE])
+        if self._batch_skips:  # counted here, in the worker that decoded them; the trainer adds them up
+            batch[SKIPPED_KEY] = dict(self._batch_skips)
         return batch
 
 

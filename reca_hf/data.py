@@ -4,6 +4,7 @@ undecoded, source-tagged rows the collator decodes itself (so a bad image names 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -267,15 +268,24 @@ class SourceRows(Dataset):
 
 def as_source(dataset, name: str, image_column: str):
     """The trainer's view of one of its datasets (``name``: train, i2t, t2i or eval): image column undecoded,
-    rows tagged with ``name`` and their index. ``None`` and iterable datasets pass through (only undecoded)."""
+    rows tagged with ``name`` and their index (for a ``datasets.IterableDataset``, the position in its stream).
+    ``None`` and other iterable datasets pass through (only undecoded)."""
+    import datasets
     from torch.utils.data import IterableDataset
 
     if dataset is None:
         return None
     dataset = undecoded(dataset, image_column)
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset.map(functools.partial(source_tags, name=name), with_indices=True)
     if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
         return dataset
     return SourceRows(dataset, name)
+
+
+def source_tags(row: dict[str, Any], index: int, name: str) -> dict[str, Any]:
+    """The tags :func:`as_source` adds to a streamed row: its dataset's name and its position in the stream."""
+    return {SOURCE_KEY: name, ROW_KEY: int(index)}
 
 
 def find_bad_images(dataset, image_column: str = "image", max_pixels: int | None = None) -> list[str]:

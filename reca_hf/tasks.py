@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset, IterableDataset
 
-from .data import IMAGE_COLUMN_FIELDS, as_source
+from .data import IMAGE_COLUMN_FIELDS, SourceRows, as_source, source_tags
 
 logger = logging.getLogger(__name__)
 
@@ -166,8 +167,17 @@ class IndexedDataset(Dataset):
 
 
 def indexed(dataset):
-    """``dataset`` with its row indices (:class:`IndexedDataset`), unless it has them or cannot be indexed."""
-    if dataset is None or isinstance(dataset, dict | IterableDataset) or getattr(dataset, "reca_indexed", False):
+    """``dataset`` with its row indices (:class:`IndexedDataset`; for a ``datasets.IterableDataset``, each row's
+    position in the stream), unless it has them or cannot be indexed."""
+    import datasets
+
+    if dataset is None or isinstance(dataset, dict) or getattr(dataset, "reca_indexed", False):
+        return dataset
+    if isinstance(dataset, datasets.IterableDataset):
+        dataset = dataset.map(_stream_index, with_indices=True)
+        dataset.reca_indexed = True
+        return dataset
+    if isinstance(dataset, IterableDataset):
         return dataset
     return IndexedDataset(dataset)
 
@@ -219,9 +229,52 @@ def prepare_datasets(
     ratios = task_mix(adapter, args.task_ratios, {task: data is not None for task, data in by_task.items()})
     weights = {task: float((args.task_weights or {}).get(task, 1.0)) for task in TASKS}
     train = train_dataset
+    streamed = any(isinstance(data, IterableDataset) for data in by_task.values())
+    if streamed and args.max_steps <= 0:
+        raise ValueError(
+            f"max_steps={args.max_steps}: a streamed (iterable) training set has no length to count epochs in; set "
+            "max_steps to the number of optimizer steps to train"
+        )
     if ratios[IMAGE_TO_TEXT] or ratios[TEXT_TO_IMAGE]:
-        train = MixedTaskDataset(by_task, ratios, seed=args.seed)
+        mix = iterable_task_mix if streamed else MixedTaskDataset
+        train = mix(by_task, ratios, seed=args.seed)
     return RunData(indexed(train), indexed(eval_tasks(adapter, eval_dataset, args)), ratios, weights, sources)
+
+
+def iterable_task_mix(datasets_by_task: dict[str, Any], ratios: dict[str, float], seed: int = 0):
+    """The task mix of streamed datasets: ``datasets.interleave_datasets`` drawing each row's task with
+    probability equal to its share (seeded), each row tagged with its task, until every task's stream has
+    been read once (``all_exhausted``: the shorter ones start again). Map-style members are streamed too."""
+    import datasets
+
+    shares = {task: ratios[task] for task in TASKS if ratios.get(task, 0) > 0}
+    streams = []
+    for task in shares:
+        data = datasets_by_task[task]
+        if isinstance(data, SourceRows):  # a map-style member of a streamed mix
+            data = data.dataset.to_iterable_dataset().map(partial(source_tags, name=data.name), with_indices=True)
+        if not isinstance(data, datasets.IterableDataset):
+            raise ValueError(
+                f"the {task} dataset is a {type(data).__name__}: a streamed task mix interleaves datasets' own "
+                "datasets.Dataset / datasets.IterableDataset (load_dataset(..., streaming=True)); convert it, or train "
+                "that task alone"
+            )
+        streams.append(data.map(partial(_task_tag, task=task)))
+    total = sum(shares.values())
+    return datasets.interleave_datasets(
+        streams,
+        probabilities=[share / total for share in shares.values()],
+        seed=seed,
+        stopping_strategy="all_exhausted",
+    )
+
+
+def _task_tag(row: dict[str, Any], task: str) -> dict[str, Any]:
+    return {TASK_KEY: task}
+
+
+def _stream_index(row: dict[str, Any], index: int) -> dict[str, Any]:
+    return {INDEX_KEY: int(index)}
 
 
 def task_mix(adapter, task_ratios: dict[str, float] | None, given: dict[str, bool]) -> dict[str, float]:

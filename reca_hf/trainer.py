@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import re
@@ -23,9 +24,9 @@ from .adapters.base import eval_mode
 from .callbacks import CollapseDetector, PromptEpochCallback, ReconstructionGridCallback, RunTotals
 from .cards import PAPER_ID, PAPER_TITLE
 from .checks import bf16_without_accelerator, check_run
-from .collator import RecACollator, resolve_dropout
+from .collator import SKIPPED_KEY, RecACollator, resolve_dropout
 from .config import RESUME_LATEST, RecAConfig
-from .data import ROW_KEY, SOURCE_KEY, synthetic_shapes
+from .data import IMAGE_COLUMN_FIELDS, ROW_KEY, SOURCE_KEY, synthetic_shapes
 from .freeze import apply_freeze, format_table, parameter_table
 from .frozen_cache import (
     FrozenFeatureCache,
@@ -203,13 +204,19 @@ class RecATrainer(HubResilienceMixin, Trainer):
     # ---- callbacks ----
 
     def _add_grid_callback(self, train_dataset) -> None:
-        count = min(self.args.num_reconstruction_images, len(train_dataset) if train_dataset is not None else 0)
+        count = self.args.num_reconstruction_images if train_dataset is not None else 0
         if count == 0 or not isinstance(self.data_collator, RecACollator):
             return
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             logger.info("Reconstruction grid skipped: sharded models cannot generate on one rank alone.")
             return
-        images = [train_dataset[i][self.args.image_column] for i in range(count)]
+        if isinstance(train_dataset, torch.utils.data.IterableDataset):  # a stream: its first rows
+            rows = list(itertools.islice(iter(train_dataset), count))
+        else:
+            rows = [train_dataset[i] for i in range(min(count, len(train_dataset)))]
+        images = [row[self.args.image_column] for row in rows]
+        if not images:
+            return
         self.add_callback(
             ReconstructionGridCallback(
                 self.adapter, self.views, images, seed=self.args.seed, **(self.args.reconstruction_kwargs or {})
@@ -302,6 +309,7 @@ class RecATrainer(HubResilienceMixin, Trainer):
     # ---- loss ----
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._count_skipped(inputs.pop(SKIPPED_KEY, None))
         # Every entry the collator made reaches the adapter, tensors or not (lists, variable-size entries).
         batches = {RECONSTRUCTION: {k: v for k, v in inputs.items() if k not in (IMAGE_TO_TEXT, TEXT_TO_IMAGE)}}
         batches.update({task: inputs[task] for task in (IMAGE_TO_TEXT, TEXT_TO_IMAGE) if task in inputs})
@@ -320,6 +328,30 @@ class RecATrainer(HubResilienceMixin, Trainer):
             self._flag_nonfinite(task_losses)
         self._record_task_losses("train" if model.training else "eval", task_losses, batches)
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _count_skipped(self, skipped: dict[str, int] | None) -> None:
+        """Add a batch's skipped bad images (counted by the collator, in whichever worker made the batch) to
+        :attr:`skipped_rows`, summed over the processes (every process calls this once per batch)."""
+        names = list(IMAGE_COLUMN_FIELDS)
+        counts = torch.tensor([float((skipped or {}).get(name, 0)) for name in names], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.gather(counts[None]).sum(0)
+        totals = self._totals().skipped_rows
+        for name, count in zip(names, counts.tolist()):
+            if count:
+                totals[name] = totals.get(name, 0) + int(count)
+
+    @property
+    def skipped_rows(self) -> dict[str, int]:
+        """Bad images skipped per dataset (``bad_image_policy: skip``), over all processes, dataloader workers and
+        the resumed parts of the run."""
+        return self._totals().skipped_rows
+
+    def skipped_summary(self) -> str | None:
+        """``"train 2, i2t 1"``: the bad images skipped so far per dataset (None when none were)."""
+        if not self.skipped_rows:
+            return None
+        return ", ".join(f"{name} {count:,}" for name, count in sorted(self.skipped_rows.items()))
 
     def _task_loss(self, model, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if task == IMAGE_TO_TEXT:
@@ -490,7 +522,15 @@ class RecATrainer(HubResilienceMixin, Trainer):
         args, kwargs = self._resolve_resume(args, kwargs)
         self.setup_frozen_cache()
         with _plain_config_tolerated(self.model):
-            return super().train(*args, **kwargs)
+            output = super().train(*args, **kwargs)
+        if self.skipped_rows:
+            logger.warning(
+                "bad_image_policy: skip: %d bad image(s) were skipped and replaced in this run (%s); the warnings "
+                "above name each row and file. Run reca validate --check-images to list them all.",
+                sum(self.skipped_rows.values()),
+                self.skipped_summary(),
+            )
+        return output
 
     def _resolve_resume(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """``resume_from_checkpoint`` as the stock Trainer takes it: 'true' / 'latest' (any case) and True become
@@ -658,6 +698,7 @@ class RecATrainer(HubResilienceMixin, Trainer):
             "license": license,
             "eval_results": self.args.eval_results,
             "lora": lora_record(self.model, self.adapter),
+            "skipped_rows": dict(self.skipped_rows),
         }
 
     @property
@@ -715,6 +756,8 @@ class RecATrainer(HubResilienceMixin, Trainer):
             settings["wall time"] = f"{elapsed:.0f} s"
         if totals.nonfinite_skipped_steps:
             settings["non-finite steps skipped"] = totals.nonfinite_skipped_steps
+        if args.bad_image_policy == "skip":
+            settings["bad images skipped"] = self.skipped_summary() or "none"
         return settings
 
     def _task_mix_summary(self) -> str:
