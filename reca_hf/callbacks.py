@@ -26,14 +26,18 @@ DETECTOR_ACTIONS = tuple(action for action in COLLAPSE_ACTIONS if action != "off
 
 class PromptEpochCallback(TrainerCallback):
     """Tells the collator (and a task mix) which epoch starts, so each epoch draws fresh instructions and
-    rows, also after a resume."""
+    rows, also after a resume. ``next_epoch``, when the trainer sets it, is the number of the epoch that starts
+    next (``state.epoch`` is a fraction of ``max_steps`` for a stream, not a pass count)."""
 
     def __init__(self, collator, dataset=None):
         self.collator = collator
         self.dataset = dataset
+        self.next_epoch: int | None = None
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        epoch = int(state.epoch or 0)
+        epoch = int(state.epoch or 0) if self.next_epoch is None else self.next_epoch
+        if self.next_epoch is not None:
+            self.next_epoch += 1
         self.collator.epoch = epoch
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
@@ -42,8 +46,9 @@ class PromptEpochCallback(TrainerCallback):
 class RunTotals(TrainerCallback, ExportableState):
     """What a run has done, over all its processes and all its resumed parts: the training samples per task
     (``task_counts``, which the trainer adds to), the training wall time (:meth:`elapsed`), the skipped
-    non-finite steps and the bad images skipped per dataset (``skipped_rows``). Saved into every checkpoint's ``trainer_state.json`` (``stateful_callbacks``) and taken up
-    again when training resumes from one, so the card of a resumed run counts the whole run."""
+    non-finite steps and the bad images skipped per dataset (``skipped_rows``). Saved into every checkpoint's
+    ``trainer_state.json`` (``stateful_callbacks``) and taken up again when training resumes from one, so the card
+    of a resumed run counts the whole run."""
 
     def __init__(
         self,
@@ -88,6 +93,24 @@ class RunTotals(TrainerCallback, ExportableState):
     def on_train_end(self, args, state, control, **kwargs):
         self.seconds = self.elapsed() or 0.0
         self._started = None
+
+
+class StreamPosition(TrainerCallback, ExportableState):
+    """Where a run is in its training stream: the pass (``epoch``, counted from 0) and the global step at which
+    that pass began. Saved in each checkpoint's trainer_state.json, so that a resumed streamed run skips only
+    the batches of the current pass (the Trainer alone would skip ``global_step`` batches from the stream's
+    start, which lands elsewhere once the stream has been read through)."""
+
+    def __init__(self, epoch: int = -1, epoch_start_step: int = 0):
+        self.epoch = epoch
+        self.epoch_start_step = epoch_start_step
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.epoch += 1
+        self.epoch_start_step = state.global_step
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"epoch": self.epoch, "epoch_start_step": self.epoch_start_step}}
 
 
 class ReconstructionGridCallback(TrainerCallback):

@@ -21,7 +21,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from . import __version__
 from .adapters import get_adapter, unwrap_model
 from .adapters.base import eval_mode
-from .callbacks import CollapseDetector, PromptEpochCallback, ReconstructionGridCallback, RunTotals
+from .callbacks import CollapseDetector, PromptEpochCallback, ReconstructionGridCallback, RunTotals, StreamPosition
 from .cards import PAPER_ID, PAPER_TITLE
 from .checks import bf16_without_accelerator, check_run
 from .collator import SKIPPED_KEY, RecACollator, resolve_dropout
@@ -169,6 +169,8 @@ class RecATrainer(HubResilienceMixin, Trainer):
         self.frozen_cache: FrozenFeatureCache | None = None
         if is_reca_collator:  # where bad_image_policy="skip" finds replacement rows
             data_collator.add_sources(data.sources)
+        if isinstance(data.train_dataset, torch.utils.data.IterableDataset):
+            _read_streams_in_every_process(args)
         apply_freeze(model, self.adapter, args.freeze)
         model = prepare_peft_model(model, self.adapter, args, peft_config, model_id)
         self.parameter_table = parameter_table(model, self.adapter)
@@ -191,8 +193,13 @@ class RecATrainer(HubResilienceMixin, Trainer):
         self.add_callback(self.run_totals)
         self._nonfinite: dict[str, torch.Tensor] = {}  # task -> a non-finite loss since the last optimizer step
         self._skipping_step = False
-        if is_reca_collator:
-            self.add_callback(PromptEpochCallback(data_collator, data.train_dataset))
+        self._epochs = PromptEpochCallback(data_collator, data.train_dataset) if is_reca_collator else None
+        if self._epochs is not None:
+            self.add_callback(self._epochs)
+        self._stream_position = None
+        if isinstance(data.train_dataset, torch.utils.data.IterableDataset):
+            self._stream_position = StreamPosition()
+            self.add_callback(self._stream_position)
         self._add_grid_callback(train_dataset)
         self.collapse_detector = self._collapse_detector(eval_dataset)
         if self.adapter.condition_relation == "derived":
@@ -627,6 +634,27 @@ class RecATrainer(HubResilienceMixin, Trainer):
         with self.accelerator.autocast():
             return frozen_share(self.adapter, unwrap_model(self.model), self._prepare_inputs(batch), names)
 
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
+                             trial):  # fmt: skip
+        """The Trainer's (epochs trained, batches to skip), but for a resumed stream from its saved position: the
+        pass it was in and the batches of that pass already trained on (see :class:`StreamPosition`)."""
+        epochs, batches = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+        saved = (self.state.stateful_callbacks or {}).get(StreamPosition.__name__)
+        if self._stream_position is not None:  # restore_callback_states_from_checkpoint may have replaced it
+            self._stream_position = next(c for c in self.callback_handler.callbacks if isinstance(c, StreamPosition))
+        if self._stream_position is not None and resume_from_checkpoint is not None and isinstance(saved, dict):
+            position = saved.get("attributes", {})
+            epochs = max(0, int(position.get("epoch", 0)))
+            self._stream_position.epoch = epochs - 1  # on_epoch_begin counts the resumed pass again
+            if not self.args.ignore_data_skip:
+                done = self.state.global_step - int(position.get("epoch_start_step", 0))
+                batches = done * self.args.gradient_accumulation_steps
+        if self._epochs is not None:
+            self._epochs.next_epoch = epochs
+        return epochs, batches
+
     # ---- outputs: the run record (reca_run.json) and the side files written from it ----
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
@@ -889,6 +917,19 @@ def _as_reca_config(args, model_id: str) -> RecAConfig:
 def _null_prompt_text(null_prompt: str | None) -> str:
     """What a dropped prompt becomes, as the card says it."""
     return "none: a dropped prompt leaves the instruction out" if null_prompt is None else repr(null_prompt)
+
+
+def _read_streams_in_every_process(args: RecAConfig) -> None:
+    """Turn off accelerate's batch dispatching, its default for iterable datasets: it slices every tensor of a
+    batch, those of the nested task batches included, to the size of the first one it finds, which drops rows
+    of a mixed batch. Each process then reads the stream and keeps its own share of each batch."""
+    config = args.accelerator_config
+    if config.dispatch_batches:
+        raise ValueError(
+            "accelerator_config.dispatch_batches=True: accelerate would cut RecA's mixed-task batches to the size of "
+            "their first tensor, dropping rows of the other tasks; set dispatch_batches to false (or leave it unset)"
+        )
+    config.dispatch_batches = False
 
 
 def _hardware() -> str:

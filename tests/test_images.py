@@ -2,6 +2,8 @@
 and image-folder loading."""
 
 import io
+import json
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -286,3 +288,21 @@ def test_trainer_skips_bad_images_when_told(make_args, tiny_janus):
     trainer.train()
     assert trainer.data_collator.skipped_rows == {"train": 2}
     assert trainer.task_counts[RECONSTRUCTION] == 12  # every batch whole
+
+
+def test_skips_counted_in_dataloader_workers_reach_the_trainer_the_log_and_the_card(make_args, tiny_janus, caplog):
+    from reca_hf import RecATrainer
+
+    model, processor = tiny_janus
+    train = _decoding_dataset(12, {8: _truncated_jpeg(), 3: b"junk"})
+    args = make_args(max_steps=3, collapse_action="off", bad_image_policy="skip", require_understanding_data=False,
+                     dataloader_num_workers=1)  # fmt: skip
+    trainer = RecATrainer(model, args=args, train_dataset=train, processing_class=processor)
+    trainer.train()
+    assert trainer.data_collator.skipped_rows == {}  # the worker's copy counted them, not this one
+    assert trainer.skipped_rows == {"train": 2}
+    assert "2 bad image(s) were skipped and replaced in this run (train 2)" in caplog.text
+    trainer.save_model()
+    run = json.loads((Path(args.output_dir) / "reca_run.json").read_text())
+    assert run["skipped_rows"] == {"train": 2} and run["settings"]["bad images skipped"] == "train 2"
+    assert "train 2" in (Path(args.output_dir) / "README.md").read_text()
