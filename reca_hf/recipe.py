@@ -164,11 +164,11 @@ def _read(path: Path) -> tuple[dict[str, Any], str | None]:
         if getattr(error, "context", None):
             at = f" (line {context.line + 1}, column {context.column + 1})" if context is not None else ""
             what = f"{what}, {error.context}{at}"
-        return {}, f"{path}: YAML syntax error{where}: {what}"
+        return {}, f"YAML syntax error{where}: {what}"
     if values is None:
         return {}, None
     if not isinstance(values, dict):
-        return {}, f"{path}: a recipe must be a YAML mapping of RecAConfig fields, not {type(values).__name__}"
+        return {}, f"a recipe must be a YAML mapping of RecAConfig fields, not {type(values).__name__}"
     return values, None
 
 

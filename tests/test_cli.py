@@ -1,4 +1,6 @@
 import dataclasses
+import os
+import re
 import json
 from pathlib import Path
 
@@ -126,3 +128,68 @@ def test_version_env_and_one_line_errors(capsys):
         main(unknown)
     with pytest.raises(ValueError, match="nosuch"):  # --debug: the exception itself, with its traceback
         main(["--debug", *unknown])
+
+
+_HEAD = "model_name_or_path: tiny:janus\ndataset_name: synthetic_shapes\n"
+BAD_RECIPES = {  # recipe text (after the head), overrides, the problem both commands name
+    "int as a word": ("max_steps: fifty\n", [], "max_steps='fifty': not an int"),
+    "zero batch": ("per_device_train_batch_size: 0\n", [], "per_device_train_batch_size=0: use a positive integer"),
+    "list for an int": ("per_device_train_batch_size: [8]\n", [], "per_device_train_batch_size=[8]: not an int"),
+    "bad choice": ("lr_scheduler_type: cosinee\n", [], "lr_scheduler_type='cosinee': not one of linear"),
+    "unknown key": ("learning_rat: 0.1\n", [], "learning_rat: unknown key"),
+    "yaml syntax": ("max_steps: [5\n", [], "YAML syntax error at line"),
+    "env not a mapping": ("env: [A]\n", [], "env=['A']: not a mapping"),
+    "bad override": ("", ["--max_steps", "x"], "--max_steps 'x': not an int"),
+    "unknown flag": ("", ["--max_stepz", "3"], "--max_stepz: unknown flag"),
+    "streaming without max_steps": ("dataset_streaming: true\n", [], "dataset_streaming needs max_steps"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_RECIPES, ids=str)
+def test_validate_and_train_name_the_same_problem(case, tmp_path, capsys):
+    text, overrides, problem = BAD_RECIPES[case]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(_HEAD + text)
+    assert any(problem in line for line in validate(str(recipe), overrides=overrides))
+    with pytest.raises(SystemExit):
+        main(["validate", str(recipe), *overrides])
+    assert problem in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=re.escape(problem)):
+        main(["train", str(recipe), *overrides])
+
+
+def test_an_empty_folder_is_a_problem_for_both(tmp_path):
+    (tmp_path / "empty").mkdir()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model_name_or_path: tiny:janus\ndataset_name: {tmp_path / 'empty'}\n")
+    problem = f"dataset_name='{tmp_path / 'empty'}' is an empty folder"
+    assert any(problem in line for line in validate(str(recipe)))
+    with pytest.raises(SystemExit, match=re.escape(problem)):
+        main(["train", str(recipe), "--report_to", "none"])
+
+
+def test_validate_reports_every_problem_of_recipe_and_flags_at_once(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(_HEAD + "max_steps: fifty\nper_device_train_batch_size: [8]\ncondition_bottleneck: crop\n")
+    errors = validate(str(recipe), overrides=["--learning_rate", "fast", "--logging_steps", "1"])
+    expected = ["max_steps='fifty'", "per_device_train_batch_size=[8]", "condition_bottleneck='crop'",
+                "--learning_rate 'fast'"]  # fmt: skip
+    assert [next(e for e in errors if wanted in e) for wanted in expected] and len(errors) == 4
+    with pytest.raises(SystemExit, match=r"4 problem\(s\)") as caught:
+        main(["train", str(recipe), "--learning_rate", "fast", "--logging_steps", "1"])
+    assert all(wanted in str(caught.value) for wanted in expected)
+
+
+def test_validate_takes_overrides_and_the_env_block_as_train_does(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("RECA_TEST_VAR", raising=False)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(_HEAD + "env:\n  RECA_TEST_VAR: 7\nlearning_rate: 1e-5\nmax_steps: '5'\nbf16: false\n")
+    assert validate(str(recipe), overrides=["--max_steps", "3", "--freeze", "model.vqmodel", "model.vision_model"]) == []
+    assert os.environ["RECA_TEST_VAR"] == "7"
+    main(["validate", str(recipe), "--max_steps", "3", "--learning_rate=2e-5"])
+    assert "OK" in capsys.readouterr().out
+    config = parse_recipe(str(recipe), ["--max_steps", "3"])
+    assert (config.max_steps, config.learning_rate) == (3, 1e-5)
+    with pytest.raises(SystemExit):
+        main(["validate", str(recipe), "--condition_resolution", "30"])  # the model's check sees the override
+    assert "condition_resolution" in capsys.readouterr().err

@@ -242,3 +242,40 @@ def test_a_parameter_the_model_creates_frozen_stays_frozen(tiny_janus):
     assert not model.model.vision_model.embeddings.patch_embedding.weight.requires_grad
     apply_freeze(model, adapter, "none")
     assert model.model.vision_model.embeddings.patch_embedding.weight.requires_grad
+
+
+def test_each_dataset_reads_its_own_image_column_and_errors_name_its_field(make_args, tiny_janus, shapes, tmp_path):
+    """Issue 12: one image_column used to apply to every dataset, and the error advised image_column."""
+    model, processor = tiny_janus
+    pictures = shapes.rename_column("image", "picture")
+    mixed = {"task_ratios": {"reconstruction": 1, "image_to_text": 1, "text_to_image": 1}, "collapse_action": "off"}
+    with pytest.raises(ValueError, match=r"i2t_dataset has no column i2t_image_column='image'.*set i2t_image_column"):
+        RecATrainer(model, args=make_args(**mixed), train_dataset=shapes, i2t_dataset=pictures, t2i_dataset=shapes,
+                    processing_class=processor)  # fmt: skip
+    args = make_args(image_column="picture", i2t_image_column="image", t2i_image_column="image", max_steps=3, **mixed)
+    trainer = RecATrainer(model, args=args, train_dataset=pictures, i2t_dataset=shapes, t2i_dataset=shapes,
+                          processing_class=processor)  # fmt: skip
+    trainer.train()
+    assert all(count > 0 for count in trainer.task_counts.values())
+    eval_args = make_args(eval_image_column="picture", collapse_action="off", require_understanding_data=False)
+    trainer = RecATrainer(model, args=eval_args, train_dataset=shapes, eval_dataset=pictures, processing_class=processor)
+    metrics = trainer.evaluate()
+    assert metrics["eval_reconstruction_loss"] > 0 and metrics["eval_image_to_text_loss"] > 0
+    with pytest.raises(ValueError, match=r"eval_dataset has no column eval_image_column='image'"):
+        RecATrainer(model, args=make_args(require_understanding_data=False), train_dataset=shapes,
+                    eval_dataset=pictures, processing_class=processor)  # fmt: skip
+
+
+def test_reca_train_names_the_dataset_and_field_of_a_missing_image_column(tmp_path):
+    from reca_hf.cli import main
+
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    from reca_hf.data import synthetic_shapes
+
+    synthetic_shapes(4, size=32).rename_column("image", "picture").to_parquet(str(folder / "train.parquet"))
+    flags = ["train", "--model_name_or_path", "tiny:janus", "--dataset_name", str(folder), "--image_column", "picture",
+             "--i2t_dataset_name", "synthetic_shapes", "--report_to", "none", "--max_steps", "1"]  # fmt: skip
+    with pytest.raises(SystemExit, match=r"i2t_image_column='picture' is not a column of dataset i2t_dataset_name="
+                       r"'synthetic_shapes'.*set i2t_image_column"):  # fmt: skip
+        main(flags)
