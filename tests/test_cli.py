@@ -1,7 +1,7 @@
 import dataclasses
+import json
 import os
 import re
-import json
 from pathlib import Path
 
 import pytest
@@ -184,7 +184,9 @@ def test_validate_takes_overrides_and_the_env_block_as_train_does(tmp_path, monk
     monkeypatch.delenv("RECA_TEST_VAR", raising=False)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(_HEAD + "env:\n  RECA_TEST_VAR: 7\nlearning_rate: 1e-5\nmax_steps: '5'\nbf16: false\n")
-    assert validate(str(recipe), overrides=["--max_steps", "3", "--freeze", "model.vqmodel", "model.vision_model"]) == []
+    assert (
+        validate(str(recipe), overrides=["--max_steps", "3", "--freeze", "model.vqmodel", "model.vision_model"]) == []
+    )
     assert os.environ["RECA_TEST_VAR"] == "7"
     main(["validate", str(recipe), "--max_steps", "3", "--learning_rate=2e-5"])
     assert "OK" in capsys.readouterr().out

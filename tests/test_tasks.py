@@ -258,7 +258,9 @@ def test_each_dataset_reads_its_own_image_column_and_errors_name_its_field(make_
     trainer.train()
     assert all(count > 0 for count in trainer.task_counts.values())
     eval_args = make_args(eval_image_column="picture", collapse_action="off", require_understanding_data=False)
-    trainer = RecATrainer(model, args=eval_args, train_dataset=shapes, eval_dataset=pictures, processing_class=processor)
+    trainer = RecATrainer(
+        model, args=eval_args, train_dataset=shapes, eval_dataset=pictures, processing_class=processor
+    )
     metrics = trainer.evaluate()
     assert metrics["eval_reconstruction_loss"] > 0 and metrics["eval_image_to_text_loss"] > 0
     with pytest.raises(ValueError, match=r"eval_dataset has no column eval_image_column='image'"):
