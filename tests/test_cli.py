@@ -195,3 +195,21 @@ def test_validate_takes_overrides_and_the_env_block_as_train_does(tmp_path, monk
     with pytest.raises(SystemExit):
         main(["validate", str(recipe), "--condition_resolution", "30"])  # the model's check sees the override
     assert "condition_resolution" in capsys.readouterr().err
+
+
+GOOD_RECIPES = {  # values reca train has always taken (quoted numbers are parsed by the field's type)
+    "quoted int": ("lora_r: '8'\n", {"lora_r": 8}),
+    "quoted steps": ("save_steps: '50'\n", {"save_steps": 50}),
+    "exponent float": ("learning_rate: 1e-5\n", {"learning_rate": 1e-5}),
+    "quoted bool": ("bf16: 'false'\n", {"bf16": False}),
+}
+
+
+@pytest.mark.parametrize("case", GOOD_RECIPES, ids=str)
+def test_validate_accepts_what_train_accepts(case, tmp_path):
+    text, expected = GOOD_RECIPES[case]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(_HEAD + text)
+    assert validate(str(recipe)) == []
+    config = parse_recipe(str(recipe))
+    assert {name: getattr(config, name) for name in expected} == expected
