@@ -181,7 +181,7 @@ def test_validate_reports_every_problem_of_recipe_and_flags_at_once(tmp_path):
 
 
 def test_validate_takes_overrides_and_the_env_block_as_train_does(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv("RECA_TEST_VAR", raising=False)
+    monkeypatch.setenv("RECA_TEST_VAR", "unset")  # restored (removed) after the test, whatever the recipe sets
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(_HEAD + "env:\n  RECA_TEST_VAR: 7\nlearning_rate: 1e-5\nmax_steps: '5'\nbf16: false\n")
     assert (
