@@ -104,7 +104,8 @@ class RecAConfig(TrainingArguments):
         dataset_streaming (`bool`, *optional*, defaults to `False`):
             Stream every dataset (datasets' streaming=True: rows are read as training goes, nothing is downloaded
             or listed in full first). Needs max_steps; the task mix becomes an iterable interleave with the same
-            shares, and a resumed run reads the stream again from its start and skips the batches it trained on.
+            shares, and a resumed run starts the stream's current pass again and skips that pass's batches it
+            trained on (the stream must give the same rows in the same order when read again).
 
         > RecA: the reconstruction task
 
@@ -393,8 +394,8 @@ class RecAConfig(TrainingArguments):
         metadata={
             "help": "Stream every dataset (datasets' streaming=True: rows are read as training goes, nothing is "
             "downloaded or listed in full first). Needs max_steps; the task mix becomes an iterable interleave with "
-            "the same shares, and a resumed run reads the stream again from its start and skips the batches it "
-            "trained on."
+            "the same shares, and a resumed run starts the stream's current pass again and skips that pass's batches it "
+            "trained on (the stream must give the same rows in the same order when read again)."
         },
     )
 
