@@ -128,29 +128,30 @@ def load_recipe(recipe: str | Path | None, overrides: list[str] | None = None):
     raw = {**known, **flagged}
     if problems:  # also what RecAConfig finds in the values that parsed, so that every problem shows at once
         usable = {key: value for key, value in raw.items() if key not in bad and key not in _keys(flag_problems)}
-        raise RecipeError(problems + _config_problems(recipe_parser(), usable, []), raw)
-    problems = _config_problems(parser, known, overrides)
+        raise RecipeError(problems + _parsed(recipe_parser(), usable, [])[1], raw)
+    config, problems = _parsed(parser, known, overrides)
     if problems:
         raise RecipeError(problems, raw)
     if recipe is not None:
-        import_beside_recipe(path, parser.config.adapter)
-    return parser.config
+        import_beside_recipe(path, config.adapter)
+    return config
 
 
 def _keys(problems: list[str]) -> set[str]:
     return {re.split(r"[ :=]", problem, maxsplit=1)[0].removeprefix("--").replace("-", "_") for problem in problems}
 
 
-def _config_problems(parser, defaults: dict[str, Any], args: list[str]) -> list[str]:
-    """Parse ``args`` over ``defaults`` into a `RecAConfig` (kept as ``parser.config``); the problems found."""
+def _parsed(parser, defaults: dict[str, Any], args: list[str]) -> tuple[Any, list[str]]:
+    """``(config, [])``: ``args`` parsed over ``defaults`` into a `RecAConfig`; ``(None, problems)`` if it fails."""
     parser.set_defaults_with_config(**defaults)
     try:
-        (parser.config,) = parser.parse_args_into_dataclasses(args=args)
+        (config,) = parser.parse_args_into_dataclasses(args=args)
     except RecipeError as error:
-        return error.problems
+        return None, error.problems
     except (ValueError, TypeError) as error:  # RecAConfig / TrainingArguments: every problem, one a line
-        return [line.removeprefix("- ") for line in str(error).splitlines() if line and line != "Invalid RecAConfig:"]
-    return []
+        lines = str(error).splitlines()
+        return None, [line.removeprefix("- ") for line in lines if line and line != "Invalid RecAConfig:"]
+    return config, []
 
 
 def _read(path: Path) -> tuple[dict[str, Any], str | None]:
