@@ -96,6 +96,33 @@ def test_reconstruct_returns_images_at_the_generation_resolution(arch, shapes):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_text_to_image_is_seeded_batched_and_guided(arch):
+    model, processor = tiny_umm(arch)
+    adapter = get_adapter(model, processor)
+    size = adapter.native_generation_resolution
+    steps = {} if adapter.generation_target.is_tokens else {"num_inference_steps": 2}
+    first = adapter.text_to_image(["a red circle", "a blue square"], seed=0, num_images_per_prompt=2, **steps)
+    again = adapter.text_to_image(["a red circle", "a blue square"], seed=0, num_images_per_prompt=2, **steps)
+    assert [im.size for im in first] == [(size, size)] * 4
+    assert [im.tobytes() for im in first] == [im.tobytes() for im in again]
+    other = adapter.text_to_image(["a red circle", "a blue square"], seed=1, num_images_per_prompt=2, **steps)
+    assert [im.tobytes() for im in first] != [im.tobytes() for im in other]
+    plain = adapter.text_to_image(["a red circle", "a blue square"], seed=0, guidance_scale=1.0, **steps)
+    guided = adapter.text_to_image(["a red circle", "a blue square"], seed=0, guidance_scale=30.0, **steps)
+    assert [im.tobytes() for im in plain] != [im.tobytes() for im in guided]
+
+
+def test_an_adapter_without_a_text_to_image_sampler_says_so(tiny_janus):
+    class NoSampler(JanusAdapter):
+        sample_text_codes = UMMAdapter.sample_text_codes
+
+    adapter = NoSampler(tiny_janus[0].config, tiny_janus[1], model=tiny_janus[0])
+    assert not adapter.supports_text_to_image_sampling() and adapter.generation_snippet("x/y") is None
+    with pytest.raises(NotImplementedError, match="no text-to-image sampler"):
+        adapter.text_to_image(["a red circle"])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_a_lora_run_writes_its_side_files_from_one_record(arch, make_args, shapes, tmp_path):
     """reca_run.json is the record; reca_parameters.json and reca_adapter.json say the same facts."""
     model, processor = tiny_umm(arch)

@@ -421,6 +421,67 @@ class UMMAdapter:
         """Hook of :meth:`reconstruct`: the images that sampled codes decode to."""
         raise NotImplementedError(f"the {self.name} adapter cannot reconstruct")
 
+    # Text-to-image sampling (optional): the guidance of text_to_image() when none is given (None: the
+    # reconstruct() default, default_guidance_scale).
+    text_to_image_guidance_scale: ClassVar[float | None] = None
+
+    @torch.no_grad()
+    def text_to_image(
+        self,
+        prompts: list[str],
+        *,
+        model=None,
+        seed: int | None = None,
+        num_images_per_prompt: int = 1,
+        guidance_scale: float | None = None,
+        resolution: int | None = None,
+        **sampler,
+    ) -> list[Image.Image]:
+        """Generate images from text prompts: ``num_images_per_prompt`` per prompt, prompt by prompt (the
+        images of the first prompt come first), at ``resolution`` (default: the model's generation resolution).
+
+        ``sampler`` holds the architecture's sampler settings (token models: ``do_sample``, ``temperature``;
+        diffusion and flow models: ``num_inference_steps``). One ``seed`` makes the whole call reproducible.
+        The shared steps happen here; the architecture fills in :meth:`sample_text_codes` and
+        :meth:`decode_codes`.
+        """
+        model = unwrap_model(self._bound_model(model))
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r}: use a positive integer")
+        texts = [str(prompt) for prompt in prompts for _ in range(num_images_per_prompt)]
+        if guidance_scale is None:
+            guidance_scale = self.text_to_image_guidance_scale
+        guidance = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
+        side = int(resolution or self.native_generation_resolution)
+        errors = self.generation_resolution_errors(side)
+        if errors:
+            raise ValueError(f"resolution={side}: {errors[0]}")
+        generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
+        with eval_mode(model):
+            codes = self.sample_text_codes(model, texts, side, guidance, generator, **sampler)
+            return self.decode_codes(model, codes)
+
+    def sample_text_codes(
+        self, model, prompts: list[str], resolution: int, guidance: float, generator: torch.Generator | None, **sampler
+    ) -> torch.Tensor:
+        """Hook of :meth:`text_to_image`: sample the codes (tokens or latents) of one image per prompt, with
+        classifier-free guidance against the architecture's unconditional prompt when ``guidance != 1``."""
+        raise NotImplementedError(
+            f"the {self.name} architecture adapter has no text-to-image sampler: implement "
+            f"{type(self).__name__}.sample_text_codes (see reca_hf.adapters.UMMAdapter.text_to_image)"
+        )
+
+    def supports_text_to_image_sampling(self) -> bool:
+        """Whether :meth:`text_to_image` works for this architecture."""
+        return type(self).sample_text_codes is not UMMAdapter.sample_text_codes
+
+    def generation_snippet(self, repo_id: str) -> str | None:
+        """Python that loads ``repo_id`` and generates an image with this architecture (the model card's usage
+        section); None when the architecture has no text-to-image sampler."""
+        if not self.supports_text_to_image_sampling():
+            return None
+        return GENERATION_SNIPPET.format(repo_id=repo_id)
+
     def round_trip(self, images, *, model=None, views: ViewSpec | None = None) -> list[Image.Image] | None:
         """Target views encoded and decoded by the image tokenizer alone: the ceiling of any reconstruction.
 
@@ -435,6 +496,15 @@ class UMMAdapter:
                 f"{type(self).__name__}.reconstruct needs a model: pass model=... or use get_adapter(model)."
             )
         return model
+
+
+# The usage snippet of a model card: reca_hf loads any of its architectures and samples with the adapter.
+GENERATION_SNIPPET = """\
+from reca_hf import load_for_generation
+
+model, processor, adapter = load_for_generation("{repo_id}")
+images = adapter.text_to_image(["a red circle on a white background"], seed=0)
+images[0].save("sample.png")"""
 
 
 @contextlib.contextmanager

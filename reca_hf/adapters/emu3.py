@@ -494,6 +494,20 @@ class Emu3Adapter(UMMAdapter):
             attention_mask = _left_padded_cat(attention_mask, negative_mask.to(device), 0)
         return self._sample(emu3, input_ids, attention_mask, rows, cols, guidance, do_sample, temperature, generator)
 
+    def sample_text_codes(
+        self, emu3, prompts, resolution, guidance, generator, *, do_sample: bool = True, temperature: float = 1.0
+    ):
+        """Emu3-Gen's text-to-image, constrained: the caption, then the image prefix of a ``resolution`` square;
+        every position takes a VQ id and each row end is forced. CFG against :attr:`negative_prompt`."""
+        rows, cols = self.grid(resolution, resolution)
+        texts = [self._with_bos(prompt) + self._image_prefix(rows, cols) for prompt in prompts]
+        input_ids, attention_mask = (t.to(emu3.device) for t in self._tokenize(texts))
+        if guidance != 1.0:
+            negative_ids, negative_mask = self._tokenize([self.unconditional_prompt((rows, cols))] * len(prompts))
+            input_ids = _left_padded_cat(input_ids, negative_ids.to(emu3.device), self._tokenizer().pad_token_id)
+            attention_mask = _left_padded_cat(attention_mask, negative_mask.to(emu3.device), 0)
+        return self._sample(emu3, input_ids, attention_mask, rows, cols, guidance, do_sample, temperature, generator)
+
     def decode_codes(self, emu3, codes: torch.Tensor) -> list[Image.Image]:
         """Emu3's own decoding of a generated image sequence (ids, row ends and closing tokens)."""
         rows, cols = codes.shape[1:]

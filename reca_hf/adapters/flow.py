@@ -167,10 +167,30 @@ class FlowAdapter(UMMAdapter):
             input_ids, attention_mask = self._encode([self.format_prompt(self.null_prompt, 0)] * len(conditions))
             unconditional = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
             states = torch.cat([states, self._states(flow, unconditional)])
-        side = views.generation_resolution // self.latent_stride
-        shape = (len(conditions), flow.vae.config.latent_channels, side, side)
+        return self._integrate(flow, states, views.generation_resolution, guidance, generator, self.num_inference_steps)
+
+    def sample_text_codes(
+        self, flow, prompts, resolution, guidance, generator, *, num_inference_steps: int | None = None
+    ) -> torch.Tensor:
+        """Text-to-image: the prompt without an image as the condition, CFG against the null prompt."""
+        device = flow.device
+        input_ids, attention_mask = self._encode([self.format_prompt(prompt, 0) for prompt in prompts])
+        states = self._states(flow, {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)})
+        if guidance != 1.0:
+            input_ids, attention_mask = self._encode([self.format_prompt(self.null_prompt, 0)] * len(prompts))
+            unconditional = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+            states = torch.cat([states, self._states(flow, unconditional)])
+        return self._integrate(flow, states, resolution, guidance, generator, num_inference_steps or self.num_inference_steps)
+
+    def _integrate(self, flow, states, resolution: int, guidance: float, generator, steps: int) -> torch.Tensor:
+        """Euler steps from noise (sigma 1) to latents (sigma 0); ``states`` holds the unconditional rows after
+        the conditional ones when ``guidance != 1``."""
+        device = flow.device
+        count = states.shape[0] // (2 if guidance != 1.0 else 1)
+        side = resolution // self.latent_stride
+        shape = (count, flow.vae.config.latent_channels, side, side)
         latents = torch.randn(shape, device=device, generator=generator)
-        sigmas = torch.linspace(1.0, 0.0, self.num_inference_steps + 1, device=device)
+        sigmas = torch.linspace(1.0, 0.0, steps + 1, device=device)
         for sigma, next_sigma in zip(sigmas[:-1], sigmas[1:]):
             model_input = torch.cat([latents, latents]) if guidance != 1.0 else latents
             velocity = flow.velocity(model_input, sigma.expand(states.shape[0]), states).float()

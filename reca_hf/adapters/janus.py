@@ -67,7 +67,7 @@ class JanusAdapter(UMMAdapter):
     # Text goes through JanusModel.forward; the RecA loss, reconstruct() and generate(generation_mode="image")
     # call model.language_model and model.generation_head directly.
     understanding_entry = "model"
-    default_guidance_scale = 5.0
+    default_guidance_scale = 5.0  # Janus-Pro's published text-to-image guidance, also reconstruct()'s
 
     # ---- what this model's config says -------------------------------------------------------
 
@@ -296,8 +296,25 @@ class JanusAdapter(UMMAdapter):
         The unconditional branch of classifier-free guidance is Janus' own: every prompt token except
         <bos> and <boi> becomes padding, and no condition features are inserted.
         """
+        batch = self.prepare(conditions, None, instructions)
+        return self._sample(janus, batch, guidance, do_sample, temperature, generator)
+
+    def sample_text_codes(
+        self, janus, prompts, resolution, guidance, generator, *, do_sample: bool = True, temperature: float = 1.0
+    ):
+        """Janus' own text-to-image: the caption as a user turn, generation from ``<boi>``, CFG against the
+        prompt with every token but ``<bos>`` and ``<boi>`` padded (what ``generate(generation_mode="image")``
+        does)."""
+        tokenizer = self._tokenizer()
+        texts = [self._chat(prompt, with_image=False) + tokenizer.boi_token for prompt in prompts]
+        encoded = tokenizer(texts, padding="longest", padding_side="left", return_tensors="pt")
+        batch = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        return self._sample(janus, batch, guidance, do_sample, temperature, generator)
+
+    def _sample(self, janus, batch, guidance, do_sample, temperature, generator) -> torch.Tensor:
+        """KV-cached sampling of the VQ codes after a prompt batch (with or without condition features)."""
         device = janus.device
-        batch = {k: v.to(device) for k, v in self.prepare(conditions, None, instructions).items()}
+        batch = {k: v.to(device) for k, v in batch.items()}
         embeddings = self._condition_embeddings(janus, batch)
         attention_mask = batch["attention_mask"]
         if guidance != 1.0:

@@ -232,31 +232,16 @@ class OpenUniAdapter(UMMAdapter):
     def decode_codes(self, openuni, codes: torch.Tensor) -> list[Image.Image]:
         return to_pil(openuni.decode_latents(codes), _PIXEL_MEAN, _PIXEL_STD)
 
-    @torch.no_grad()
-    def text_to_image(
-        self,
-        captions: list[str],
-        *,
-        model=None,
-        guidance_scale: float | None = None,
-        num_inference_steps: int | None = None,
-        resolution: int | None = None,
-        seed: int | None = None,
-    ) -> list[Image.Image]:
-        """Text-to-image sampling as the authors: "Generate an image: {caption}", CFG 4.5 against the null
-        prompt "Generate an image.", 20 DPM-Solver steps, at the model's generation resolution."""
-        openuni = unwrap_model(self._bound_model(model))
-        guidance = self.text_to_image_guidance_scale if guidance_scale is None else guidance_scale
-        generator = torch.Generator(device=openuni.device).manual_seed(seed) if seed is not None else None
+    def sample_text_codes(
+        self, openuni, prompts, resolution, guidance, generator, *, num_inference_steps: int | None = None
+    ) -> torch.Tensor:
+        """Text-to-image as the authors: "Generate an image: {caption}", CFG (4.5 by default) against the null
+        prompt "Generate an image.", 20 DPM-Solver steps."""
 
         def states(texts: list[str]) -> torch.Tensor:
-            prompts = [self.format_prompt(self.text_to_image_prompt(text), False) for text in texts]
-            input_ids, attention_mask = self._encode(prompts)
+            input_ids, attention_mask = self._encode([self.format_prompt(self.text_to_image_prompt(t), False) for t in texts])
             return self.encoder_states(openuni, {"input_ids": input_ids, "attention_mask": attention_mask})
 
-        with eval_mode(openuni):
-            negative = states([self.null_prompt] * len(captions)) if guidance > 1 else None
-            steps = num_inference_steps or self.num_inference_steps
-            side = resolution or self.native_generation_resolution
-            latents = self._sample(openuni, states(captions), negative, side, guidance, generator, steps)
-            return self.decode_codes(openuni, latents)
+        negative = states([self.null_prompt] * len(prompts)) if guidance > 1 else None
+        steps = num_inference_steps or self.num_inference_steps
+        return self._sample(openuni, states(prompts), negative, resolution, guidance, generator, steps)
