@@ -16,6 +16,7 @@ _EXPORTS = {
     "CollapseDetector": "callbacks",
     "load_prompts": "prompts",
     "load_reca_adapter": "lora",
+    "load_for_generation": "loading",
     "adapters": None,
     "data": None,
     "testing": None,

@@ -333,6 +333,120 @@ def card(output_dir: str, eval_results: str | None) -> None:
     print(f"Wrote {Path(output_dir) / CARD_FILE}")
 
 
+def _load_for_generation(model: str, dtype: str, device: str | None):
+    from .loading import load_for_generation
+
+    try:
+        return load_for_generation(model, dtype=dtype, device=device)
+    except (OSError, ValueError) as error:
+        raise SystemExit(
+            f"reca: MODEL {model!r} could not be loaded ({error}); give a saved run folder, a Hub id, a LoRA adapter "
+            "folder or 'tiny:<arch>'"
+        ) from None
+
+
+def _json_mapping(text: str | None, flag: str) -> dict:
+    import json
+
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SystemExit(
+            f"reca: {flag}: not JSON ({error.msg}); e.g. {flag} '{{\"num_inference_steps\": 20}}'"
+        ) from None
+    if not isinstance(value, dict):
+        raise SystemExit(f"reca: {flag}: give a JSON object such as '{{\"temperature\": 1.0}}'")
+    return value
+
+
+def sample(args) -> None:
+    """`reca sample MODEL --prompts FILE --layout L --out DIR`: text-to-image in a benchmark's folder layout."""
+    from .sampling import read_prompts, sample_prompts
+
+    try:
+        prompts = read_prompts(args.prompts, args.layout)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"reca sample: {error}") from None
+    _, _, adapter = _load_for_generation(args.model, args.dtype, args.device)
+    try:
+        stats = sample_prompts(
+            adapter,
+            prompts,
+            args.out,
+            args.layout,
+            num_images_per_prompt=args.num_images_per_prompt,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            guidance_scale=args.guidance_scale,
+            resolution=args.resolution,
+            **_json_mapping(args.sampler, "--sampler"),
+        )
+    except (ValueError, NotImplementedError) as error:
+        raise SystemExit(f"reca sample: {error}") from None
+    print(
+        f"{args.out}: {stats['images']} images for {stats['sampled']} prompts ({stats['skipped']} of "
+        f"{stats['prompts']} already done), {args.layout} layout"
+    )
+
+
+def reconstruct(args) -> None:
+    """`reca reconstruct MODEL IMAGES... --out DIR`: each image through the model's understanding and back."""
+    from .images import resolve_views
+    from .sampling import reconstruct_files
+
+    _, _, adapter = _load_for_generation(args.model, args.dtype, args.device)
+    generation = _json_mapping(args.sampler, "--sampler")
+    if args.guidance_scale is not None:
+        generation["guidance_scale"] = args.guidance_scale
+    try:
+        views = resolve_views(adapter, *_reconstruction_views(args))
+        written = reconstruct_files(
+            adapter, args.images, args.out, views=views, batch_size=args.batch_size, seed=args.seed, **generation
+        )
+    except (OSError, ValueError, TypeError) as error:
+        raise SystemExit(f"reca reconstruct: {error}") from None
+    print(f"{args.out}: {len(written)} reconstructions")
+
+
+def _reconstruction_views(args) -> tuple:
+    """(condition resolution, generation resolution, bottleneck): the flags, else the run's own (its
+    reca_run.json), else 'auto' and resize."""
+    import json
+
+    from .config import parse_resolution
+    from .hub import RUN_FILE
+
+    run = Path(args.model).expanduser() / RUN_FILE
+    settings = json.loads(run.read_text()).get("reca", {}) if run.is_file() else {}
+    condition = args.condition_resolution or settings.get("condition_resolution", "auto")
+    bottleneck = args.condition_bottleneck or settings.get("condition_bottleneck", "resize")
+    return parse_resolution(condition), settings.get("generation_resolution", "auto"), bottleneck
+
+
+def _generation_parser(commands, name: str, **kwargs):
+    """A subcommand that loads MODEL to generate, with the options every such command shares."""
+    parser = commands.add_parser(name, **kwargs)
+    parser.add_argument("model", help="a saved run folder, a Hub id, a LoRA adapter folder or 'tiny:<arch>'")
+    parser.add_argument("--out", required=True, help="the folder to write into")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first batch (batch b draws with seed + b)")
+    parser.add_argument(
+        "--batch_size", type=int, default=1 if name == "sample" else 4, help="prompts or images per call"
+    )
+    parser.add_argument(
+        "--guidance_scale", type=float, default=None, help="classifier-free guidance (default: the architecture's)"
+    )
+    parser.add_argument(
+        "--sampler", help="the architecture's sampler settings as JSON, e.g. '{\"num_inference_steps\": 20}'"
+    )
+    parser.add_argument(
+        "--dtype", default="float32", help="dtype the weights load in (float32, bfloat16, float16, auto)"
+    )
+    parser.add_argument("--device", default=None, help="e.g. cuda; default: where the weights load (the CPU)")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> None:
     """The `reca` command. Errors are one ``reca: ...`` line; ``reca --debug COMMAND ...`` shows the traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -424,6 +538,32 @@ def _main(argv: list[str]) -> None:
     )  # fmt: skip
     card_parser.add_argument("output_dir", help="the run's output dir")
     card_parser.add_argument("--eval-results", help=results_help)
+    sample_parser = _generation_parser(
+        commands, "sample", help="text-to-image samples in GenEval's, DPG-Bench's or a plain folder layout",
+        description="Sample every prompt of a benchmark into the folder layout its official evaluator reads "
+        "(geneval: OUT/<index:05d>/{metadata.jsonl,samples/<k:05d>.png}; dpgbench: OUT/<item_id>.png, a 2x2 grid; "
+        "folder: OUT/<index:05d>_<k>.png and prompts.jsonl). Resumable: prompts already written are skipped.",
+    )  # fmt: skip
+    sample_parser.add_argument("--prompts", required=True, help="geneval: evaluation_metadata.jsonl; dpgbench: its "
+                               "prompts/ folder of <item_id>.txt; folder: a .txt (one per line), .jsonl or folder")  # fmt: skip
+    sample_parser.add_argument("--layout", choices=("geneval", "dpgbench", "folder"), default="folder")
+    sample_parser.add_argument("--num_images_per_prompt", type=int, default=None,
+                               help="images per prompt (default: 4 for geneval and dpgbench, 1 for folder)")  # fmt: skip
+    sample_parser.add_argument(
+        "--resolution", type=int, default=None, help="default: the model's generation resolution"
+    )
+    reconstruct_parser = _generation_parser(
+        commands, "reconstruct", help="reconstruct image files through the model (OUT/<file stem>.png)",
+        description="Reconstruct each image from its condition view (the model's understanding of it), as RecA "
+        "trains; writes OUT/<file stem>.png.",
+    )  # fmt: skip
+    reconstruct_parser.add_argument("images", nargs="+", help="image files")
+    reconstruct_parser.add_argument(
+        "--condition_resolution", default=None, help="the condition view's size (default: the run's, else auto)"
+    )
+    reconstruct_parser.add_argument(
+        "--condition_bottleneck", default=None, help="resize or blur (default: the run's, else resize)"
+    )
     convert_parser = commands.add_parser("convert", help="convert published checkpoints into a model folder")
     architectures = convert_parser.add_subparsers(dest="architecture", required=True)
     from .models.openuni.convert import build_parser as openuni_parser
@@ -447,6 +587,10 @@ def _main(argv: list[str]) -> None:
         run(args)
     elif args.command == "push":
         push(args.output_dir, args.repo_id, args.private, args.adapter_only, args.eval_results)
+    elif args.command == "sample":
+        sample(args)
+    elif args.command == "reconstruct":
+        reconstruct(args)
     elif args.command == "card":
         card(args.output_dir, args.eval_results)
     else:

@@ -212,3 +212,47 @@ def _file(name_or_path: str, filename: str, revision: str | None) -> str:
     from transformers.utils import cached_file
 
     return cached_file(name_or_path, filename, revision=revision)
+
+
+def load_for_generation(name_or_path: str, dtype: str = "float32", device: str | None = None):
+    """Return ``(model, processor, adapter)`` ready to generate, for a saved run folder, a Hub id, a LoRA
+    adapter folder or repository (``adapter_config.json``: the base model it names, with the adapter applied)
+    or a ``tiny:<arch>`` spec. The adapter is bound to the model: ``adapter.text_to_image(prompts)`` and
+    ``adapter.reconstruct(images)`` work at once."""
+    import transformers
+
+    from .adapters import get_adapter
+    from .lora import ADAPTER_CONFIG_FILE
+
+    if _has_file(name_or_path, ADAPTER_CONFIG_FILE):
+        from peft import PeftConfig
+
+        from .lora import load_reca_adapter
+
+        model = load_reca_adapter(name_or_path, dtype=dtype)
+        try:
+            processor = transformers.AutoProcessor.from_pretrained(name_or_path)
+        except (OSError, ValueError):  # the adapter folder holds no processor: the base model's
+            base = PeftConfig.from_pretrained(name_or_path).base_model_name_or_path
+            processor = load_model_and_processor(base)[1] if base.startswith(TINY_PREFIX) else None
+            processor = processor or transformers.AutoProcessor.from_pretrained(base)
+    else:
+        model, processor = load_model_and_processor(name_or_path, dtype)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model, processor, get_adapter(model, processor)
+
+
+def _has_file(name_or_path: str, filename: str) -> bool:
+    """Whether a local folder, or else a Hub repository, holds ``filename``."""
+    if name_or_path.startswith(TINY_PREFIX):
+        return False
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():
+        return (folder / filename).is_file()
+    if not is_hub_id(name_or_path):
+        raise ValueError(f"{name_or_path!r} is neither a folder nor a Hub id such as 'you/janus-pro-1b-reca'")
+    from huggingface_hub import file_exists
+
+    return file_exists(name_or_path, filename)

@@ -180,7 +180,9 @@ class FlowAdapter(UMMAdapter):
             input_ids, attention_mask = self._encode([self.format_prompt(self.null_prompt, 0)] * len(prompts))
             unconditional = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
             states = torch.cat([states, self._states(flow, unconditional)])
-        return self._integrate(flow, states, resolution, guidance, generator, num_inference_steps or self.num_inference_steps)
+        return self._integrate(
+            flow, states, resolution, guidance, generator, num_inference_steps or self.num_inference_steps
+        )
 
     def _integrate(self, flow, states, resolution: int, guidance: float, generator, steps: int) -> torch.Tensor:
         """Euler steps from noise (sigma 1) to latents (sigma 0); ``states`` holds the unconditional rows after

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from ..images import ViewSpec, load_image, to_pil, to_tensor
-from .base import UMMAdapter, cached_key, eval_mode, left_pad, register_adapter, unwrap_model
+from .base import UMMAdapter, cached_key, left_pad, register_adapter, unwrap_model
 from .targets import GenerationTarget, LossNoise
 
 _PIXEL_MEAN = _PIXEL_STD = (0.5, 0.5, 0.5)  # the model reads pixels in [-1, 1] (InternViT's norm is inside it)
@@ -239,7 +239,9 @@ class OpenUniAdapter(UMMAdapter):
         prompt "Generate an image.", 20 DPM-Solver steps."""
 
         def states(texts: list[str]) -> torch.Tensor:
-            input_ids, attention_mask = self._encode([self.format_prompt(self.text_to_image_prompt(t), False) for t in texts])
+            input_ids, attention_mask = self._encode(
+                [self.format_prompt(self.text_to_image_prompt(t), False) for t in texts]
+            )
             return self.encoder_states(openuni, {"input_ids": input_ids, "attention_mask": attention_mask})
 
         negative = states([self.null_prompt] * len(prompts)) if guidance > 1 else None
