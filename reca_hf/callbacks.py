@@ -7,6 +7,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from transformers import TrainerCallback
@@ -20,6 +21,7 @@ from .images import ViewSpec, load_image
 logger = logging.getLogger(__name__)
 
 GRID_FILE = "reconstructions.png"
+SAMPLES_DIR = "samples"  # output_dir/samples/step-N.png: the grid and samples of each step they were made at
 evaluating = eval_mode  # the old name of this module's eval-mode helper, now the one per-module helper
 DETECTOR_ACTIONS = tuple(action for action in COLLAPSE_ACTIONS if action != "off")  # "off" means no detector
 
@@ -114,43 +116,230 @@ class StreamPosition(TrainerCallback, ExportableState):
 
 
 class ReconstructionGridCallback(TrainerCallback):
-    """Reconstructs a few images at the start and at the end of training and saves them as a grid.
+    """Shows what RecA does while it trains: reconstructions of a fixed set of images (and text-to-image samples
+    of fixed prompts) at the start, every ``every_steps`` steps, at each evaluation and at the last step.
 
-    Columns: input | condition as the model saw it | image tokenizer round trip (the best any
-    generator can do with these codes) | reconstruction at the start | reconstruction at the end.
+    Each grid (columns: input | condition as the model saw it | image tokenizer round trip, the best any
+    generator can do with these codes | reconstruction) and the prompts' samples go to every tracker of the
+    run that takes images (:func:`log_images`) and to ``output_dir/samples/step-N.png``. At the end,
+    ``reconstructions.png`` sets the start and end reconstructions side by side.
+
+    Args:
+        adapter, views, images: what is reconstructed (``views`` as the collator's).
+        seed: the seed of every reconstruction and sample (the same noise at every step).
+        every_steps: the period in steps (0: only at the start, at evaluations and at the end).
+        prompts: text-to-image prompts sampled beside each grid (None or empty: none).
+        trackers: the run's callbacks (the trainer's ``callback_handler.callbacks``), searched for trackers.
+        sample_kwargs: settings of those samples, passed to the adapter's text_to_image.
+        generation_kwargs: settings of the reconstructions, passed to the adapter's reconstruct.
     """
 
-    def __init__(self, adapter: UMMAdapter, views: ViewSpec, images: list, seed: int = 0, **generation_kwargs):
+    def __init__(
+        self,
+        adapter: UMMAdapter,
+        views: ViewSpec,
+        images: list,
+        seed: int = 0,
+        *,
+        every_steps: int = 0,
+        prompts: list[str] | None = None,
+        trackers: list | None = None,
+        sample_kwargs: dict | None = None,
+        **generation_kwargs,
+    ):
         self.adapter = adapter
         self.views = views
         self.images = [load_image(image) for image in images]
+        self.seed = seed
+        self.every_steps = every_steps
+        self.prompts = list(prompts or [])
+        self.trackers = trackers if trackers is not None else []
+        self.sample_kwargs = dict(sample_kwargs or {})
         self.generation_kwargs = {"seed": seed, **generation_kwargs}
         self.start: tuple[int, list[Image.Image]] | None = None
+        self.latest: tuple[int, list[Image.Image]] | None = None
+        self.logged_steps: list[int] = []  # the steps whose images went out, in order
+        self._fixed_columns: dict[str, list[Image.Image]] | None = None
 
     def _reconstruct(self, model) -> list[Image.Image]:
         return self.adapter.reconstruct(self.images, model=model, views=self.views, **self.generation_kwargs)
 
+    def _columns(self, model) -> dict[str, list[Image.Image]]:
+        """The columns that do not change while training (the tokenizer is frozen), computed once."""
+        if self._fixed_columns is None:
+            columns = {
+                "input": [self.views.target_view(image) for image in self.images],
+                "condition": [self.views.condition_view(image) for image in self.images],
+            }
+            round_trip = self.adapter.round_trip(self.images, model=model, views=self.views)
+            if round_trip is not None:
+                columns["tokenizer"] = round_trip
+            self._fixed_columns = columns
+        return self._fixed_columns
+
+    def _show(self, args, state, model) -> None:
+        """Reconstruct (and sample) at this step; send the images to the trackers and samples/step-N.png."""
+        step = state.global_step
+        if not state.is_world_process_zero or model is None or step in self.logged_steps:
+            return
+        images = {}
+        if self.images:
+            reconstructions = self._reconstruct(model)
+            self.latest = (step, reconstructions)
+            images["reca/reconstructions"] = image_grid({**self._columns(model), f"step {step}": reconstructions})
+        if self.prompts:
+            samples = self.adapter.text_to_image(self.prompts, model=model, seed=self.seed, **self.sample_kwargs)
+            images["reca/text_to_image"] = image_grid(
+                {prompt[:14]: [image] for prompt, image in zip(self.prompts, samples)}
+            )
+        log_images(self.trackers, images, step)
+        path = Path(args.output_dir) / SAMPLES_DIR / f"step-{step}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stack_vertically(list(images.values())).save(path)
+        self.logged_steps.append(step)
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if state.is_world_process_zero:
-            self.start = (state.global_step, self._reconstruct(model))
+        if not state.is_world_process_zero:
+            return
+        self._show(args, state, model)
+        if self.latest is not None:
+            self.start = self.latest
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        last = state.max_steps > 0 and state.global_step >= state.max_steps
+        if last or (self.every_steps and state.global_step % self.every_steps == 0):
+            self._show(args, state, model)
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        self._show(args, state, model)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero or self.start is None:
+        if not state.is_world_process_zero or self.start is None or not self.images:
             return
         start_step, start_images = self.start
+        if self.latest is None or self.latest[0] != state.global_step:
+            self.latest = (state.global_step, self._reconstruct(model))
         columns = {
-            "input": [self.views.target_view(image) for image in self.images],
-            "condition": [self.views.condition_view(image) for image in self.images],
+            **self._columns(model),
+            f"step {start_step}": start_images,
+            f"step {state.global_step}": self.latest[1],
         }
-        round_trip = self.adapter.round_trip(self.images, model=model, views=self.views)
-        if round_trip is not None:
-            columns["tokenizer"] = round_trip
-        columns[f"step {start_step}"] = start_images
-        columns[f"step {state.global_step}"] = self._reconstruct(model)
         path = Path(args.output_dir) / GRID_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         image_grid(columns).save(path)
         logger.info("Saved the reconstruction grid to %s", path)
+
+
+def stack_vertically(images: list[Image.Image]) -> Image.Image:
+    """Images one below the other on white, left-aligned."""
+    width, height = max(image.width for image in images), sum(image.height for image in images)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    top = 0
+    for image in images:
+        canvas.paste(image, (0, top))
+        top += image.height
+    return canvas
+
+
+# ---- trackers --------------------------------------------------------------------------------
+
+
+def _tensorboard(callback, tag: str, image: Image.Image, step: int) -> None:
+    writer = callback.tb_writer
+    if writer is None:
+        raise _NotReady
+    writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+    writer.flush()
+
+
+def _wandb_like(module_attr: str):
+    """W&B, Trackio and SwanLab: ``module.log({tag: module.Image(image)})`` at the step."""
+
+    def send(callback, tag: str, image: Image.Image, step: int) -> None:
+        module = getattr(callback, module_attr, None)
+        if module is None or not getattr(callback, "_initialized", True):
+            raise _NotReady
+        payload = {tag: module.Image(image), "train/global_step": step}
+        if module_attr == "_swanlab":
+            module.log(payload, step=step)
+        else:
+            module.log(payload)
+
+    return send
+
+
+def _comet(callback, tag: str, image: Image.Image, step: int) -> None:
+    if callback._experiment is None:
+        raise _NotReady
+    callback._experiment.log_image(image, name=tag, step=step)
+
+
+def _mlflow(callback, tag: str, image: Image.Image, step: int) -> None:
+    if not callback._initialized:
+        raise _NotReady
+    callback._ml_flow.log_image(image, artifact_file=f"{tag}/step-{step}.png")
+
+
+def _clearml(callback, tag: str, image: Image.Image, step: int) -> None:
+    if callback._clearml_task is None:
+        raise _NotReady
+    callback._clearml_task.get_logger().report_image(title=tag, series=tag, iteration=step, image=image)
+
+
+def _dvclive(callback, tag: str, image: Image.Image, step: int) -> None:
+    if callback.live is None:
+        raise _NotReady
+    callback.live.log_image(f"{tag.replace('/', '_')}/step-{step}.png", image)
+
+
+def _neptune(callback, tag: str, image: Image.Image, step: int) -> None:
+    from neptune.types import File
+
+    callback.run[tag].append(File.as_image(image), step=step)
+
+
+class _NotReady(Exception):
+    """The tracker has not started its run (yet)."""
+
+
+# transformers' integration callbacks (by class name, so none of them is imported) -> how they take an image.
+# The others (AzureML, CodeCarbon, Flyte, Kubeflow) take no images.
+IMAGE_TRACKERS = {
+    "TensorBoardCallback": _tensorboard,
+    "WandbCallback": _wandb_like("_wandb"),
+    "TrackioCallback": _wandb_like("_trackio"),
+    "SwanLabCallback": _wandb_like("_swanlab"),
+    "CometCallback": _comet,
+    "MLflowCallback": _mlflow,
+    "DagsHubCallback": _mlflow,
+    "ClearMLCallback": _clearml,
+    "DVCLiveCallback": _dvclive,
+    "NeptuneCallback": _neptune,
+}
+
+
+def log_images(callbacks: list, images: dict[str, Image.Image], step: int) -> list[str]:
+    """Send ``images`` (tag -> image) at ``step`` to every tracker among ``callbacks`` that takes images;
+    returns the names of the trackers reached. Trackers without images, or not started, are skipped (DEBUG)."""
+    reached = []
+    for callback in callbacks:
+        name = type(callback).__name__
+        send = IMAGE_TRACKERS.get(name)
+        if send is None:
+            if name.endswith("Callback") and type(callback).__module__.startswith("transformers.integrations"):
+                logger.debug("%s takes no images: the reconstruction grid is not sent there", name)
+            continue
+        try:
+            for tag, image in images.items():
+                send(callback, tag, image, step)
+        except _NotReady:
+            logger.debug("%s has no run yet at step %d: its images are skipped", name, step)
+            continue
+        except Exception as error:  # a tracker failing to take an image must not stop training
+            logger.warning("Could not send the reconstruction grid to %s (%s: %s)", name, type(error).__name__, error)
+            continue
+        reached.append(name)
+    return reached
 
 
 def image_grid(columns: dict[str, list[Image.Image]], cell: int = 96) -> Image.Image:

@@ -92,6 +92,16 @@ class RecAConfig(TrainingArguments):
             Configuration name of the text-to-image dataset.
         t2i_dataset_split (`str`, *optional*, defaults to `"train"`):
             Split of the text-to-image dataset.
+        eval_dataset_name (`str` or `None`, *optional*, defaults to `None`):
+            Held-out images evaluated at each eval_strategy step (eval_reconstruction_loss, and image-to-text too
+            when they have captions), probed by the collapse detector and reconstructed into the tracker grids: a
+            datasets hub id, a local dataset folder, a folder of image files, or 'synthetic_shapes'.
+        eval_dataset_config (`str` or `None`, *optional*, defaults to `None`):
+            Configuration name of the eval dataset.
+        eval_dataset_split (`str`, *optional*, defaults to `"test"`):
+            Split of the eval dataset.
+        max_eval_samples (`int` or `None`, *optional*, defaults to `None`):
+            Use at most this many eval images (for 'synthetic_shapes': how many to make; default 64).
         caption_column (`str`, *optional*, defaults to `"caption"`):
             Column of the image-to-text, text-to-image and eval datasets holding a caption string or chat-style
             messages (a list of {"role", "content"}; the last assistant turn is the answer).
@@ -230,8 +240,16 @@ class RecAConfig(TrainingArguments):
             With nonfinite_action='skip': how many non-finite steps may be skipped in a run; the next one stops it.
 
         num_reconstruction_images (`int`, *optional*, defaults to `4`):
-            Number of training images reconstructed before and after training into reconstructions.png in
-            output_dir (0 disables it).
+            Number of images reconstructed (the first ones of the eval set when there is one, else of the training
+            set) at the start, every reconstruction_steps, at each evaluation and at the end: each grid (input |
+            condition | tokenizer round trip | reconstruction) goes to every report_to tracker that takes images and
+            to output_dir/samples/step-N.png, and the start and end ones to reconstructions.png (0 disables it).
+        reconstruction_steps (`int`, *optional*, defaults to `500`):
+            Reconstruct those images (and sample validation_prompts) every this many steps (0: only at the start, at
+            evaluations and at the end).
+        validation_prompts (`list[str]` or `None`, *optional*, defaults to `None`):
+            Prompts sampled text-to-image (seeded) beside each reconstruction grid, into the trackers and
+            samples/step-N.png; unset: none.
         reconstruction_kwargs (`dict`, `str` or `None`, *optional*, defaults to `None`):
             Generation settings for those reconstructions, passed to the adapter's reconstruct (e.g.
             {"guidance_scale": 1.0, "do_sample": false}); a JSON string on the command line.
@@ -246,6 +264,9 @@ class RecAConfig(TrainingArguments):
         eval_results (`dict`, `str` or `None`, *optional*, defaults to `None`):
             Evaluation results to publish in the model card, as {benchmark: score}, e.g. {"GenEval": 0.85,
             "DPGBench": 84.2}: a table in the card and model-index metadata. A JSON string on the command line.
+        license (`str` or `None`, *optional*, defaults to `None`):
+            License of the trained model for its card's metadata (a Hub license id such as 'mit' or 'apache-2.0',
+            or 'other'); unset: none is stated. Respect the base model's license.
 
         > Resuming (with `resume_from_checkpoint`: `true` or `latest` for the newest checkpoint in output_dir, or a
         > checkpoint folder)
@@ -371,6 +392,20 @@ class RecAConfig(TrainingArguments):
         default=None, metadata={"help": "Configuration name of the text-to-image dataset."}
     )
     t2i_dataset_split: str = field(default="train", metadata={"help": "Split of the text-to-image dataset."})
+    eval_dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out images evaluated at each eval_strategy step (eval_reconstruction_loss, and "
+            "image-to-text too when they have captions), probed by the collapse detector and reconstructed into the "
+            "tracker grids: a datasets hub id, a local dataset folder, a folder of image files, or 'synthetic_shapes'."
+        },
+    )
+    eval_dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of the eval dataset."})
+    eval_dataset_split: str = field(default="test", metadata={"help": "Split of the eval dataset."})
+    max_eval_samples: int | None = field(
+        default=None,
+        metadata={"help": "Use at most this many eval images (for 'synthetic_shapes': how many to make; default 64)."},
+    )
     caption_column: str = field(
         default="caption",
         metadata={
@@ -625,8 +660,25 @@ class RecAConfig(TrainingArguments):
     num_reconstruction_images: int = field(
         default=4,
         metadata={
-            "help": "Number of training images reconstructed before and after training into reconstructions.png "
-            "in output_dir (0 disables it)."
+            "help": "Number of images reconstructed (the first ones of the eval set when there is one, else of the "
+            "training set) at the start, every reconstruction_steps, at each evaluation and at the end: each grid "
+            "(input | condition | tokenizer round trip | reconstruction) goes to every report_to tracker that takes "
+            "images and to output_dir/samples/step-N.png, and the start and end ones to reconstructions.png (0 "
+            "disables it)."
+        },
+    )
+    reconstruction_steps: int = field(
+        default=500,
+        metadata={
+            "help": "Reconstruct those images (and sample validation_prompts) every this many steps (0: only at the "
+            "start, at evaluations and at the end)."
+        },
+    )
+    validation_prompts: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts sampled text-to-image (seeded) beside each reconstruction grid, into the trackers and "
+            "samples/step-N.png; unset: none."
         },
     )
     reconstruction_kwargs: dict | str | None = field(
@@ -652,6 +704,13 @@ class RecAConfig(TrainingArguments):
         metadata={
             "help": 'Evaluation results to publish in the model card, as {benchmark: score}, e.g. {"GenEval": 0.85, '
             '"DPGBench": 84.2}: a table in the card and model-index metadata. A JSON string on the command line.'
+        },
+    )
+    license: str | None = field(
+        default=None,
+        metadata={
+            "help": "License of the trained model for its card's metadata (a Hub license id such as 'mit' or "
+            "'apache-2.0', or 'other'); unset: none is stated. Respect the base model's license."
         },
     )
 
@@ -719,6 +778,10 @@ class RecAConfig(TrainingArguments):
         self.cond_dropout_prob = parse_probability(self.cond_dropout_prob)
         if isinstance(self.cache_frozen_features, bool | str):  # YAML's true/false, or "True" from a flag
             self.cache_frozen_features = str(self.cache_frozen_features).strip().lower()
+        if isinstance(self.validation_prompts, str):  # one prompt
+            self.validation_prompts = [self.validation_prompts]
+        elif isinstance(self.validation_prompts, tuple):
+            self.validation_prompts = list(self.validation_prompts)
         if isinstance(self.lora_target_modules, tuple):
             self.lora_target_modules = list(self.lora_target_modules)
         for name in _JSON_FIELDS:
@@ -759,6 +822,13 @@ class RecAConfig(TrainingArguments):
             )
         if not isinstance(self.num_reconstruction_images, int) or self.num_reconstruction_images < 0:
             errors.append(f"num_reconstruction_images={self.num_reconstruction_images!r}: use 0 or a positive integer.")
+        if not isinstance(self.reconstruction_steps, int) or self.reconstruction_steps < 0:
+            errors.append(f"reconstruction_steps={self.reconstruction_steps!r}: use 0 or a positive number of steps.")
+        prompts = self.validation_prompts
+        if prompts is not None and not (isinstance(prompts, list) and all(isinstance(p, str) for p in prompts)):
+            errors.append(f"validation_prompts={prompts!r}: use a list of prompt strings, e.g. ['a red circle'].")
+        if self.max_eval_samples is not None and self.max_eval_samples < 1:
+            errors.append(f"max_eval_samples={self.max_eval_samples!r}: use a positive integer or leave it unset.")
         for name in _JSON_FIELDS:
             errors += _json_error(name, getattr(self, name))
         if self.reconstruction_kwargs is not None and not isinstance(self.reconstruction_kwargs, dict | str):

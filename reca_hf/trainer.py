@@ -200,7 +200,7 @@ class RecATrainer(HubResilienceMixin, Trainer):
         if isinstance(data.train_dataset, torch.utils.data.IterableDataset):
             self._stream_position = StreamPosition()
             self.add_callback(self._stream_position)
-        self._add_grid_callback(train_dataset)
+        self._add_grid_callback(train_dataset, eval_dataset)
         self.collapse_detector = self._collapse_detector(eval_dataset)
         if self.adapter.condition_relation == "derived":
             self._warn_derived_condition()
@@ -210,23 +210,49 @@ class RecATrainer(HubResilienceMixin, Trainer):
 
     # ---- callbacks ----
 
-    def _add_grid_callback(self, train_dataset) -> None:
-        count = self.args.num_reconstruction_images if train_dataset is not None else 0
-        if count == 0 or not isinstance(self.data_collator, RecACollator):
+    def _add_grid_callback(self, train_dataset, eval_dataset=None) -> None:
+        """The reconstruction grid and validation samples (ReconstructionGridCallback): of the first eval images
+        when there is an eval set, else of the first training images."""
+        args = self.args
+        prompts = list(args.validation_prompts or [])
+        if prompts and not self.adapter.supports_text_to_image_sampling():
+            logger.warning(
+                "validation_prompts are not sampled: the %s architecture adapter has no text-to-image sampler.",
+                self.adapter.name,
+            )
+            prompts = []
+        source = eval_dataset if _has_rows(eval_dataset) else train_dataset
+        count = args.num_reconstruction_images if source is not None else 0
+        if (count == 0 and not prompts) or not isinstance(self.data_collator, RecACollator):
             return
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             logger.info("Reconstruction grid skipped: sharded models cannot generate on one rank alone.")
             return
-        if isinstance(train_dataset, torch.utils.data.IterableDataset):  # a stream: its first rows
-            rows = list(itertools.islice(iter(train_dataset), count))
+        column = args.image_columns["eval" if source is eval_dataset else "train"]
+        if source is None:
+            rows = []
+        elif isinstance(source, torch.utils.data.IterableDataset):  # a stream: its first rows
+            rows = list(itertools.islice(iter(source), count))
         else:
-            rows = [train_dataset[i] for i in range(min(count, len(train_dataset)))]
-        images = [row[self.args.image_column] for row in rows]
-        if not images:
+            rows = [source[i] for i in range(min(count, len(source)))]
+        images = [row[column] for row in rows]
+        if not images and not prompts:
             return
+        generation = dict(args.reconstruction_kwargs or {})
+        from .sampling import sampler_settings
+
+        sampler = {k: v for k, v in generation.items() if k in {"guidance_scale", *sampler_settings(self.adapter)}}
         self.add_callback(
             ReconstructionGridCallback(
-                self.adapter, self.views, images, seed=self.args.seed, **(self.args.reconstruction_kwargs or {})
+                self.adapter,
+                self.views,
+                images,
+                seed=args.seed,
+                every_steps=args.reconstruction_steps,
+                prompts=prompts,
+                trackers=self.callback_handler.callbacks,
+                sample_kwargs=sampler if prompts else None,
+                **generation,
             )
         )
 
@@ -868,6 +894,11 @@ def _own_parameter_names(model):
         yield
     finally:
         del model.save_pretrained
+
+
+def _has_rows(dataset) -> bool:
+    """A dataset with a length and at least one row (iterable datasets have no rows to pick)."""
+    return dataset is not None and hasattr(dataset, "__len__") and len(dataset) > 0
 
 
 def processor_of(model) -> Any:
