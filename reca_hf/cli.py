@@ -81,6 +81,8 @@ def train(recipe: str | None, overrides: list[str]) -> None:
                 source=task,
                 streaming=config.dataset_streaming,
             )
+    if config.eval_dataset_name:
+        extra["eval_dataset"] = _eval_dataset(config)
     trainer = RecATrainer(config.model_name_or_path, args=config, train_dataset=dataset, **extra)
     _check_processes_train_together(trainer)
     main_process = trainer.is_world_process_zero()  # the summary lines are the main process's alone
@@ -105,7 +107,23 @@ def train(recipe: str | None, overrides: list[str]) -> None:
     print(f"Saved to {config.output_dir}")
 
 
-DATASET_NAME_FIELDS = ("dataset_name", "i2t_dataset_name", "t2i_dataset_name")
+def _eval_dataset(config):
+    """The eval set a recipe names (eval_dataset_name, _config, _split; 64 synthetic shapes by default)."""
+    from .data import SYNTHETIC, load_image_dataset
+
+    name = config.eval_dataset_name
+    return load_image_dataset(
+        name,
+        config.eval_dataset_config,
+        config.eval_dataset_split,
+        config.image_columns["eval"],
+        config.max_eval_samples or (64 if name == SYNTHETIC else None),
+        seed=config.seed + 2,  # synthetic shapes: neither the training nor the image-to-text ones
+        source="eval",
+    )
+
+
+DATASET_NAME_FIELDS = ("dataset_name", "i2t_dataset_name", "t2i_dataset_name", "eval_dataset_name")
 
 # ---- multi-process launches ----
 
@@ -241,7 +259,7 @@ def _image_errors(config) -> list[str]:
     from .data import find_bad_images, load_image_dataset
 
     errors = []
-    for source, field in zip(("train", "i2t", "t2i"), DATASET_NAME_FIELDS):
+    for source, field in zip(("train", "i2t", "t2i", "eval"), DATASET_NAME_FIELDS):
         name = getattr(config, field)
         if name is None:
             continue

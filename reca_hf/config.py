@@ -98,8 +98,8 @@ class RecAConfig(TrainingArguments):
             datasets hub id, a local dataset folder, a folder of image files, or 'synthetic_shapes'.
         eval_dataset_config (`str` or `None`, *optional*, defaults to `None`):
             Configuration name of the eval dataset.
-        eval_dataset_split (`str`, *optional*, defaults to `"test"`):
-            Split of the eval dataset.
+        eval_dataset_split (`str`, *optional*, defaults to `"train"`):
+            Split of the eval dataset (a folder of images has one, 'train': the whole folder).
         max_eval_samples (`int` or `None`, *optional*, defaults to `None`):
             Use at most this many eval images (for 'synthetic_shapes': how many to make; default 64).
         caption_column (`str`, *optional*, defaults to `"caption"`):
@@ -401,7 +401,10 @@ class RecAConfig(TrainingArguments):
         },
     )
     eval_dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of the eval dataset."})
-    eval_dataset_split: str = field(default="test", metadata={"help": "Split of the eval dataset."})
+    eval_dataset_split: str = field(
+        default="train",
+        metadata={"help": "Split of the eval dataset (a folder of images has one, 'train': the whole folder)."},
+    )
     max_eval_samples: int | None = field(
         default=None,
         metadata={"help": "Use at most this many eval images (for 'synthetic_shapes': how many to make; default 64)."},
