@@ -325,12 +325,19 @@ def _eval_results(text: str | None) -> dict | None:
         raise SystemExit(f"reca: --eval-results: {str(error).splitlines()[-1].removeprefix('- ')}") from None
 
 
-def push(output_dir: str, repo_id: str, private: bool, adapter_only: bool, eval_results: str | None) -> None:
+def push(
+    output_dir: str,
+    repo_id: str,
+    private: bool,
+    adapter_only: bool,
+    eval_results: str | None,
+    license: str | None = None,  # noqa: A002 - the card field's name
+) -> None:
     from .hub import hub_errors, push_run, retry_command
 
     try:
         info = push_run(output_dir, repo_id, private=private, adapter_only=adapter_only,
-                        eval_results=_eval_results(eval_results))  # fmt: skip
+                        eval_results=_eval_results(eval_results), license=license)  # fmt: skip
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"reca push: {error}") from None
     except hub_errors() as error:
@@ -341,11 +348,11 @@ def push(output_dir: str, repo_id: str, private: bool, adapter_only: bool, eval_
     print(f"Pushed {output_dir} to {info.commit_url}")
 
 
-def card(output_dir: str, eval_results: str | None) -> None:
+def card(output_dir: str, eval_results: str | None, license: str | None = None) -> None:  # noqa: A002
     from .hub import CARD_FILE, update_run_card
 
     try:
-        update_run_card(output_dir, eval_results=_eval_results(eval_results))
+        update_run_card(output_dir, eval_results=_eval_results(eval_results), license=license)
     except FileNotFoundError as error:
         raise SystemExit(f"reca card: {error}") from None
     print(f"Wrote {Path(output_dir) / CARD_FILE}")
@@ -549,13 +556,16 @@ def _main(argv: list[str]) -> None:
     push_parser.add_argument(
         "--adapter-only", action="store_true", help="push only the LoRA adapter, its RecA settings and the card"
     )
+    license_help = "the model's license for the card's metadata, a Hub license id such as mit or apache-2.0"
     push_parser.add_argument("--eval-results", help=results_help)
+    push_parser.add_argument("--license", help=license_help)
     card_parser = commands.add_parser(
         "card", help="render a saved run's model card", description="Re-render README.md and training_loss.png of "
         "a saved run from its reca_run.json and trainer_state.json, without loading weights.",
     )  # fmt: skip
     card_parser.add_argument("output_dir", help="the run's output dir")
     card_parser.add_argument("--eval-results", help=results_help)
+    card_parser.add_argument("--license", help=license_help)
     sample_parser = _generation_parser(
         commands, "sample", help="text-to-image samples in GenEval's, DPG-Bench's or a plain folder layout",
         description="Sample every prompt of a benchmark into the folder layout its official evaluator reads "
@@ -604,13 +614,13 @@ def _main(argv: list[str]) -> None:
 
         run(args)
     elif args.command == "push":
-        push(args.output_dir, args.repo_id, args.private, args.adapter_only, args.eval_results)
+        push(args.output_dir, args.repo_id, args.private, args.adapter_only, args.eval_results, args.license)
     elif args.command == "sample":
         sample(args)
     elif args.command == "reconstruct":
         reconstruct(args)
     elif args.command == "card":
-        card(args.output_dir, args.eval_results)
+        card(args.output_dir, args.eval_results, args.license)
     else:
         run_validate(args.recipe, overrides, check_images=args.check_images)
 

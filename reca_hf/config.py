@@ -263,7 +263,9 @@ class RecAConfig(TrainingArguments):
             raising.
         eval_results (`dict`, `str` or `None`, *optional*, defaults to `None`):
             Evaluation results to publish in the model card, as {benchmark: score}, e.g. {"GenEval": 0.85,
-            "DPGBench": 84.2}: a table in the card and model-index metadata. A JSON string on the command line.
+            "DPGBench": 84.2}: a table in the card and model-index metadata. A score may also be {"value": 0.85,
+            "dataset_id": "<the benchmark's Hub dataset>", "task_id": "<its task>"}: it is then also written as
+            .eval_results/<benchmark>.yaml, the Hub's eval-results format. A JSON string on the command line.
         license (`str` or `None`, *optional*, defaults to `None`):
             License of the trained model for its card's metadata (a Hub license id such as 'mit' or 'apache-2.0',
             or 'other'); unset: none is stated. Respect the base model's license.
@@ -706,7 +708,9 @@ class RecAConfig(TrainingArguments):
         default=None,
         metadata={
             "help": 'Evaluation results to publish in the model card, as {benchmark: score}, e.g. {"GenEval": 0.85, '
-            '"DPGBench": 84.2}: a table in the card and model-index metadata. A JSON string on the command line.'
+            '"DPGBench": 84.2}: a table in the card and model-index metadata. A score may also be {"value": 0.85, '
+            '"dataset_id": "<the benchmark\'s Hub dataset>", "task_id": "<its task>"}: it is then also written as '
+            ".eval_results/<benchmark>.yaml, the Hub's eval-results format. A JSON string on the command line."
         },
     )
     license: str | None = field(
@@ -932,7 +936,9 @@ class RecAConfig(TrainingArguments):
         for name, score in value.items():
             if not isinstance(name, str) or not name.strip():
                 errors.append(f"eval_results: benchmark name {name!r} must be a non-empty string.")
-            if not _is_number(score):
+            if isinstance(score, dict):
+                errors += _eval_entry_errors(name, score)
+            elif not _is_number(score):
                 errors.append(f"eval_results[{name!r}]={score!r}: use a number, e.g. {example}.")
         return errors
 
@@ -993,6 +999,22 @@ STRING_PARSERS = {
     "cond_dropout_prob": parse_probability,
     "lora_target_modules": str,  # one mode or regular expression; lists come from Python or YAML
 }
+
+
+EVAL_ENTRY_KEYS = ("value", "dataset_id", "task_id", "notes", "source_url")  # an eval_results entry as a mapping
+
+
+def _eval_entry_errors(name: str, entry: dict) -> list[str]:
+    """An eval_results entry given as a mapping: a numeric "value", and the Hub ids of the benchmark."""
+    example = '{"value": 0.85, "dataset_id": "org/geneval", "task_id": "overall"}'
+    errors = [f"eval_results[{name!r}]: unknown key {key!r} (use {', '.join(EVAL_ENTRY_KEYS)})"
+              for key in entry if key not in EVAL_ENTRY_KEYS]  # fmt: skip
+    if not _is_number(entry.get("value")):
+        errors.append(f"eval_results[{name!r}]: 'value' must be a number, e.g. {example}.")
+    for key in EVAL_ENTRY_KEYS[1:]:
+        if key in entry and not isinstance(entry[key], str):
+            errors.append(f"eval_results[{name!r}][{key!r}]={entry[key]!r}: use a string, e.g. {example}.")
+    return errors
 
 
 def base_model_id_error(value: str) -> str:

@@ -29,7 +29,7 @@ from huggingface_hub import ModelCard
 from transformers.trainer_utils import HubStrategy
 
 from .callbacks import GRID_FILE
-from .cards import render_model_card
+from .cards import EVAL_RESULTS_FOLDER, eval_result_files, render_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -496,6 +496,7 @@ def _render(folder: Path, run: dict[str, Any]) -> ModelCard:
         lora=run.get("lora"),
         eval_results=run.get("eval_results"),
         license=run.get("license"),
+        pipeline_tag=run.get("pipeline_tag") or "any-to-any",
     )
 
 
@@ -507,6 +508,9 @@ def write_run_card(output_dir: str | Path, run: dict[str, Any], log_history: lis
     (folder / RUN_FILE).write_text(text)
     if log_history:
         write_loss_plot(log_history, folder / LOSS_PLOT_FILE)
+    for name, results in eval_result_files(run.get("eval_results")).items():
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_text(results)
     card = _render(folder, json.loads(text))  # exactly what the file says, as `reca card` would render it
     card.save(folder / CARD_FILE)
     return card
@@ -530,7 +534,8 @@ def push_run(
     private: bool = False,
     adapter_only: bool = False,
     token: str | None = None,
-    eval_results: dict[str, float] | None = None,
+    eval_results: dict[str, Any] | None = None,
+    license: str | None = None,  # noqa: A002 - the card field's name
     commit_message: str = "Upload RecA run with reca_hf",
 ):
     """Push a saved run (its top-level files, not its checkpoint folders) to ``repo_id``, regenerating its card.
@@ -554,10 +559,10 @@ def push_run(
             "model without --adapter-only"
         )
     check_publishable(folder)
-    update_run_card(folder, repo_id=repo_id, eval_results=eval_results)
+    update_run_card(folder, repo_id=repo_id, eval_results=eval_results, license=license)
     allow = None
     if adapter_only:
-        allow = [*ADAPTER_FILES, RUN_FILE, CARD_FILE, LOSS_PLOT_FILE, GRID_FILE]
+        allow = [*ADAPTER_FILES, RUN_FILE, CARD_FILE, LOSS_PLOT_FILE, GRID_FILE, f"{EVAL_RESULTS_FOLDER}/*"]
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     return api.upload_folder(

@@ -125,6 +125,7 @@ def tiny_llm_config(tokenizer, hidden_size: int = 64) -> dict:
 def build_tiny_janus(seed: int = 0):
     """A tiny random Janus (32-px images, a 4x4 VQ grid from a 64-entry codebook) and its processor."""
     from transformers import (
+        GenerationConfig,
         JanusConfig,
         JanusForConditionalGeneration,
         JanusImageProcessorPil,
@@ -164,9 +165,17 @@ def build_tiny_janus(seed: int = 0):
     )
     torch.manual_seed(seed)
     model = JanusForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.generation_kwargs = {"boi_token_id": tokenizer.convert_tokens_to_ids(_SPECIALS["boi"])}
+    # As the public checkpoints' generation_config.json: what generate(generation_mode="image") reads. Built, not
+    # derived from the model config, so that a saved tiny model keeps it when loaded back.
+    model.generation_config = GenerationConfig(
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        generation_kwargs={
+            "boi_token_id": tokenizer.convert_tokens_to_ids(_SPECIALS["boi"]),
+            "num_image_tokens": int(config.vq_config.num_patches) ** 2,
+        },
+    )
     image_processor = JanusImageProcessorPil(
         size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
     )

@@ -22,7 +22,7 @@ from . import __version__
 from .adapters import get_adapter, unwrap_model
 from .adapters.base import eval_mode
 from .callbacks import CollapseDetector, PromptEpochCallback, ReconstructionGridCallback, RunTotals, StreamPosition
-from .cards import PAPER_ID, PAPER_TITLE
+from .cards import PAPER_ID, PAPER_TITLE, known_base_model
 from .checks import bf16_without_accelerator, check_run
 from .collator import SKIPPED_KEY, RecACollator, resolve_dropout
 from .config import RESUME_LATEST, RecAConfig
@@ -736,20 +736,24 @@ class RecATrainer(HubResilienceMixin, Trainer):
         """What ``reca_run.json`` records about this run, the one source of its side files and card: the
         architecture, the base model, the views and prompts (``reca``), the LoRA adapter (``lora``, None for a
         full model), the parameter table, and the card's settings and metadata."""
-        dataset_name = dataset_name or self.args.dataset_name
+        args = self.args
+        names = [dataset_name or args.dataset_name, args.i2t_dataset_name, args.t2i_dataset_name]
+        datasets = list(dict.fromkeys(name for name in names if is_hub_id(name)))  # every training dataset, once
+        loaded_from = getattr(unwrap_model(self.model), "name_or_path", None) or None
         return {
             "reca_hf_version": __version__,
             "model_name": model_name or Path(self.args.hub_model_id or self.args.output_dir).name,
             "repo_id": self.hub_model_id or self.args.hub_model_id,
-            "base_model": self.base_model_id,
+            "base_model": known_base_model(self.base_model_id or loaded_from),
+            "pipeline_tag": self.adapter.pipeline_tag,
             "architecture": self.adapter.name,
             "model_class": type(unwrap_model(self.model)).__name__,
             "reca": self._reca_settings(),
             "settings": self.run_settings(),
             "parameter_table": self.parameter_table,
-            "datasets": [dataset_name] if is_hub_id(dataset_name) else None,
+            "datasets": datasets or None,
             "tags": sorted({*(tags or []), *self._tag_names}),
-            "license": license,
+            "license": license or args.license,
             "eval_results": self.args.eval_results,
             "lora": lora_record(self.model, self.adapter),
             "skipped_rows": dict(self.skipped_rows),

@@ -34,7 +34,7 @@ def test_full_model_card_metadata_and_body():
     meta = _metadata(card)
     assert meta["base_model"] == "deepseek-community/Janus-Pro-1B" and meta["library_name"] == "transformers"
     assert meta["tags"] == ["custom", "janus", "reca", "text-to-image", "unified-multimodal"]
-    assert meta["datasets"] == ["you/images"] and meta["pipeline_tag"] == "text-to-image" and meta["license"] == "mit"
+    assert meta["datasets"] == ["you/images"] and meta["pipeline_tag"] == "any-to-any" and meta["license"] == "mit"
     results = meta["model-index"][0]["results"]
     assert [(r["dataset"]["name"], r["metrics"][0]["value"]) for r in results] == [
         ("GenEval", 0.85),
@@ -47,6 +47,7 @@ def test_full_model_card_metadata_and_body():
     assert "![training loss per step](training_loss.png)" in text and "(reconstructions.png)" in text
     assert "| GenEval | 0.85 |" in text and "| DPGBench | 84.2 |" in text
     assert 'JanusForConditionalGeneration.from_pretrained("you/janus-pro-1b-reca")' in text
+    assert 'generate(**inputs, generation_mode="image"' in text  # the usage generates an image
     assert "- transformers: " in text and CITATION in text
 
 
@@ -130,3 +131,65 @@ def test_config_hub_fields(tmp_path):
         RecAConfig(output_dir=str(tmp_path), eval_results="{GenEval")
     with pytest.raises(ValueError, match="eval_results=.*mapping"):
         RecAConfig(output_dir=str(tmp_path), eval_results=[0.85])
+
+
+def _python_blocks(text: str) -> list[str]:
+    return [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
+
+
+@pytest.mark.parametrize("arch", ["janus", "emu3", "openuni"])
+def test_the_rendered_cards_snippet_generates_an_image(arch, make_args, shapes, tmp_path, monkeypatch):
+    """The card of a saved tiny run: its first code block, with the repo id replaced by the run folder, runs and
+    writes an image (Janus: transformers' generate(generation_mode="image"); the others: reca_hf's sampler)."""
+    model, processor = tiny_umm(arch)
+    args = make_args(max_steps=1, collapse_action="off", hub_model_id="you/tiny-reca")
+    trainer = RecATrainer(model, args=args, train_dataset=shapes, processing_class=processor)
+    trainer.save_model()
+    trainer.create_model_card()
+    out = tmp_path / "run"
+    text = (out / "README.md").read_text()
+    snippet = _python_blocks(text)[0]
+    assert '"you/tiny-reca"' in snippet and ("generation_mode" in snippet) is (arch == "janus")
+    if arch == "openuni":  # a shorter sampler on a CPU: the snippet's own call, with fewer steps
+        snippet = snippet.replace("seed=0,", "seed=0, num_inference_steps=2,")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet.replace('"you/tiny-reca"', repr(str(out))), "card", "exec"), {})
+    image = Image.open(tmp_path / "sample.png")
+    size = 32
+    assert image.size == (size, size) and len(set(image.tobytes())) > 1
+
+
+def test_card_metadata_names_every_training_dataset_the_license_and_eval_result_files(make_args, shapes, tmp_path):
+    model, processor = tiny_umm("janus")
+    args = make_args(max_steps=1, collapse_action="off", dataset_name="you/shapes", i2t_dataset_name="you/captions",
+                     license="apache-2.0", base_model_id="deepseek-community/Janus-Pro-1B",
+                     eval_results={"GenEval": {"value": 0.8, "dataset_id": "you/geneval", "task_id": "overall"},
+                                   "DPG-Bench": 80.1})  # fmt: skip
+    trainer = RecATrainer(model, args=args, train_dataset=shapes, i2t_dataset=shapes, processing_class=processor)
+    trainer.create_model_card()
+    out = tmp_path / "run"
+    meta = _metadata((out / "README.md").read_text())
+    assert meta["datasets"] == ["you/shapes", "you/captions"] and meta["license"] == "apache-2.0"
+    assert meta["base_model"] == "deepseek-community/Janus-Pro-1B" and meta["pipeline_tag"] == "any-to-any"
+    assert [r["metrics"][0]["value"] for r in meta["model-index"][0]["results"]] == [0.8, 80.1]
+    # The Hub's current eval-results format, for the entry that names its benchmark dataset.
+    assert sorted(p.name for p in (out / ".eval_results").iterdir()) == ["geneval.yaml"]
+    assert yaml.safe_load((out / ".eval_results" / "geneval.yaml").read_text()) == [
+        {"dataset": {"id": "you/geneval", "task_id": "overall"}, "value": 0.8}
+    ]
+    main(["card", str(out), "--license", "mit"])
+    assert _metadata((out / "README.md").read_text())["license"] == "mit"
+    assert json.loads((out / "reca_run.json").read_text())["license"] == "mit"
+
+
+def test_base_model_is_found_for_local_folders(tmp_path):
+    from reca_hf.cards import known_base_model
+
+    cache = tmp_path / "hub" / "models--deepseek-community--Janus-Pro-1B" / "snapshots" / "abc123"
+    cache.mkdir(parents=True)
+    assert known_base_model(str(cache)) == "deepseek-community/Janus-Pro-1B"
+    run = tmp_path / "earlier-run"
+    run.mkdir()
+    (run / "reca_run.json").write_text(json.dumps({"base_model": "deepseek-community/Janus-Pro-7B"}))
+    assert known_base_model(str(run)) == "deepseek-community/Janus-Pro-7B"
+    assert known_base_model(str(tmp_path)) == str(tmp_path) and known_base_model("tiny:janus") == "tiny:janus"

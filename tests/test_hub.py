@@ -56,7 +56,7 @@ def test_push_a_full_model_and_load_it_back(hub, make_args, shapes, tmp_path):
     assert _same_weights(trainer.model, JanusForConditionalGeneration.from_pretrained(REPO))
 
     card = ModelCard.load(REPO)
-    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-to-image"
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "any-to-any"
     assert {"reca", "unified-multimodal", "text-to-image", "janus"} <= set(card.data.tags)
     assert card.data.base_model is None  # a tiny model built in code has no Hub id
     assert card.data.eval_results[0].dataset_name == "GenEval" and card.data.eval_results[0].metric_value == 0.85

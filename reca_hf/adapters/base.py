@@ -70,6 +70,9 @@ class UMMAdapter:
     # (a trainable encoder over the target's own latents at its resolution: warned), "separate" (no guard).
     condition_relation: ClassVar[str]
 
+    # The Hub's pipeline tag of the base models (model cards inherit it): unified models read and write images
+    pipeline_tag: ClassVar[str] = "any-to-any"
+
     # Prompt dropout of cond_dropout_prob="auto": the authors' rate where they published one (optional)
     default_cond_dropout_prob: ClassVar[float] = 0.1
     # View fits of target_fit / condition_fit "auto" (optional; see reca_hf.images): no RecA author pads a
@@ -471,14 +474,17 @@ class UMMAdapter:
             f"{type(self).__name__}.sample_text_codes (see reca_hf.adapters.UMMAdapter.text_to_image)"
         )
 
-    def supports_text_to_image_sampling(self) -> bool:
+    @classmethod
+    def supports_text_to_image_sampling(cls) -> bool:
         """Whether :meth:`text_to_image` works for this architecture."""
-        return type(self).sample_text_codes is not UMMAdapter.sample_text_codes
+        return cls.sample_text_codes is not UMMAdapter.sample_text_codes
 
-    def generation_snippet(self, repo_id: str) -> str | None:
+    @classmethod
+    def generation_snippet(cls, repo_id: str) -> str | None:
         """Python that loads ``repo_id`` and generates an image with this architecture (the model card's usage
-        section); None when the architecture has no text-to-image sampler."""
-        if not self.supports_text_to_image_sampling():
+        section; tested by running it). The default samples through reca_hf (:meth:`text_to_image`); an
+        architecture whose library has its own image generation overrides it. None without a sampler."""
+        if not cls.supports_text_to_image_sampling():
             return None
         return GENERATION_SNIPPET.format(repo_id=repo_id)
 
@@ -502,8 +508,8 @@ class UMMAdapter:
 GENERATION_SNIPPET = """\
 from reca_hf import load_for_generation
 
-model, processor, adapter = load_for_generation("{repo_id}")
-images = adapter.text_to_image(["a red circle on a white background"], seed=0)
+model, processor, adapter = load_for_generation("{repo_id}")  # add device="cuda" on a GPU
+images = adapter.text_to_image(["a red circle on a white background"], seed=0, num_images_per_prompt=2)
 images[0].save("sample.png")"""
 
 

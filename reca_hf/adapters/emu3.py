@@ -79,6 +79,17 @@ class Emu3Adapter(UMMAdapter):
     negative_prompt = ""  # the unconditional branch's text (Emu3's examples use a list of defects)
     prompt_positions: ClassVar[int] = 128  # positions kept for the framing, instruction and image wrappers
 
+    @classmethod
+    def generation_snippet(cls, repo_id: str) -> str:
+        """reca_hf's sampler: Emu3's constrained generation (every position a VQ id, row ends forced), with CFG."""
+        return (
+            super()
+            .generation_snippet(repo_id)
+            .replace(
+                "images = adapter", "# constrained decoding: VQ ids only, a row end after each row\nimages = adapter", 1
+            )
+        )
+
     # ---- what this model's config says -------------------------------------------------------
 
     @property

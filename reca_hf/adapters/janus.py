@@ -25,6 +25,23 @@ from .targets import GenerationTarget, LossNoise, per_sample_cross_entropy, redu
 _VQ_MEAN = _VQ_STD = (0.5, 0.5, 0.5)  # Janus' VQ encoder reads pixels in [-1, 1]
 
 
+JANUS_SNIPPET = """\
+import torch
+from PIL import Image
+from transformers import AutoProcessor, JanusForConditionalGeneration
+
+model = JanusForConditionalGeneration.from_pretrained("{repo_id}")
+processor = AutoProcessor.from_pretrained("{repo_id}")
+messages = [{{"role": "user", "content": [{{"type": "text", "text": "a red circle on a white background"}}]}}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(text=prompt, generation_mode="image", return_tensors="pt").to(model.device)
+torch.manual_seed(0)
+tokens = model.generate(**inputs, generation_mode="image", do_sample=True, guidance_scale=5.0)
+pixels = model.decode_image_tokens(tokens)  # (batch, height, width, 3), in [-1, 1]
+image = Image.fromarray(((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy())
+image.save("sample.png")"""
+
+
 @register_adapter(tiny=build_tiny_janus)
 class JanusAdapter(UMMAdapter):
     name = "janus"
@@ -68,6 +85,11 @@ class JanusAdapter(UMMAdapter):
     # call model.language_model and model.generation_head directly.
     understanding_entry = "model"
     default_guidance_scale = 5.0  # Janus-Pro's published text-to-image guidance, also reconstruct()'s
+
+    @classmethod
+    def generation_snippet(cls, repo_id: str) -> str:
+        """transformers' own Janus text-to-image: ``generate(generation_mode="image")``, then the VQ decoder."""
+        return JANUS_SNIPPET.format(repo_id=repo_id)
 
     # ---- what this model's config says -------------------------------------------------------
 
