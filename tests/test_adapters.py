@@ -112,11 +112,14 @@ def test_text_to_image_is_seeded_batched_and_guided(arch):
     assert [im.tobytes() for im in plain] != [im.tobytes() for im in guided]
 
 
-def test_an_adapter_without_a_text_to_image_sampler_says_so(tiny_janus):
-    class NoSampler(JanusAdapter):
+def test_an_adapter_without_a_text_to_image_sampler_says_so():
+    from reca_hf.adapters.flow import FlowAdapter
+
+    class NoSampler(FlowAdapter):
         sample_text_codes = UMMAdapter.sample_text_codes
 
-    adapter = NoSampler(tiny_janus[0].config, tiny_janus[1], model=tiny_janus[0])
+    model, processor = tiny_umm("flow")
+    adapter = NoSampler(model.config, processor, model=model)
     assert not adapter.supports_text_to_image_sampling() and adapter.generation_snippet("x/y") is None
     with pytest.raises(NotImplementedError, match="no text-to-image sampler"):
         adapter.text_to_image(["a red circle"])
