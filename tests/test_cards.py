@@ -193,3 +193,32 @@ def test_base_model_is_found_for_local_folders(tmp_path):
     (run / "reca_run.json").write_text(json.dumps({"base_model": "deepseek-community/Janus-Pro-7B"}))
     assert known_base_model(str(run)) == "deepseek-community/Janus-Pro-7B"
     assert known_base_model(str(tmp_path)) == str(tmp_path) and known_base_model("tiny:janus") == "tiny:janus"
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+def test_an_adapter_cards_snippet_applies_the_adapter_and_generates(make_args, shapes, tmp_path, monkeypatch):
+    model, processor = tiny_umm("janus")
+    model.save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    args = make_args(max_steps=1, use_peft=True, collapse_action="off", hub_model_id="you/tiny-lora")
+    trainer = RecATrainer(str(tmp_path / "base"), args=args, train_dataset=shapes)
+    trainer.save_model()
+    trainer.create_model_card()
+    out = tmp_path / "run"
+    snippet = _python_blocks((out / "README.md").read_text())[0]
+    assert "load_for_generation" in snippet
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet.replace('"you/tiny-lora"', repr(str(out))), "card", "exec"), {})
+    assert Image.open(tmp_path / "sample.png").size == (32, 32)
+
+
+def test_reca_push_license(hub, make_args, shapes, tmp_path):
+    model, processor = tiny_umm("janus")
+    trainer = RecATrainer(model, args=make_args(max_steps=1, collapse_action="off"), train_dataset=shapes,
+                          processing_class=processor)  # fmt: skip
+    trainer.save_model()
+    trainer.create_model_card()
+    main(["push", str(tmp_path / "run"), "--repo-id", "loopback-user/tiny-reca", "--license", "apache-2.0"])
+    from huggingface_hub import ModelCard
+
+    assert ModelCard.load("loopback-user/tiny-reca").data.license == "apache-2.0"
