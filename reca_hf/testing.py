@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -122,19 +123,23 @@ def tiny_llm_config(tokenizer, hidden_size: int = 64) -> dict:
     }
 
 
-def build_tiny_janus(seed: int = 0):
-    """A tiny random Janus (32-px images, a 4x4 VQ grid from a 64-entry codebook) and its processor."""
-    from transformers import (
-        GenerationConfig,
-        JanusConfig,
-        JanusForConditionalGeneration,
-        JanusImageProcessorPil,
-        JanusProcessor,
-    )
+# The demo's Janus tokenizer: a VQ trained on the synthetic shapes by scripts/train_demo_tokenizer.py, shipped
+# with the package. Its model has an 8x8 grid of 256 codes (SigLIP patches of 4 px, so 64 tokens each way):
+# the random tiny model's 4x4 grid of 64 codes is too coarse to draw a shape.
+DEMO_VQ_WEIGHTS = Path(__file__).parent / "weights" / "tiny_janus_vq.safetensors"
+DEMO_JANUS = {"patch_size": 4, "num_embeddings": 256, "channel_multiplier": [1, 2, 2]}
 
-    tokenizer = tiny_tokenizer()
-    image_size, patch_size = 32, 8
-    config = JanusConfig(
+
+def tiny_janus_config(tokenizer, *, patch_size: int = 8, num_embeddings: int = 64, channel_multiplier=(1, 1, 2, 2)):
+    """The configuration of the tiny Janus: 32-px images, SigLIP patches of ``patch_size`` px, and a VQ with
+    ``num_embeddings`` codes whose ``len(channel_multiplier) - 1`` downsamples give the same grid."""
+    from transformers import JanusConfig
+
+    image_size = 32
+    grid = image_size // patch_size
+    if image_size // 2 ** (len(channel_multiplier) - 1) != grid:
+        raise ValueError(f"tiny_janus_config: a {grid}x{grid} SigLIP grid needs a VQ with as many downsamples")
+    return JanusConfig(
         text_config={"model_type": "llama", **tiny_llm_config(tokenizer)},
         vision_config={
             "hidden_size": 32,
@@ -144,25 +149,41 @@ def build_tiny_janus(seed: int = 0):
             "patch_size": patch_size,
             "projection_dim": 64,
             "depth": 2,
-            "num_image_tokens": (image_size // patch_size) ** 2,
+            "num_image_tokens": grid**2,
         },
         vq_config={
             "embed_dim": 8,
-            "num_embeddings": 64,
+            "num_embeddings": num_embeddings,
             "latent_channels": 32,
             "base_channels": 32,
-            "channel_multiplier": [
-                1,
-                1,
-                2,
-                2,
-            ],  # three downsamples: 32 px -> a 4x4 code grid, like the SigLIP patches
+            "channel_multiplier": list(channel_multiplier),  # Janus forces the VQ grid to the SigLIP patch grid
             "num_res_blocks": 1,
             "projection_dim": 64,
             "image_token_embed_dim": 64,
         },
         image_token_id=tokenizer.convert_tokens_to_ids(_SPECIALS["image"]),
     )
+
+
+def build_tiny_janus(seed: int = 0, *, pretrained_tokenizer: bool = False):
+    """A tiny random Janus (32-px images, a 4x4 VQ grid from a 64-entry codebook) and its processor.
+
+    ``pretrained_tokenizer=True`` builds the demo's Janus instead (``tiny:janus``): an 8x8 grid of 256 codes
+    whose VQ is the one trained on synthetic shapes (:data:`DEMO_VQ_WEIGHTS`), so decoded images show
+    shapes; everything else is random as before.
+    """
+    model, processor = tiny_janus_from_config(seed, **(DEMO_JANUS if pretrained_tokenizer else {}))
+    if pretrained_tokenizer:
+        load_demo_tokenizer(model)
+    return model, processor
+
+
+def tiny_janus_from_config(seed: int = 0, **config_kwargs):
+    """A tiny random Janus of :func:`tiny_janus_config` ``(**config_kwargs)`` and its processor."""
+    from transformers import GenerationConfig, JanusForConditionalGeneration, JanusImageProcessorPil, JanusProcessor
+
+    tokenizer = tiny_tokenizer()
+    config = tiny_janus_config(tokenizer, **config_kwargs)
     torch.manual_seed(seed)
     model = JanusForConditionalGeneration(config).eval()
     # As the public checkpoints' generation_config.json: what generate(generation_mode="image") reads. Built, not
@@ -176,6 +197,7 @@ def build_tiny_janus(seed: int = 0):
             "num_image_tokens": int(config.vq_config.num_patches) ** 2,
         },
     )
+    image_size = config.vision_config.image_size
     image_processor = JanusImageProcessorPil(
         size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
     )
@@ -183,9 +205,20 @@ def build_tiny_janus(seed: int = 0):
         image_processor=image_processor,
         tokenizer=tokenizer,
         chat_template=_JANUS_CHAT_TEMPLATE,
-        num_image_tokens=(image_size // patch_size) ** 2,
+        num_image_tokens=config.vision_config.num_image_tokens,
     )
     return model, processor
+
+
+def load_demo_tokenizer(model) -> None:
+    """Load the shipped demo VQ (:data:`DEMO_VQ_WEIGHTS`) into ``model.model.vqmodel`` of a demo-shaped Janus."""
+    from safetensors.torch import load_file
+
+    if not DEMO_VQ_WEIGHTS.is_file():
+        raise FileNotFoundError(
+            f"the demo tokenizer {DEMO_VQ_WEIGHTS} is missing: run scripts/train_demo_tokenizer.py to make it"
+        )
+    model.model.vqmodel.load_state_dict(load_file(DEMO_VQ_WEIGHTS))
 
 
 # Emu3's reserved tokens, under the names its processor and `Emu3ImageVocabularyMapping` look up.
@@ -363,3 +396,12 @@ def tiny_umm(arch: str, seed: int = 0):
     if arch not in builders:
         raise ValueError(f"tiny_umm: unknown arch {arch!r}; available: {', '.join(sorted(builders))}")
     return builders[arch](seed)
+
+
+def tiny_demo_umm(arch: str, seed: int = 0):
+    """What ``model_name_or_path: "tiny:<arch>"`` builds: the architecture's demo model, which is
+    :func:`tiny_umm` except where a trained image tokenizer ships (Janus: ``build_tiny_janus(seed,
+    pretrained_tokenizer=True)``), so that the demos' decoded images show something."""
+    if arch == "janus":
+        return build_tiny_janus(seed, pretrained_tokenizer=True)
+    return tiny_umm(arch, seed)
