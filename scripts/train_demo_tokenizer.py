@@ -81,13 +81,17 @@ def mean_abs_error(vq, pixels: torch.Tensor, model) -> float:
 
 def pixel_error(images: list[Image.Image], others: list[Image.Image]) -> float:
     """Mean absolute difference of two lists of RGB images, in 0-255 units."""
-    return float(np.mean([np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean() for a, b in zip(images, others)]))
+    return float(
+        np.mean([np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean() for a, b in zip(images, others)])
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--max_seconds", type=float, default=3600.0, help="stop early after this many seconds of training")
+    parser.add_argument(
+        "--max_seconds", type=float, default=3600.0, help="stop early after this many seconds of training"
+    )
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--num_train_images", type=int, default=2048)
@@ -109,7 +113,9 @@ def main() -> None:
 
     vq.train()
     optimizer = torch.optim.Adam(vq.parameters(), lr=args.learning_rate, betas=(0.9, 0.99))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.learning_rate, total_steps=args.steps, pct_start=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, args.learning_rate, total_steps=args.steps, pct_start=0.05
+    )
     usage = torch.zeros(vq.config.num_embeddings, dtype=torch.long)
     start = time.perf_counter()
     step = 0

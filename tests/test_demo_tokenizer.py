@@ -22,7 +22,11 @@ def _round_trip_error(model, processor, images) -> float:
     views = adapter.default_views()
     targets = [views.target_view(image) for image in images]
     decoded = adapter.round_trip(images, model=model, views=views)
-    return float(np.mean([np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean() for a, b in zip(targets, decoded)]))
+    return float(
+        np.mean(
+            [np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean() for a, b in zip(targets, decoded)]
+        )
+    )
 
 
 def test_the_demo_tokenizer_round_trips_a_synthetic_shape_close_to_the_input():
