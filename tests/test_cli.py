@@ -119,7 +119,8 @@ def test_validate_reports_every_error_at_once(tmp_path, capsys):
         main(["validate", str(recipe)])
     assert "problem(s)" in capsys.readouterr().err
     recipe.write_text("model_name_or_path: tiny:janus\ndataset_name: ./no/such/folder\ncondition_resolution: 30\n")
-    assert any("multiple of 8" in e for e in validate(str(recipe))) and any(
+    # tiny:janus (the demo model) reads 4-px SigLIP patches
+    assert any("multiple of 4" in e for e in validate(str(recipe))) and any(
         "no such folder" in e for e in validate(str(recipe))
     )
     main(["validate", "recipes/janus/tiny_demo.yaml"])
