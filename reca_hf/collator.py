@@ -22,7 +22,16 @@ from .images import (
     source_file,
 )
 from .prompts import PromptSampler, load_prompts
-from .tasks import IMAGE_TO_TEXT, INDEX_KEY, RECONSTRUCTION, TASK_KEY, TASKS, TEXT_TO_IMAGE, caption_column_in
+from .tasks import (
+    IMAGE_TO_TEXT,
+    INDEX_KEY,
+    RECONSTRUCTION,
+    TASK_KEY,
+    TASKS,
+    TEXT_TO_IMAGE,
+    SharedEpoch,
+    caption_column_in,
+)
 
 logger = logging.getLogger(__name__)
 _CROP_STREAM = 1  # keeps the crop draws apart from the instruction draws of the same (seed, epoch, row)
@@ -68,6 +77,7 @@ class RecACollator:
 
     ``image_columns`` names the image column of each dataset (``train``, ``i2t``, ``t2i``, ``eval``, the names
     :func:`~reca_hf.data.as_source` tags rows with); rows of other datasets read ``image_column``.
+    The collator holds no model, only the adapter's CPU face, so dataloader workers receive it cheaply by pickling.
     """
 
     def __init__(
@@ -112,9 +122,19 @@ class RecACollator:
         self.image_column = image_column
         self.image_columns = dict(image_columns or {})  # per dataset (train, i2t, t2i, eval); else image_column
         self.caption_column = caption_column
-        self.epoch = 0
+        self._epoch = SharedEpoch()
         self._rows_seen = 0
         self.frozen_cache = None  # a reca_hf.frozen_cache.FrozenFeatureCache, set by the trainer
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose instructions and crops are drawn (set by the trainer; dataloader workers see each change,
+        persistent ones too)."""
+        return self._epoch.get()
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.set(value)
 
     @classmethod
     def from_config(cls, adapter: UMMAdapter, args) -> RecACollator:

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -280,7 +281,10 @@ class RecAConfig(TrainingArguments):
 
     Defaults that differ from [`~transformers.TrainingArguments`]: `remove_unused_columns=False` (the
     collator needs the image column), `learning_rate=1e-5`, `adam_beta2=0.95`, `logging_steps=10`,
-    `logging_nan_inf_filter=False` (a NaN or inf loss is logged as NaN or inf, never replaced).
+    `logging_nan_inf_filter=False` (a NaN or inf loss is logged as NaN or inf, never replaced), and
+    `dataloader_num_workers="auto"` (:func:`auto_num_workers`: up to 8 collating processes from the cores each
+    training process has), with `dataloader_persistent_workers` and `dataloader_prefetch_factor` (2) on
+    whenever workers are used, unless set.
     With `bf16=True` on a machine without a bf16-capable accelerator the config still builds (recipes validate
     on a laptop), but training refuses to run on the CPU unless `use_cpu=True` asks for it.
     """
@@ -752,6 +756,30 @@ class RecAConfig(TrainingArguments):
             "help": "Kept False: a NaN or inf loss is logged as it is (True would log a running average instead)."
         },
     )
+    dataloader_num_workers: int | str = field(
+        default=AUTO,
+        metadata={
+            "help": "Processes that collate batches (decode and resize images, tokenise) beside training; 0 "
+            "collates in the training process. 'auto' (resolved to a number when the config is built): the cores "
+            "this process may use divided by the training processes on this node (LOCAL_WORLD_SIZE), minus 2 (the "
+            "training process and its helper threads), at most 8 and at least 0; so 0 on a 2-core machine and 8 "
+            "on a GPU node with 10 or more cores per GPU."
+        },
+    )
+    dataloader_persistent_workers: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Keep the dataloader workers alive across epochs instead of starting them again each epoch. "
+            "Unset: on whenever dataloader_num_workers > 0."
+        },
+    )
+    dataloader_prefetch_factor: int | None = field(
+        default=None,
+        metadata={
+            "help": "Batches each dataloader worker prepares ahead. Unset: 2 whenever dataloader_num_workers > 0 "
+            "(PyTorch's default), else none."
+        },
+    )
 
     def __post_init__(self):
         self.normalise()
@@ -761,6 +789,8 @@ class RecAConfig(TrainingArguments):
             # asked for (reca_hf.checks.bf16_without_accelerator).
             self.use_cpu = True
             self._bf16_without_accelerator = True
+        if not isinstance(self.dataloader_num_workers, int):  # already named in errors; TrainingArguments compares it
+            self.dataloader_num_workers = 0
         try:
             super().__post_init__()
         except ValueError as error:
@@ -789,6 +819,7 @@ class RecAConfig(TrainingArguments):
             self.validation_prompts = [self.validation_prompts]
         elif isinstance(self.validation_prompts, tuple):
             self.validation_prompts = list(self.validation_prompts)
+        self._normalise_workers()
         if isinstance(self.lora_target_modules, tuple):
             self.lora_target_modules = list(self.lora_target_modules)
         for name in _JSON_FIELDS:
@@ -800,6 +831,20 @@ class RecAConfig(TrainingArguments):
             value = getattr(self, name)
             if isinstance(value, dict) and all(_is_number(n) for n in value.values()):
                 setattr(self, name, {key: float(number) for key, number in value.items()})
+
+    def _normalise_workers(self) -> None:
+        """``dataloader_num_workers='auto'`` becomes :func:`auto_num_workers`; with workers, persistent workers and
+        prefetching are on unless set (persistent workers are safe: the collator's epoch is shared memory)."""
+        workers = parse_workers(self.dataloader_num_workers)
+        if workers == AUTO:
+            workers = auto_num_workers()
+        self.dataloader_num_workers = workers
+        if not isinstance(workers, int):
+            return  # named by reca_errors
+        if self.dataloader_persistent_workers is None:
+            self.dataloader_persistent_workers = workers > 0
+        if self.dataloader_prefetch_factor is None and workers > 0:
+            self.dataloader_prefetch_factor = 2
 
     # ---- validating: every problem of the (normalised) fields, each naming its field; nothing is changed ----
 
@@ -827,6 +872,10 @@ class RecAConfig(TrainingArguments):
                 f"adapter={self.adapter!r}: use a registered adapter name such as 'janus' or a class as "
                 "'my_pkg.my_module:MyAdapter'."
             )
+        workers = self.dataloader_num_workers
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            errors.append(f"dataloader_num_workers={workers!r}: use 'auto', 0 (collate in the training process) or a "
+                          "positive number of worker processes.")  # fmt: skip
         if not isinstance(self.num_reconstruction_images, int) or self.num_reconstruction_images < 0:
             errors.append(f"num_reconstruction_images={self.num_reconstruction_images!r}: use 0 or a positive integer.")
         if not isinstance(self.reconstruction_steps, int) or self.reconstruction_steps < 0:
@@ -990,6 +1039,26 @@ def parse_freeze(value: str | list[str] | tuple[str, ...]) -> str | list[str]:
     return value
 
 
+def parse_workers(value: int | str) -> int | str:
+    """``dataloader_num_workers`` given as a string of digits becomes an int; 'auto' and the rest stay as they are."""
+    return parse_resolution(value)
+
+
+MAX_AUTO_WORKERS = 8  # beyond this, more workers rarely feed one accelerator faster and cost memory each
+
+
+def auto_num_workers(cores: int | None = None, local_processes: int | None = None) -> int:
+    """What ``dataloader_num_workers='auto'`` becomes: the cores each training process on this node may use
+    (``os.sched_getaffinity``, the cores this process is allowed, divided by ``LOCAL_WORLD_SIZE``, else
+    ``WORLD_SIZE``, else 1), minus 2 for the training process itself and its helper threads (pin memory, the
+    accelerator's launch queue), clamped to ``0..8``."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if local_processes is None:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or 1)
+    return max(0, min(MAX_AUTO_WORKERS, cores // max(1, local_processes) - 2))
+
+
 # Fields whose command-line string needs a parser of its own (the annotation is a union the argument parser
 # cannot express); every other field is parsed by its annotation.
 STRING_PARSERS = {
@@ -997,6 +1066,7 @@ STRING_PARSERS = {
     "generation_resolution": parse_resolution,
     "freeze": parse_freeze,
     "cond_dropout_prob": parse_probability,
+    "dataloader_num_workers": parse_workers,
     "lora_target_modules": str,  # one mode or regular expression; lists come from Python or YAML
 }
 

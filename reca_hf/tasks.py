@@ -15,6 +15,7 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset, IterableDataset
 
 from .data import IMAGE_COLUMN_FIELDS, SourceRows, as_source, source_tags
@@ -25,6 +26,24 @@ RECONSTRUCTION, IMAGE_TO_TEXT, TEXT_TO_IMAGE = "reconstruction", "image_to_text"
 TASKS = (RECONSTRUCTION, IMAGE_TO_TEXT, TEXT_TO_IMAGE)
 TASK_KEY = "__reca_task__"  # which task a row belongs to (added by the datasets below)
 INDEX_KEY = "__reca_index__"  # the row's index, from which the collator draws its instruction
+
+
+class SharedEpoch:
+    """An epoch number the training process sets and dataloader workers read.
+
+    It lives in shared memory, so persistent workers (started once, not per epoch) and workers started before
+    a change see the epoch the trainer set at :meth:`~transformers.TrainerCallback.on_epoch_begin`; a plain
+    attribute would stay at the value the workers were started with.
+    """
+
+    def __init__(self, epoch: int = 0):
+        self._value = torch.tensor(int(epoch), dtype=torch.int64).share_memory_()
+
+    def get(self) -> int:
+        return int(self._value)
+
+    def set(self, epoch: int) -> None:
+        self._value.fill_(int(epoch))
 
 
 DEFAULT_CAPTION_COLUMN = "caption"
@@ -90,11 +109,15 @@ class MixedTaskDataset(Dataset):
         self._slot_task = tasks[order]
         self._slot_rank = ranks[order]
         self.seed = seed
-        self.epoch = 0
+        self._epoch = SharedEpoch()
         self._permutations: dict[tuple[str, int], np.ndarray] = {}
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch.get()
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self._epoch.set(epoch)
 
     def __len__(self) -> int:
         return len(self._slot_task)
