@@ -53,7 +53,6 @@ from .tasks import (
     TASK_KEY,
     TASKS,
     TEXT_TO_IMAGE,
-    EvalTasksDataset,
     IndexedDataset,
     indexed,
     prepare_datasets,
@@ -193,6 +192,8 @@ class RecATrainer(HubResilienceMixin, Trainer):
         self.add_callback(self.run_totals)
         self._nonfinite: dict[str, torch.Tensor] = {}  # task -> a non-finite loss since the last optimizer step
         self._skipping_step = False
+        self._pending_losses = {"train": [], "eval": []}  # per step: (device loss sums per task, host counts)
+        self._pending_skipped: list[list[int]] = []  # per step, with several processes: skipped images per dataset
         self._epochs = PromptEpochCallback(data_collator, data.train_dataset) if is_reca_collator else None
         if self._epochs is not None:
             self.add_callback(self._epochs)
@@ -364,13 +365,17 @@ class RecATrainer(HubResilienceMixin, Trainer):
 
     def _count_skipped(self, skipped: dict[str, int] | None) -> None:
         """Add a batch's skipped bad images (counted by the collator, in whichever worker made the batch) to
-        :attr:`skipped_rows`, summed over the processes (every process calls this once per batch)."""
-        names = list(IMAGE_COLUMN_FIELDS)
-        counts = torch.tensor([float((skipped or {}).get(name, 0)) for name in names], device=self.accelerator.device)
+        :attr:`skipped_rows`. Host numbers: one process adds them at once; several keep them until the next
+        :meth:`_flush_task_losses` sums them over the processes (no device read in the step)."""
+        counts = [int((skipped or {}).get(name, 0)) for name in IMAGE_COLUMN_FIELDS]
         if self.accelerator.num_processes > 1:
-            counts = self.accelerator.gather(counts[None]).sum(0)
+            self._pending_skipped.append(counts)
+        else:
+            self._add_skipped(counts)
+
+    def _add_skipped(self, counts) -> None:
         totals = self._totals().skipped_rows
-        for name, count in zip(names, counts.tolist()):
+        for name, count in zip(IMAGE_COLUMN_FIELDS, counts):
             if count:
                 totals[name] = totals.get(name, 0) + int(count)
 
@@ -409,20 +414,36 @@ class RecATrainer(HubResilienceMixin, Trainer):
         return sum(sizes[task] / total * loss for task, loss in weighted.items())
 
     def _record_task_losses(self, mode: str, losses: dict[str, torch.Tensor], batches) -> None:
-        # Every process gathers every active task (a zero count when absent), so the collective calls match.
+        """Keep this step's per-task loss sums on the device and their sample counts on the host: nothing is read
+        off the device (no host-device sync) until :meth:`_flush_task_losses`, at the next log or checkpoint."""
         device = self.accelerator.device
-        active = [task for task in TASKS if self.task_ratios[task] > 0 or task in losses]
-        if mode == "eval" and isinstance(self.eval_dataset, EvalTasksDataset):
-            active = sorted(set(active) | set(self.eval_dataset.tasks), key=TASKS.index)
-        for task in active:
-            size = self.adapter.batch_size(batches[task]) if task in losses else 0
-            value = losses[task].detach().float() * size if task in losses else torch.zeros((), device=device)
-            pair = torch.stack([value.to(device), torch.tensor(float(size), device=device)])
-            total, count = self.accelerator.gather(pair[None]).sum(0).tolist()
-            if count:
-                self._metrics[mode][f"{task}_loss"].append((total, count))
-            if mode == "train":
-                self.task_counts[task] += int(count)
+        sizes = [self.adapter.batch_size(batches[task]) if task in losses else 0 for task in TASKS]
+        sums = [losses[task].detach().float().to(device) * size if task in losses else torch.zeros((), device=device)
+                for task, size in zip(TASKS, sizes)]  # fmt: skip
+        self._pending_losses[mode].append((torch.stack(sums), sizes))
+
+    def _flush_task_losses(self, mode: str) -> None:
+        """Gather the pending steps' task losses of every process (one collective for all of them, so every process
+        must call it at the same points: log() and checkpoints) into the metrics and ``task_counts``."""
+        device = self.accelerator.device
+        skipped, self._pending_skipped = self._pending_skipped, []
+        if skipped:  # several processes: each one's skipped images of the steps since the last flush
+            summed = self.accelerator.gather(torch.tensor(skipped, dtype=torch.float32, device=device)[None]).sum(0)
+            for counts in summed.tolist():
+                self._add_skipped(counts)
+        pending, self._pending_losses[mode] = self._pending_losses[mode], []
+        if not pending:
+            return
+        sums = torch.stack([step_sums for step_sums, _ in pending])  # (steps, tasks)
+        counts = torch.tensor([sizes for _, sizes in pending], dtype=torch.float32, device=device)
+        pairs = torch.stack([sums, counts], dim=-1)  # (steps, tasks, 2)
+        gathered = self.accelerator.gather(pairs).view(-1, *pairs.shape).sum(0)  # summed over processes
+        for step in gathered.tolist():
+            for task, (total, count) in zip(TASKS, step):
+                if count:
+                    self._metrics[mode][f"{task}_loss"].append((total, count))
+                if mode == "train":
+                    self.task_counts[task] += int(count)
 
     @property
     def task_counts(self) -> dict[str, int]:
@@ -527,6 +548,7 @@ class RecATrainer(HubResilienceMixin, Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
+        self._flush_task_losses(mode)
         metrics = {
             name: sum(total for total, _ in pairs) / sum(count for _, count in pairs)
             for name, pairs in self._metrics[mode].items()
@@ -721,6 +743,7 @@ class RecATrainer(HubResilienceMixin, Trainer):
         )
 
     def _save_checkpoint(self, model, trial) -> None:
+        self._flush_task_losses("train")  # the card's task counts up to this step
         if self.output_dir_free():  # never while an upload reads the output dir (HubResilienceMixin)
             self.create_model_card()  # first, so that the checkpoint's push carries the current card (as TRL does)
         with _own_parameter_names(self.accelerator.unwrap_model(self.model)):

@@ -139,6 +139,7 @@ class UMMAdapter:
         if target.is_tokens and target.codebook_size is None and self.codebook_size:
             target = dataclasses.replace(target, codebook_size=self.codebook_size)
         self.generation_target = target
+        self.checked_layouts: set = set()  # batch layouts whose slot counts were read once (reca_hf.slots)
 
     # ---- loading: what `RecATrainer("id")` and `reca train` call ----------------------------------
 
@@ -583,12 +584,29 @@ def answer_batch(tokenizer, prompts: list[str], answers: list[str], add_special_
     return input_ids, attention_mask, left_pad(labels, IGNORE_INDEX)[0]
 
 
-def answer_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
-    """Next-token cross-entropy of the labelled (answer) positions; the head runs on those positions only."""
-    labels = labels[:, 1:].to(hidden.device)
-    answer = labels != IGNORE_INDEX
-    logits = head(hidden[:, :-1][answer])
-    return torch.nn.functional.cross_entropy(logits.float(), labels[answer])
+def answer_length(labels: torch.Tensor) -> int:
+    """How many trailing positions of left-padded ``labels`` hold answer tokens, read where the batch is made (on
+    the CPU): :func:`answer_loss` then scores that fixed span instead of selecting positions by value, which
+    would make the step wait for the device."""
+    labelled = (labels != IGNORE_INDEX).any(0)
+    return int(labels.shape[1] - int(labelled.int().argmax())) if bool(labelled.any()) else 0
+
+
+def answer_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, length: int | None = None):
+    """Next-token cross-entropy of the labelled (answer) positions; the head runs on the answers' span only.
+
+    ``length`` (:func:`answer_length`, from the batch) is the span: the last positions, padding inside it ignored.
+    Without it the labelled positions are selected by value (one host-device sync).
+    """
+    if length is None:
+        labels = labels[:, 1:].to(hidden.device)
+        answer = labels != IGNORE_INDEX
+        logits = head(hidden[:, :-1][answer])
+        return torch.nn.functional.cross_entropy(logits.float(), labels[answer])
+    length = max(1, min(length, labels.shape[1] - 1))  # the first position has nothing before it to predict it
+    labels = labels[:, -length:].to(hidden.device)
+    logits = head(hidden[:, -length - 1 : -1])
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -29,12 +29,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..images import ViewSpec, load_image, to_pil, to_tensor
+from ..slots import check_once, slot_count_problem
 from ..testing import build_tiny_emu3
 from .base import (
     AUTO,
     IGNORE_INDEX,
     UMMAdapter,
     answer_batch,
+    answer_length,
     answer_loss,
     cached_key,
     eval_mode,
@@ -315,7 +317,7 @@ class Emu3Adapter(UMMAdapter):
             batch["target_pixel_values"] = to_tensor(target_images, mean, std)
         return batch
 
-    def prepare_image_to_text(self, images, questions, answers) -> dict[str, torch.Tensor]:
+    def prepare_image_to_text(self, images, questions, answers) -> dict[str, Any]:
         tokenizer = self._tokenizer()
         grid = self._grid_of(images, "condition")
         prompts = [self.understanding_prompt(question, grid) for question in questions]
@@ -325,6 +327,7 @@ class Emu3Adapter(UMMAdapter):
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
+            "answer_length": answer_length(labels),
             "condition_mask": input_ids == tokenizer.convert_tokens_to_ids(tokenizer.image_token),
             "condition_pixel_values": to_tensor(images, mean, std),
         }
@@ -375,15 +378,14 @@ class Emu3Adapter(UMMAdapter):
         row_ends = ids.new_full((*ids.shape[:-1], 1), emu3.vocabulary_mapping.eol_token_id)
         return torch.cat([ids, row_ends], dim=-1).flatten(1)
 
-    @staticmethod
-    def _fill(input_ids: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor, role: str) -> None:
+    def _fill(self, input_ids: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor, role: str) -> None:
         mask = mask.to(input_ids.device)
-        if int(mask.sum()) != ids.numel():
-            raise ValueError(
-                f"{int(mask.sum())} {role} slots in the prompts but {ids.numel()} {role} tokens from the VQ: "
-                "the collator's resolutions and the batch disagree"
-            )
-        input_ids[mask] = ids.flatten().to(input_ids.device)
+        message = (
+            f"{{found}} {role} slots in the prompts but {{expected}} {role} tokens from the VQ: the collator's "
+            "resolutions and the batch disagree"
+        )
+        check_once(self.checked_layouts, (role, *ids.shape[1:]), slot_count_problem(mask, ids.numel(), message))
+        input_ids.masked_scatter_(mask, ids.to(input_ids.device, input_ids.dtype))  # boolean indexing would sync
 
     def _filled(self, emu3, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         input_ids = batch["input_ids"].clone()
@@ -415,8 +417,10 @@ class Emu3Adapter(UMMAdapter):
         """Hidden states from the position before the target to its end, their labels, and the target's codes."""
         inputs, codes = self._filled(emu3, batch)
         length = self.num_slots(*codes.shape[1:])
-        if not bool((inputs["labels"][:, -length:] != _IGNORE).all()):
-            raise ValueError("every RecA sequence must end with its target: pad the prompts on the left")
+        labels = inputs["labels"][:, -length:]
+        check_once(self.checked_layouts, ("left padding", length),
+                   lambda: None if bool((labels != _IGNORE).all()) else "every RecA sequence must end with its "
+                   "target: pad the prompts on the left")  # fmt: skip
         hidden = emu3.model(
             input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], position_ids=inputs["position_ids"]
         ).last_hidden_state
@@ -455,7 +459,7 @@ class Emu3Adapter(UMMAdapter):
             attention_mask=attention_mask,
             position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
         ).last_hidden_state
-        return answer_loss(hidden, batch["labels"], emu3.lm_head)
+        return answer_loss(hidden, batch["labels"], emu3.lm_head, batch.get("answer_length"))
 
     def _code_logits(self, emu3, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the VQ codes only (column ``k`` is code ``k``): the head's rows of the image tokens."""

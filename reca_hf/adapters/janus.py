@@ -18,8 +18,18 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..images import ViewSpec, load_image, to_pil, to_tensor
+from ..slots import check_once, slot_count_problem
 from ..testing import build_tiny_janus
-from .base import UMMAdapter, answer_batch, answer_loss, cached_key, next_code, register_adapter, unwrap_model
+from .base import (
+    UMMAdapter,
+    answer_batch,
+    answer_length,
+    answer_loss,
+    cached_key,
+    next_code,
+    register_adapter,
+    unwrap_model,
+)
 from .targets import GenerationTarget, LossNoise, per_sample_cross_entropy, reduce_loss
 
 _VQ_MEAN = _VQ_STD = (0.5, 0.5, 0.5)  # Janus' VQ encoder reads pixels in [-1, 1]
@@ -196,7 +206,7 @@ class JanusAdapter(UMMAdapter):
             batch["target_pixel_values"] = to_tensor(target_images, _VQ_MEAN, _VQ_STD)
         return batch
 
-    def prepare_image_to_text(self, images, questions, answers) -> dict[str, torch.Tensor]:
+    def prepare_image_to_text(self, images, questions, answers) -> dict[str, Any]:
         tokenizer = self._tokenizer()
         num_slots = self.num_condition_tokens(images[0].size[0])
         prompts = [self.format_prompt(question, num_slots, generation=False) for question in questions]
@@ -206,6 +216,7 @@ class JanusAdapter(UMMAdapter):
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
+            "answer_length": answer_length(labels),
             "condition_mask": input_ids == tokenizer.convert_tokens_to_ids(tokenizer.image_token),
             "condition_pixel_values": to_tensor(images, mean, std),
         }
@@ -231,11 +242,13 @@ class JanusAdapter(UMMAdapter):
             features = self.understanding_features(janus, batch["condition_pixel_values"])
         embeddings = janus.model.language_model.get_input_embeddings()(batch["input_ids"])
         mask = batch["condition_mask"].to(embeddings.device)
-        if int(mask.sum()) != features.shape[0] * features.shape[1]:
-            raise ValueError(
-                f"{int(mask.sum())} condition slots in the prompt but {features.shape[0] * features.shape[1]} "
-                "understanding features: the collator's condition_resolution and the batch disagree"
-            )
+        message = (
+            "{found} condition slots in the prompt but {expected} understanding features: the collator's "
+            "condition_resolution and the batch disagree"
+        )
+        expected = features.shape[0] * features.shape[1]
+        check_once(self.checked_layouts, ("condition", *features.shape[1:]),
+                   slot_count_problem(mask, expected, message))  # fmt: skip
         return embeddings.masked_scatter(mask.unsqueeze(-1), features.to(embeddings.dtype))
 
     def understanding_features(self, janus, pixels: torch.Tensor) -> torch.Tensor:
@@ -285,7 +298,7 @@ class JanusAdapter(UMMAdapter):
         hidden = janus.model.language_model(
             inputs_embeds=embeddings, attention_mask=attention_mask, position_ids=position_ids
         ).last_hidden_state
-        return answer_loss(hidden, batch["labels"], janus.lm_head)
+        return answer_loss(hidden, batch["labels"], janus.lm_head, batch.get("answer_length"))
 
     def target_logits(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         janus = unwrap_model(model)

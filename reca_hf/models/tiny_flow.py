@@ -20,6 +20,8 @@ import torch
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 from transformers.configuration_utils import SubConfigSpec
 
+from ..slots import check_once, slot_count_problem
+
 CONDITION_ENCODERS = ("vision", "latents")
 
 
@@ -77,6 +79,7 @@ class TinyFlowModel(PreTrainedModel):
                 f"condition_encoder={config.condition_encoder!r}: choose one of {', '.join(CONDITION_ENCODERS)}"
             )
         hidden = config.text_config.hidden_size
+        self._checked_layouts: set = set()  # batch layouts whose slot count was read once (reca_hf.slots)
         self.vae = AutoencoderKL(**config.vae_config)
         if config.condition_encoder == "vision":
             self.vision_model = SiglipVisionModel(config.vision_config)
@@ -132,11 +135,13 @@ class TinyFlowModel(PreTrainedModel):
         if condition_pixel_values is not None:
             features = self.condition_features(condition_pixel_values)
             mask = condition_mask.to(embeddings.device)
-            if int(mask.sum()) != features.shape[0] * features.shape[1]:
-                raise ValueError(
-                    f"{int(mask.sum())} condition slots in the prompt but {features.shape[0] * features.shape[1]} "
-                    "condition features: the batch's condition resolution and its prompt disagree"
-                )
+            message = (
+                "{found} condition slots in the prompt but {expected} condition features: the batch's condition "
+                "resolution and its prompt disagree"
+            )
+            expected = features.shape[0] * features.shape[1]
+            check_once(self._checked_layouts, tuple(condition_pixel_values.shape[1:]),
+                       slot_count_problem(mask, expected, message))  # fmt: skip
             embeddings = embeddings.masked_scatter(mask.unsqueeze(-1), features.to(embeddings.dtype))
         batch_size = input_ids.shape[0]
         queries = self.queries(batch_size).to(embeddings.dtype)

@@ -31,6 +31,7 @@ from transformers import InternVLForConditionalGeneration, PreTrainedModel
 from transformers import initialization as init
 from transformers.models.siglip.modeling_siglip import SiglipAttention, SiglipEncoder, SiglipMLP
 
+from ...slots import check_once, slot_count_problem
 from .configuration_openuni import OpenUniConfig
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ class OpenUniModel(PreTrainedModel):
         from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
 
         super().__init__(config)
+        self._checked_layouts: set = set()  # batch layouts whose slot count was read once (reca_hf.slots)
         self.lmm = InternVLForConditionalGeneration(config.internvl_config)
         llm_width = config.internvl_config.text_config.hidden_size
         self.meta_queries = MetaQueries(config.num_queries, llm_width)
@@ -168,12 +170,15 @@ class OpenUniModel(PreTrainedModel):
         embeddings = self.lmm.get_input_embeddings()(input_ids)
         slots = input_ids == self.image_token_id
         if image_features is not None:
-            if int(slots.sum()) != image_features.shape[0] * image_features.shape[1]:
-                raise ValueError(
-                    f"OpenUniModel.query_states: input_ids hold {int(slots.sum())} image-context tokens (id "
-                    f"{self.image_token_id}) but image_features has {image_features.shape[0]} x "
-                    f"{image_features.shape[1]} features; put image_seq_length context tokens per image."
-                )
+            message = (
+                "OpenUniModel.query_states: input_ids hold {found} image-context tokens (id "
+                f"{self.image_token_id}) but image_features has {image_features.shape[0]} x "
+                f"{image_features.shape[1]} features; put image_seq_length context tokens per image."
+            )
+            expected = image_features.shape[0] * image_features.shape[1]
+            check_once(
+                self._checked_layouts, tuple(image_features.shape[1:]), slot_count_problem(slots, expected, message)
+            )
             embeddings = embeddings.masked_scatter(slots[..., None], image_features.to(embeddings.dtype))
         embeddings = embeddings[:, -self.config.max_length :]
         mask = attention_mask[:, -self.config.max_length :].bool()
