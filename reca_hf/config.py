@@ -240,6 +240,12 @@ class RecAConfig(TrainingArguments):
         max_nonfinite_steps (`int`, *optional*, defaults to `10`):
             With nonfinite_action='skip': how many non-finite steps may be skipped in a run; the next one stops it.
 
+        peak_flops_per_second (`float`, `str` or `None`, *optional*, defaults to `"auto"`):
+            Peak FLOP/s of one accelerator, the denominator of the mfu (model FLOPs utilisation) logged with each
+            training loss: the FLOPs the step really runs (forward through trained and frozen modules, and the
+            backward autograd runs) per second, over this peak. 'auto': the dense bf16 peak of known GPUs (A100
+            312e12, H100 and H200 SXM 989e12, L4 121e12, ...) when training in bf16 or fp16, else no mfu; a number
+            sets it; null turns it off.
         num_reconstruction_images (`int`, *optional*, defaults to `4`):
             Number of images reconstructed (the first ones of the eval set when there is one, else of the training
             set) at the start, every reconstruction_steps, at each evaluation and at the end: each grid (input |
@@ -666,6 +672,16 @@ class RecAConfig(TrainingArguments):
             "stops it."
         },
     )
+    peak_flops_per_second: float | str | None = field(
+        default=AUTO,
+        metadata={
+            "help": "Peak FLOP/s of one accelerator, the denominator of the mfu (model FLOPs utilisation) logged with "
+            "each training loss: the FLOPs the step really runs (forward through trained and frozen modules, and "
+            "the backward autograd runs) per second, over this peak. 'auto': the dense bf16 peak of known GPUs "
+            "(A100 312e12, H100 and H200 SXM 989e12, L4 121e12, ...) when training in bf16 or fp16, else no mfu; a "
+            "number sets it; null turns it off."
+        },
+    )
     num_reconstruction_images: int = field(
         default=4,
         metadata={
@@ -819,6 +835,7 @@ class RecAConfig(TrainingArguments):
             self.validation_prompts = [self.validation_prompts]
         elif isinstance(self.validation_prompts, tuple):
             self.validation_prompts = list(self.validation_prompts)
+        self.peak_flops_per_second = parse_peak_flops(self.peak_flops_per_second)
         self._normalise_workers()
         if isinstance(self.lora_target_modules, tuple):
             self.lora_target_modules = list(self.lora_target_modules)
@@ -872,6 +889,10 @@ class RecAConfig(TrainingArguments):
                 f"adapter={self.adapter!r}: use a registered adapter name such as 'janus' or a class as "
                 "'my_pkg.my_module:MyAdapter'."
             )
+        peak = self.peak_flops_per_second
+        if peak not in (AUTO, None) and not (_is_number(peak) and peak > 0):
+            errors.append(f"peak_flops_per_second={peak!r}: use 'auto', null (no mfu) or a FLOP/s number such as "
+                          "989e12.")  # fmt: skip
         workers = self.dataloader_num_workers
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
             errors.append(f"dataloader_num_workers={workers!r}: use 'auto', 0 (collate in the training process) or a "
@@ -1039,6 +1060,13 @@ def parse_freeze(value: str | list[str] | tuple[str, ...]) -> str | list[str]:
     return value
 
 
+def parse_peak_flops(value: float | str | None) -> float | str | None:
+    """``peak_flops_per_second`` as a string: a number ('989e12') becomes a float, 'none'/'null' None."""
+    if isinstance(value, str) and value.strip().lower() in ("none", "null", ""):
+        return None
+    return parse_probability(value)
+
+
 def parse_workers(value: int | str) -> int | str:
     """``dataloader_num_workers`` given as a string of digits becomes an int; 'auto' and the rest stay as they are."""
     return parse_resolution(value)
@@ -1067,6 +1095,7 @@ STRING_PARSERS = {
     "freeze": parse_freeze,
     "cond_dropout_prob": parse_probability,
     "dataloader_num_workers": parse_workers,
+    "peak_flops_per_second": parse_peak_flops,
     "lora_target_modules": str,  # one mode or regular expression; lists come from Python or YAML
 }
 

@@ -27,6 +27,7 @@ from .checks import bf16_without_accelerator, check_run
 from .collator import SKIPPED_KEY, RecACollator, resolve_dropout
 from .config import RESUME_LATEST, RecAConfig
 from .data import IMAGE_COLUMN_FIELDS, ROW_KEY, SOURCE_KEY, synthetic_shapes
+from .flops import FlopCounter, resolve_peak_flops
 from .freeze import apply_freeze, format_table, parameter_table
 from .frozen_cache import (
     FrozenFeatureCache,
@@ -193,6 +194,11 @@ class RecATrainer(HubResilienceMixin, Trainer):
         self._nonfinite: dict[str, torch.Tensor] = {}  # task -> a non-finite loss since the last optimizer step
         self._skipping_step = False
         self._pending_losses = {"train": [], "eval": []}  # per step: (device loss sums per task, host counts)
+        self.flop_counter = FlopCounter().attach(unwrap_model(self.model))
+        self.task_flos = dict.fromkeys(TASKS, 0)  # FLOPs of the training steps per task (this process)
+        self._step_flos = self._window_flos = 0
+        self._window_start = time.time()
+        self.peak_flops_per_second = resolve_peak_flops(args)
         self._pending_skipped: list[list[int]] = []  # per step, with several processes: skipped images per dataset
         self._epochs = PromptEpochCallback(data_collator, data.train_dataset) if is_reca_collator else None
         if self._epochs is not None:
@@ -352,12 +358,20 @@ class RecATrainer(HubResilienceMixin, Trainer):
         task_losses: dict[str, torch.Tensor] = {}
 
         def forward(**batches):  # one forward call of the (possibly wrapped) model computes every task's loss
-            losses = {task: self._task_loss(base, task, batch) for task, batch in batches.items()}
-            task_losses.update(losses)
-            return self._combine(losses, batches)
+            for task, batch in batches.items():
+                task_losses[task] = self._task_loss(base, task, batch)
+                flops = self.flop_counter.pop()  # this task's forward and the backward it will cause
+                self.task_flos[task] += flops
+                self._step_flos += flops
+            return self._combine(task_losses, batches)
 
-        with _forward_as(base, forward), self.accelerator.autocast():
-            loss = model(**batches)
+        if model.training:
+            self.flop_counter.start()
+        try:
+            with _forward_as(base, forward), self.accelerator.autocast():
+                loss = model(**batches)
+        finally:
+            self.flop_counter.stop()
         if model.training:
             self._flag_nonfinite(task_losses)
         self._record_task_losses("train" if model.training else "eval", task_losses, batches)
@@ -540,6 +554,25 @@ class RecATrainer(HubResilienceMixin, Trainer):
         if self._globalstep_last_logged != logged:  # a log reset the running loss, but NaN - NaN stays NaN
             tr_loss.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """The FLOPs of the training step just run (the Trainer asks after each one, for ``total_flos``): every
+        task's forward through trained and frozen modules and the backward autograd runs, as
+        :class:`reca_hf.flops.FlopCounter` counted them (per task in ``task_flos``), instead of transformers'
+        ``6 x parameters x input_ids``."""
+        flops, self._step_flos = self._step_flos, 0
+        self._window_flos += flops
+        return flops
+
+    def _throughput(self) -> dict[str, float]:
+        """``mfu`` since the last training log: this process's counted FLOPs per second over its accelerator's peak
+        (``peak_flops_per_second``); nothing without a known peak."""
+        now = time.time()
+        elapsed, flops = now - self._window_start, self._window_flos
+        self._window_start, self._window_flos = now, 0
+        if self.peak_flops_per_second is None or elapsed <= 0 or flops == 0:
+            return {}
+        return {"mfu": flops / elapsed / self.peak_flops_per_second}
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
@@ -557,6 +590,8 @@ class RecATrainer(HubResilienceMixin, Trainer):
         if mode == "eval":
             metrics = {f"eval_{name}": value for name, value in metrics.items()}
         elif "loss" in logs or "train_loss" in logs:  # a regular training log, or the end-of-training one
+            if "loss" in logs:
+                metrics.update(self._throughput())
             if self.collapse_detector is not None:
                 metrics.update(self.collapse_detector.pop_metrics())
             if self._totals().nonfinite_skipped_steps:
@@ -576,6 +611,7 @@ class RecATrainer(HubResilienceMixin, Trainer):
             )
         args, kwargs = self._resolve_resume(args, kwargs)
         self.setup_frozen_cache()
+        self._window_start, self._window_flos = time.time(), 0  # the mfu's first window starts here
         with _plain_config_tolerated(self.model):
             output = super().train(*args, **kwargs)
         if self.skipped_rows:
