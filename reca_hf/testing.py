@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -219,6 +220,49 @@ def load_demo_tokenizer(model) -> None:
             f"the demo tokenizer {DEMO_VQ_WEIGHTS} is missing: run scripts/train_demo_tokenizer.py to make it"
         )
     model.model.vqmodel.load_state_dict(load_file(DEMO_VQ_WEIGHTS))
+
+
+def build_janus(seed: int, *, image_size: int, patch_size: int, text: dict, vision: dict, vq: dict, device=None):
+    """A random Janus of any shape (``text``, ``vision`` and ``vq`` config overrides; the VQ's downsampling must
+    match ``image_size // patch_size``) with the tiny tokenizer's processor: benchmarks build Janus-Pro-shaped
+    models with it, no download. ``text`` may set a larger ``vocab_size`` than the tokenizer's (ids beyond it
+    are never fed). ``device`` builds the weights there directly."""
+    from transformers import (
+        GenerationConfig,
+        JanusConfig,
+        JanusForConditionalGeneration,
+        JanusImageProcessorPil,
+        JanusProcessor,
+    )
+
+    tokenizer = tiny_tokenizer()
+    grid = image_size // patch_size
+    config = JanusConfig(
+        text_config={"model_type": "llama", **tiny_llm_config(tokenizer), **text},
+        vision_config={**vision, "image_size": image_size, "patch_size": patch_size, "num_image_tokens": grid**2},
+        vq_config=vq,
+        image_token_id=tokenizer.convert_tokens_to_ids(_SPECIALS["image"]),
+    )
+    torch.manual_seed(seed)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        model = JanusForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        generation_kwargs={
+            "boi_token_id": tokenizer.convert_tokens_to_ids(_SPECIALS["boi"]),
+            "num_image_tokens": grid**2,
+        },
+    )
+    image_processor = JanusImageProcessorPil(
+        size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    processor = JanusProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=_JANUS_CHAT_TEMPLATE,
+        num_image_tokens=grid**2,
+    )  # fmt: skip
+    return model, processor
 
 
 # Emu3's reserved tokens, under the names its processor and `Emu3ImageVocabularyMapping` look up.

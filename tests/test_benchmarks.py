@@ -1,0 +1,49 @@
+"""The throughput benchmarks run: gpu_step.py's tiny CPU check and its refusal without a GPU, and
+trainer_overhead.py at its smallest."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_step_checks_itself_on_the_cpu_and_refuses_without_a_gpu(tmp_path, monkeypatch):
+    gpu_step = _load("gpu_step")
+    (result,) = gpu_step.main(["--tiny", "--steps", "2", "--warmup", "1", "--out", str(tmp_path)])
+    assert result["samples_per_second"] > 0 and result["tflops_per_second"] > 0
+    assert result["trainable_parameters"] < result["parameters"]  # RecA's freeze: auto
+    assert json.loads((tmp_path / "gpu_step.json").read_text())[0]["size"] == "tiny"
+    assert "| tiny | 2 |" in (tmp_path / "gpu_step.md").read_text()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        gpu_step.main(["--out", ""])
+
+
+def test_janus_pro_shapes_have_the_public_sizes():
+    shapes = _load("janus_shapes")
+    sizes = {}
+    for size in ("1b", "7b"):
+        model, _ = shapes.janus_pro_like(size, device="meta")
+        sizes[size] = sum(p.numel() for p in model.parameters())
+        assert model.config.vq_config.num_embeddings == 16384
+        assert model.config.vision_config.num_image_tokens == 576
+    assert 1.8e9 < sizes["1b"] < 1.95e9 and 6.9e9 < sizes["7b"] < 7.1e9
+
+
+@pytest.mark.slow
+def test_trainer_overhead_runs(tmp_path):
+    result = _load("trainer_overhead").main(["--steps", "1", "--out", str(tmp_path)])
+    assert result["ratio"] > 0 and (tmp_path / "trainer_overhead.md").exists()
