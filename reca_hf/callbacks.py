@@ -13,9 +13,9 @@ from PIL import Image, ImageDraw
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from .adapters.base import UMMAdapter, eval_mode
+from .adapters.base import UMMAdapter, cached_key, eval_mode
 from .adapters.targets import LossNoise
-from .config import COLLAPSE_ACTIONS
+from .config import COLLAPSE_ACTIONS, MAX_GRID_IMAGES
 from .images import ViewSpec, load_image
 
 logger = logging.getLogger(__name__)
@@ -132,6 +132,9 @@ class ReconstructionGridCallback(TrainerCallback):
         trackers: the run's callbacks (the trainer's ``callback_handler.callbacks``), searched for trackers.
         sample_kwargs: settings of those samples, passed to the adapter's text_to_image.
         generation_kwargs: settings of the reconstructions, passed to the adapter's reconstruct.
+
+    At most :data:`~reca_hf.config.MAX_GRID_IMAGES` (16) images; the seconds each grid took are logged and kept in
+    :attr:`seconds` (step -> seconds), which the model card sums up.
     """
 
     def __init__(
@@ -147,6 +150,11 @@ class ReconstructionGridCallback(TrainerCallback):
         sample_kwargs: dict | None = None,
         **generation_kwargs,
     ):
+        if len(images) > MAX_GRID_IMAGES:
+            raise ValueError(
+                f"ReconstructionGridCallback: {len(images)} images; at most {MAX_GRID_IMAGES} (each grid generates "
+                "them all), set num_reconstruction_images lower"
+            )
         self.adapter = adapter
         self.views = views
         self.images = [load_image(image) for image in images]
@@ -159,6 +167,7 @@ class ReconstructionGridCallback(TrainerCallback):
         self.start: tuple[int, list[Image.Image]] | None = None
         self.latest: tuple[int, list[Image.Image]] | None = None
         self.logged_steps: list[int] = []  # the steps whose images went out, in order
+        self.seconds: dict[int, float] = {}  # step -> seconds its grid (and samples) took
         self._fixed_columns: dict[str, list[Image.Image]] | None = None
 
     def _reconstruct(self, model) -> list[Image.Image]:
@@ -182,6 +191,7 @@ class ReconstructionGridCallback(TrainerCallback):
         step = state.global_step
         if not state.is_world_process_zero or model is None or step in self.logged_steps:
             return
+        started = time.perf_counter()
         images = {}
         if self.images:
             reconstructions = self._reconstruct(model)
@@ -197,6 +207,9 @@ class ReconstructionGridCallback(TrainerCallback):
         path.parent.mkdir(parents=True, exist_ok=True)
         stack_vertically(list(images.values())).save(path)
         self.logged_steps.append(step)
+        self.seconds[step] = time.perf_counter() - started
+        logger.info("Reconstruction grid at step %d (%d images, %d prompts): %.1f s", step, len(self.images),
+                    len(self.prompts or []), self.seconds[step])  # fmt: skip
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if not state.is_world_process_zero:
@@ -376,6 +389,30 @@ GAIN_THRESHOLD = 0.9
 _PLATEAU_WINDOW = 3  # the plateau is the highest median of this many consecutive logged losses
 
 
+def _own_and_swapped(adapter: UMMAdapter, model, conditions: list, targets: list, instruction: str) -> tuple:
+    """The probe's two batches: each image with its own condition, and with the next image's (cyclically), and the
+    partner of each row. The frozen towers' outputs (:meth:`UMMAdapter.frozen_features`) are computed once and
+    passed precomputed to both passes, those of the condition view (``condition_*``) permuted for the swap; an
+    adapter without them has its swapped batch prepared from the swapped views."""
+    device = next(model.parameters()).device
+    partner = [(i + 1) % len(conditions) for i in range(len(conditions))]
+
+    def prepared(views: list) -> dict:
+        batch = adapter.prepare(views, targets, [instruction] * len(targets))
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    own = prepared(conditions)
+    frozen = getattr(adapter, "frozen_features", None)
+    features = frozen(model, own) if frozen is not None else {}
+    condition = {cached_key(name): value for name, value in features.items() if name.startswith("condition")}
+    target = {cached_key(name): value for name, value in features.items() if not name.startswith("condition")}
+    if not condition:
+        return {**own, **target}, {**prepared([conditions[j] for j in partner]), **target}, partner
+    own = {**own, **condition, **target}
+    rows = {**condition, "condition_pixel_values": own["condition_pixel_values"]}
+    return own, {**own, **{key: value[partner] for key, value in rows.items()}}, partner
+
+
 @torch.no_grad()
 def swap_probe(adapter: UMMAdapter, model, images: list, views: ViewSpec, instruction: str | None = None):
     """The condition-swap probe: does the model reconstruct its target, or copy its condition?
@@ -392,18 +429,11 @@ def swap_probe(adapter: UMMAdapter, model, images: list, views: ViewSpec, instru
     instruction = instruction if instruction is not None else getattr(adapter, "default_instruction", "")
     conditions = [views.condition_view(p) for p in pictures]
     targets = [views.target_view(p) for p in pictures]
-    partner = [(i + 1) % len(pictures) for i in range(len(pictures))]
-    device = next(model.parameters()).device
-
-    def predictions(condition_views):
-        batch = adapter.prepare(condition_views, targets, [instruction] * len(targets))
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        logits, codes = adapter.target_logits(model, batch)
-        return logits.argmax(-1), codes
-
     with eval_mode(model):
-        own_predictions, codes = predictions(conditions)
-        swapped_predictions, _ = predictions([conditions[j] for j in partner])
+        own, swapped, partner = _own_and_swapped(adapter, model, conditions, targets, instruction)
+        own_logits, codes = adapter.target_logits(model, own)
+        swapped_logits, _ = adapter.target_logits(model, swapped)
+    own_predictions, swapped_predictions = own_logits.argmax(-1), swapped_logits.argmax(-1)
     partner_codes = codes[partner]
     differ = codes != partner_codes
     counted = max(int(differ.sum()), 1)
@@ -438,15 +468,10 @@ def condition_swap_loss(
     instruction = getattr(adapter, "default_instruction", "")
     conditions = [views.condition_view(p) for p in pictures]
     targets = [views.target_view(p) for p in pictures]
-    swapped = conditions[1:] + conditions[:1]
-    device = next(model.parameters()).device
-    own_batch, other_batch = (
-        {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        for batch in (adapter.prepare(c, targets, [instruction] * len(targets)) for c in (conditions, swapped))
-    )
     levels = noise.timesteps or (None,)
     own = other = 0.0
     with eval_mode(model):
+        own_batch, other_batch, _ = _own_and_swapped(adapter, model, conditions, targets, instruction)
         for level in levels:
             fixed = LossNoise(noise.seed, timesteps=None if level is None else (level,), mask_ratio=noise.mask_ratio)
             own += float(adapter.loss(model, own_batch, reduction="none", noise=fixed).float().mean())

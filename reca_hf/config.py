@@ -31,6 +31,7 @@ TASK_LOSS_REDUCTIONS = ("sample_mean", "task_mean", "sum")
 LORA_TARGET_MODES = ("generation", "generation+llm")
 # An adapter name ('janus') or a class path ('my_pkg.my_module:MyAdapter', 'my_pkg.my_module.MyAdapter').
 _ADAPTER_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*(:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*)?$")
+MAX_GRID_IMAGES = 16  # num_reconstruction_images at most: each is generated twice (reca_hf.callbacks)
 TINY_PREFIX = "tiny:"  # model_name_or_path "tiny:<arch>": the architecture's tiny builder
 _JSON_FIELDS = ("reconstruction_kwargs", "task_ratios", "task_weights", "eval_results")
 
@@ -250,7 +251,8 @@ class RecAConfig(TrainingArguments):
             Number of images reconstructed (the first ones of the eval set when there is one, else of the training
             set) at the start, every reconstruction_steps, at each evaluation and at the end: each grid (input |
             condition | tokenizer round trip | reconstruction) goes to every report_to tracker that takes images and
-            to output_dir/samples/step-N.png, and the start and end ones to reconstructions.png (0 disables it).
+            to output_dir/samples/step-N.png, and the start and end ones to reconstructions.png (0 disables it; at most
+            16). The seconds each grid takes are logged, and summed up in the model card.
         reconstruction_steps (`int`, *optional*, defaults to `500`):
             Reconstruct those images (and sample validation_prompts) every this many steps (0: only at the start, at
             evaluations and at the end).
@@ -689,7 +691,7 @@ class RecAConfig(TrainingArguments):
             "training set) at the start, every reconstruction_steps, at each evaluation and at the end: each grid "
             "(input | condition | tokenizer round trip | reconstruction) goes to every report_to tracker that takes "
             "images and to output_dir/samples/step-N.png, and the start and end ones to reconstructions.png (0 "
-            "disables it)."
+            "disables it; at most 16). The seconds each grid takes are logged, and summed up in the model card."
         },
     )
     reconstruction_steps: int = field(
@@ -897,8 +899,10 @@ class RecAConfig(TrainingArguments):
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
             errors.append(f"dataloader_num_workers={workers!r}: use 'auto', 0 (collate in the training process) or a "
                           "positive number of worker processes.")  # fmt: skip
-        if not isinstance(self.num_reconstruction_images, int) or self.num_reconstruction_images < 0:
-            errors.append(f"num_reconstruction_images={self.num_reconstruction_images!r}: use 0 or a positive integer.")
+        count = self.num_reconstruction_images
+        if not isinstance(count, int) or not 0 <= count <= MAX_GRID_IMAGES:
+            errors.append(f"num_reconstruction_images={count!r}: use 0 (no grid) up to {MAX_GRID_IMAGES} (each image "
+                          "is generated twice, at the start and at the end).")  # fmt: skip
         if not isinstance(self.reconstruction_steps, int) or self.reconstruction_steps < 0:
             errors.append(f"reconstruction_steps={self.reconstruction_steps!r}: use 0 or a positive number of steps.")
         prompts = self.validation_prompts

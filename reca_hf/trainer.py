@@ -875,6 +875,10 @@ class RecATrainer(HubResilienceMixin, Trainer):
             settings["non-finite steps skipped"] = totals.nonfinite_skipped_steps
         if args.bad_image_policy == "skip":
             settings["bad images skipped"] = self.skipped_summary() or "none"
+        grid = next((c for c in self.callback_handler.callbacks if isinstance(c, ReconstructionGridCallback)), None)
+        if grid is not None and grid.seconds:
+            seconds = sum(grid.seconds.values())
+            settings["reconstruction grid"] = f"{len(grid.images)} images, {len(grid.seconds)} grids, {seconds:.1f} s"
         return settings
 
     def _task_mix_summary(self) -> str:
