@@ -9,7 +9,7 @@ trainer adds everything else it does per step (task-loss recording, the FLOP cou
 after each trainer step, timed apart), so both see the same machine load; the first step of each is left out.
 The ratio of the median step times is reported (and the ratio of the fastest steps), and must stay <= 1.05.
 
-Run with one thread: ``OMP_NUM_THREADS=1 python benchmarks/trainer_overhead.py`` (about 1-2 minutes on 2 cores).
+Run with one thread: ``OMP_NUM_THREADS=1 python benchmarks/trainer_overhead.py`` (about 2-4 minutes on 2 busy cores).
 Writes ``benchmarks/results/trainer_overhead.json`` and ``.md``.
 """
 
@@ -102,7 +102,7 @@ def measure(shape: str, data, steps: int, batch_size: int, logging_steps: int) -
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="cpu", help="a janus_shapes.SHAPES key (default: cpu)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps of each loop")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps of each loop")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--logging-steps", type=int, default=10, help="the trainer's logging interval (default 10)")
     parser.add_argument("--out", default=str(RESULTS), help="folder for trainer_overhead.json/.md ('' for none)")
