@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +19,9 @@ from .adapters.base import UMMAdapter, cached_key, eval_mode
 from .adapters.targets import LossNoise
 from .config import COLLAPSE_ACTIONS, MAX_GRID_IMAGES
 from .images import ViewSpec, load_image
+from .sharding import from_rank_zero
+
+ShardedForward = Callable[[Callable[[torch.nn.Module], Any]], Any]  # runs function(model) on every rank together
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +174,7 @@ class ReconstructionGridCallback(TrainerCallback):
         self.logged_steps: list[int] = []  # the steps whose images went out, in order
         self.seconds: dict[int, float] = {}  # step -> seconds its grid (and samples) took
         self._fixed_columns: dict[str, list[Image.Image]] | None = None
+        self.sharded_forward: ShardedForward | None = None
 
     def _reconstruct(self, model) -> list[Image.Image]:
         return self.adapter.reconstruct(self.images, model=model, views=self.views, **self.generation_kwargs)
@@ -502,6 +508,10 @@ class CollapseDetector(TrainerCallback):
     ``condition_gain``, ``swap_own_loss`` and ``swap_other_loss``). On detection it logs a warning naming
     the cause and the fix; with ``action="stop"`` it also saves a checkpoint and ends training.
 
+    In a multi-process run rank 0 probes and every rank acts on its reading (they stop at the same step); under
+    FSDP and DeepSpeed, where no rank holds the whole model, every rank runs the probe (forward passes only) on
+    the same images through ``sharded_forward``, which `RecATrainer` sets.
+
     Args:
         adapter, views, probe_images: what the default probe runs on (``views`` as the collator's).
         action: "warn" or "stop".
@@ -551,6 +561,9 @@ class CollapseDetector(TrainerCallback):
         self.fired_at_step: int | None = None
         self._probe_due = False
         self._pending: dict[str, float] = {}
+        self._warned_no_model = False
+        # Set by RecATrainer under FSDP and DeepSpeed: runs probe(model) on every rank with whole parameters.
+        self.sharded_forward: ShardedForward | None = None
 
     # ---- the rule, as plain functions of what was observed ----
 
@@ -601,11 +614,25 @@ class CollapseDetector(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if not (self._probe_due or state.global_step % self.probe_steps == 0):
             return
-        if model is None and self._probe_needs_model:
+        if model is None and self._probe_needs_model and self.sharded_forward is None:
+            if not self._warned_no_model:
+                logger.warning(
+                    "Collapse probe skipped at step %d: the trainer passed its callbacks no model to probe; the "
+                    "detector watches nothing until it does. Pass probe= (a function of nothing but the model you "
+                    "hold) to CollapseDetector, or use RecATrainer.",
+                    state.global_step,
+                )
+                self._warned_no_model = True
             return
         self._probe_due = False
         first = self.fired_at_step is None
-        detected = self.observe_probe(state.global_step, self.probe(model))  # logged with the next regular log
+        # Sharded (FSDP, DeepSpeed): every rank probes together through sharded_forward. Otherwise rank 0 probes
+        # alone. Either way every rank acts on rank 0's reading, so that all stop at the same step.
+        if self.sharded_forward is not None:
+            reading = self.sharded_forward(self.probe)
+        else:
+            reading = self.probe(model) if state.is_world_process_zero else None
+        detected = self.observe_probe(state.global_step, from_rank_zero(reading))  # logged with the next log
         if not detected:
             return
         if first and state.is_world_process_zero:

@@ -20,7 +20,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from . import __version__
 from .adapters import get_adapter, unwrap_model
-from .adapters.base import eval_mode
+from .adapters.base import IGNORE_INDEX, eval_mode
 from .callbacks import CollapseDetector, PromptEpochCallback, ReconstructionGridCallback, RunTotals, StreamPosition
 from .cards import PAPER_ID, PAPER_TITLE, known_base_model
 from .checks import bf16_without_accelerator, check_run
@@ -47,6 +47,8 @@ from .lora import (
     prepare_peft_model,
     write_reca_adapter_file,
 )
+from .sharding import forward_as as _forward_as
+from .sharding import forward_only
 from .tasks import (
     IMAGE_TO_TEXT,
     INDEX_KEY,
@@ -76,24 +78,6 @@ class NonFiniteLossError(RuntimeError):
 
 class NonFiniteWeightsError(RuntimeError):
     """``save_model`` refused to write weights holding NaN or inf; the message names the tensors."""
-
-
-@contextlib.contextmanager
-def _forward_as(module: torch.nn.Module, function):
-    """Temporarily make ``module``'s forward compute the RecA loss.
-
-    Calling the (possibly DDP / FSDP / DeepSpeed wrapped) training model then runs the loss inside the
-    wrapper's own forward, which is what gradient synchronisation hooks onto.
-    """
-    previous = module.__dict__.get("forward")
-    module.forward = function
-    try:
-        yield
-    finally:
-        if previous is None:
-            del module.forward
-        else:
-            module.forward = previous
 
 
 class RecATrainer(HubResilienceMixin, Trainer):
@@ -263,18 +247,42 @@ class RecATrainer(HubResilienceMixin, Trainer):
             )
         )
 
+    @property
+    def is_sharded(self) -> bool:
+        """Whether no rank holds the whole model (FSDP, DeepSpeed), so forward-only work needs every rank."""
+        return bool(self.is_fsdp_enabled or self.is_deepspeed_enabled)
+
+    def _shard_aware(self, callback):
+        """Under FSDP and DeepSpeed, let the grid or the detector run on every rank (:meth:`sharded_forward`)."""
+        if self.is_sharded:
+            callback.sharded_forward = self.sharded_forward
+        return callback
+
+    def sharded_forward(self, function):
+        """``function(model)`` on the whole model, forward only, on every rank together: the collapse probe and the
+        reconstruction grid of a sharded run (FSDP, DeepSpeed). See :func:`reca_hf.sharding.forward_only`."""
+        return forward_only(self.model_wrapped, function)
+
     def _collapse_detector(self, eval_dataset) -> CollapseDetector | None:
         """The user's CollapseDetector if they passed one, else the default one (None when it cannot run)."""
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, (CollapseDetector, ReconstructionGridCallback)):
+                self._shard_aware(callback)  # the user's own: every rank runs it too under sharding
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, CollapseDetector):
                 return callback
         args = self.args
-        if args.collapse_action == "off" or args.collapse_probe_images < 2:
+        if args.collapse_action == "off":
             return None
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+        if args.collapse_probe_images == 0:  # the documented way to turn the probe off, as collapse_action='off'
+            logger.info("Collapse detector off: collapse_probe_images=0.")
+            return None
+        if args.collapse_probe_images < 2:
             logger.warning(
-                "Collapse detector off: under FSDP and DeepSpeed the probe does not run yet (a sharded model cannot be "
-                "probed from one rank); watch reconstruction_loss for a fall toward zero."
+                "Collapse detector off: collapse_probe_images=%d, and the condition-swap probe needs at least two "
+                "images (one lends its condition to another). Set collapse_probe_images to 2 or more (default 8), or "
+                "collapse_action='off' to turn the detector off on purpose.",
+                args.collapse_probe_images,
             )
             return None
         count = args.collapse_probe_images
@@ -290,7 +298,7 @@ class RecATrainer(HubResilienceMixin, Trainer):
         detector = CollapseDetector(
             self.adapter, self.views, images, action=args.collapse_action, probe_steps=probe_steps
         )
-        self.add_callback(detector)
+        self.add_callback(self._shard_aware(detector))
         return detector
 
     def _warn_derived_condition(self) -> None:
@@ -356,6 +364,7 @@ class RecATrainer(HubResilienceMixin, Trainer):
         batches = {task: batch for task, batch in batches.items() if batch}
         base = unwrap_model(model)
         task_losses: dict[str, torch.Tensor] = {}
+        caption_share = self._caption_token_share(batches, "train" if model.training else "eval")
 
         def forward(**batches):  # one forward call of the (possibly wrapped) model computes every task's loss
             for task, batch in batches.items():
@@ -363,6 +372,10 @@ class RecATrainer(HubResilienceMixin, Trainer):
                 flops = self.flop_counter.pop()  # this task's forward and the backward it will cause
                 self.task_flos[task] += flops
                 self._step_flos += flops
+            if caption_share is not None and IMAGE_TO_TEXT in task_losses:
+                share, factor = caption_share
+                task_losses[IMAGE_TO_TEXT] = task_losses[IMAGE_TO_TEXT] * share
+                return self._combine({**task_losses, IMAGE_TO_TEXT: task_losses[IMAGE_TO_TEXT] * factor}, batches)
             return self._combine(task_losses, batches)
 
         if model.training:
@@ -404,6 +417,40 @@ class RecATrainer(HubResilienceMixin, Trainer):
         if not self.skipped_rows:
             return None
         return ", ".join(f"{name} {count:,}" for name, count in sorted(self.skipped_rows.items()))
+
+    def _caption_token_share(self, batches, mode: str) -> tuple[float, float] | None:
+        """Make the image-to-text loss of a multi-process step the mean over all processes' answer tokens, as one
+        process training on the whole global batch computes it (what transformers does with num_items_in_batch).
+
+        Each process's caption loss is a mean over its own answer tokens; the processes' token counts differ, so
+        averaging their gradients weighs tokens unequally. Returns ``(share, factor)``: this process's loss times
+        ``share`` (its tokens per sample over the global tokens per sample) is what it logs, and, times ``factor``
+        as well, what it trains on (1 for ``task_loss_reduction="sample_mean"``, whose task weights are the
+        process's own sample shares; world size x the process's share of the samples for the others). None in a
+        single process, or when no process trains image-to-text. One gather per step, on every process."""
+        if self.accelerator.num_processes == 1 or IMAGE_TO_TEXT not in self._active_tasks(mode, ()):
+            return None
+        batch = batches.get(IMAGE_TO_TEXT)
+        samples = self.adapter.batch_size(batch) if batch else 0
+        tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if batch else 0  # answer_loss's positions
+        local = torch.tensor([[float(samples), float(tokens)]], device=self.accelerator.device)
+        all_samples, all_tokens = self.accelerator.gather(local).sum(0).tolist()
+        if not samples or not all_tokens:
+            return None
+        share = (tokens / samples) / (all_tokens / all_samples)
+        factor = (
+            1.0
+            if self.args.task_loss_reduction == "sample_mean"
+            else self.accelerator.num_processes * samples / all_samples
+        )
+        return share, factor
+
+    def _active_tasks(self, mode: str, losses) -> list[str]:
+        """The tasks whose losses every process records this step (the same list on all: collectives match)."""
+        active = [task for task in TASKS if self.task_ratios[task] > 0 or task in losses]
+        if mode == "eval" and isinstance(self.eval_dataset, EvalTasksDataset):
+            active = sorted(set(active) | set(self.eval_dataset.tasks), key=TASKS.index)
+        return active
 
     def _task_loss(self, model, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if task == IMAGE_TO_TEXT:

@@ -95,11 +95,11 @@ def test_processes_that_would_each_train_alone_are_stopped(monkeypatch):
 # ---- real 2-process runs (gloo on the CPU) ----
 
 
-def _run(tmp_path: Path, command: list[str], **env: str) -> subprocess.CompletedProcess:
+def _run(tmp_path: Path, command: list[str], timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
     """Run ``command`` with this checkout's reca_hf and one thread per process (2 cores in CI)."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
     environment.update(env, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    run = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=timeout)
     return run
 
 
@@ -165,3 +165,48 @@ def test_two_process_fsdp_on_cpu(tmp_path, single_process):
         pytest.skip(f"FSDP does not run on CPU processes with this accelerate: {refusal.group(0)}")
     assert run.returncode == 0, run.stderr[-3000:]
     _assert_same_training(tmp_path / "fsdp", single_process)
+
+
+# ---- the collapse detector and the grid on every rank ----
+
+LAUNCH_TIMEOUT = 240  # a hang in a collective fails the test instead of stalling CI
+
+
+@pytest.mark.slow
+def test_the_detector_fires_and_every_rank_stops_together_in_a_two_process_run(tmp_path):
+    """Plain DDP (rank 0 probes, every rank acts on its reading) and the sharded path (every rank probes through
+    RecATrainer.sharded_forward, which FSDP and DeepSpeed runs use): the detector's real loss probe runs, fires at
+    its first probe, its readings are logged once, and both processes stop at that step without hanging."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(cli.accelerate_config_path("multi_cpu")), "--num_processes", "2", "--main_process_port", "0",
+               str(ROOT / "tests" / "ddp_detector.py"), str(tmp_path), "rank0", "every_rank"]  # fmt: skip
+    run = _run(tmp_path, command, ACCELERATE_USE_CPU="true", timeout=LAUNCH_TIMEOUT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("RecA collapse detected at step 2") == 2  # once per run: rank 0 says it
+    for mode, own_probes in (("rank0", [1, 0]), ("every_rank", [1, 1])):
+        ranks = [json.loads((tmp_path / f"{mode}{rank}.json").read_text()) for rank in (0, 1)]
+        assert [r["processes"] for r in ranks] == [2, 2]
+        assert [r["own_probes"] for r in ranks] == own_probes, mode
+        assert [(r["fired_at_step"], r["global_step"]) for r in ranks] == [(2, 2), (2, 2)], mode
+        assert ranks[0]["history"] == ranks[1]["history"]  # one reading on both ranks
+        (logged,) = ranks[0]["logged"]  # the probe's readings ride on one regular log
+        assert logged["step"] == 2 and {"collapse_score", "swap_own_loss", "swap_other_loss"} <= set(logged)
+
+
+@pytest.mark.slow
+def test_the_probes_and_the_grid_run_on_an_fsdp2_sharded_model_on_every_rank(tmp_path):
+    """FSDP2 (fully_shard) works on CPU processes with gloo in torch 2.13 (accelerate only refuses to set it up on
+    CPUs): on a model sharded as accelerate's fsdp2 config shards it, the token and loss probes and the grid's
+    generation read exactly what the unsharded model reads, the parameters are sharded again afterwards, and a
+    training step still gives the unsharded loss and gradients."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "tests" / "sharded_probe.py"), str(tmp_path), "janus", "flow"]  # fmt: skip
+    run = _run(tmp_path, command, timeout=LAUNCH_TIMEOUT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0] == ranks[1]
+    for arch, result in ranks[0].items():
+        assert result["sharded"] == result["whole"], arch
+        assert result["left_whole"] == [], arch
+        assert result["losses"][1] == pytest.approx(result["losses"][0], rel=1e-6) and result["same_gradients"], arch
+    assert set(ranks[0]["janus"]["sharded"]) == {"loss_probe", "token_probe", "grid"}
