@@ -427,12 +427,14 @@ class RecATrainer(HubResilienceMixin, Trainer):
         ``share`` (its tokens per sample over the global tokens per sample) is what it logs, and, times ``factor``
         as well, what it trains on (1 for ``task_loss_reduction="sample_mean"``, whose task weights are the
         process's own sample shares; world size x the process's share of the samples for the others). None in a
-        single process, or when no process trains image-to-text. One gather per step, on every process."""
+        single process, or when no process trains image-to-text. One gather per step, on every process; with
+        gradient accumulation each micro-batch is normalised by its own global token count."""
         if self.accelerator.num_processes == 1 or IMAGE_TO_TEXT not in self._active_tasks(mode, ()):
             return None
         batch = batches.get(IMAGE_TO_TEXT)
-        samples = self.adapter.batch_size(batch) if batch else 0
-        tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if batch else 0  # answer_loss's positions
+        labels = batch.get("labels") if batch else None
+        samples = self.adapter.batch_size(batch) if labels is not None else 0
+        tokens = int((labels[:, 1:] != IGNORE_INDEX).sum()) if labels is not None else 0  # answer_loss's positions
         local = torch.tensor([[float(samples), float(tokens)]], device=self.accelerator.device)
         all_samples, all_tokens = self.accelerator.gather(local).sum(0).tolist()
         if not samples or not all_tokens:

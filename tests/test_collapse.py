@@ -189,3 +189,43 @@ def test_a_derived_condition_warns_once_and_is_probed_twice_as_often(make_args, 
         separate = RecATrainer(model, args=args, train_dataset=shapes, processing_class=processor)
     assert separate.collapse_detector.probe_steps == 10
     assert not [r for r in caplog.records if "derives its condition" in r.getMessage()]
+
+
+def test_the_sharded_path_probes_and_draws_the_grid_through_the_wrapped_forward(make_args, tiny_janus, shapes,
+                                                                               monkeypatch, tmp_path):  # fmt: skip
+    """Under FSDP and DeepSpeed (simulated: RecATrainer.is_sharded) the detector and the grid stay on, and their
+    forward passes go through RecATrainer.sharded_forward, inside the wrapped model's own forward (where FSDP
+    gathers parameters): the grid is written and the probe readings logged as in a plain run."""
+    monkeypatch.setattr(RecATrainer, "is_sharded", property(lambda self: True))
+    model, processor = tiny_janus
+    args = make_args(max_steps=2, collapse_probe_steps=2, collapse_probe_images=4, num_reconstruction_images=2,
+                     reconstruction_kwargs={"guidance_scale": 1.0})  # fmt: skip
+    trainer = RecATrainer(model, args=args, train_dataset=shapes, processing_class=processor)
+    grid = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "ReconstructionGridCallback")
+    assert trainer.collapse_detector.sharded_forward == trainer.sharded_forward == grid.sharded_forward
+    calls = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
+    trainer.train()
+    # One probe and three grid passes (start, tokenizer round trip, end), each one call of the model with no inputs:
+    # their work ran inside the model's own forward, as a sharded model needs.
+    assert sum(1 for args, kwargs in calls if not args and not kwargs) == 4
+    assert (tmp_path / "run" / "reconstructions.png").is_file()
+    assert [log["step"] for log in trainer.state.log_history if "collapse_score" in log] == [2]
+
+
+def test_the_detector_is_never_switched_off_silently(make_args, tiny_janus, shapes, caplog):
+    model, processor = tiny_janus
+    with caplog.at_level("WARNING", logger="reca_hf.trainer"):
+        trainer = RecATrainer(model, args=make_args(collapse_probe_images=1), train_dataset=shapes,
+                              processing_class=processor)  # fmt: skip
+    assert trainer.collapse_detector is None
+    assert "Collapse detector off: collapse_probe_images=1" in caplog.text and "at least two" in caplog.text
+    detector = CollapseDetector(adapter=get_adapter(model, processor), views=trainer.views,
+                                probe_images=[shapes[i]["image"] for i in range(2)], probe_steps=1)  # fmt: skip
+    state, control = TrainerState(), TrainerControl()
+    state.global_step = 1
+    with caplog.at_level("WARNING", logger="reca_hf.callbacks"):
+        detector.on_step_end(None, state, control, model=None)
+        detector.on_step_end(None, state, control, model=None)
+    skipped = [r for r in caplog.records if r.getMessage().startswith("Collapse probe skipped at step 1")]
+    assert len({id(record) for record in skipped}) == 1 and detector.history == []  # said once, at WARNING
