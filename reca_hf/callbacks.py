@@ -140,6 +140,9 @@ class ReconstructionGridCallback(TrainerCallback):
 
     At most :data:`~reca_hf.config.MAX_GRID_IMAGES` (16) images; the seconds each grid took are logged and kept in
     :attr:`seconds` (step -> seconds), which the model card sums up.
+
+    Rank 0 generates and writes; when ``sharded_forward`` is set (by `RecATrainer` under FSDP and DeepSpeed,
+    where no rank holds the whole model) every rank generates the same images through it, and rank 0 writes.
     """
 
     def __init__(
@@ -179,6 +182,13 @@ class ReconstructionGridCallback(TrainerCallback):
     def _reconstruct(self, model) -> list[Image.Image]:
         return self.adapter.reconstruct(self.images, model=model, views=self.views, **self.generation_kwargs)
 
+    def _generate(self, function, model):
+        """``function(model)``: through ``sharded_forward`` (every rank together) when the model is sharded."""
+        return self.sharded_forward(function) if self.sharded_forward is not None else function(model)
+
+    def _takes_part(self, state) -> bool:
+        return state.is_world_process_zero or self.sharded_forward is not None
+
     def _columns(self, model) -> dict[str, list[Image.Image]]:
         """The columns that do not change while training (the tokenizer is frozen), computed once."""
         if self._fixed_columns is None:
@@ -186,7 +196,9 @@ class ReconstructionGridCallback(TrainerCallback):
                 "input": [self.views.target_view(image) for image in self.images],
                 "condition": [self.views.condition_view(image) for image in self.images],
             }
-            round_trip = self.adapter.round_trip(self.images, model=model, views=self.views)
+            round_trip = self._generate(
+                lambda m: self.adapter.round_trip(self.images, model=m, views=self.views), model
+            )
             if round_trip is not None:
                 columns["tokenizer"] = round_trip
             self._fixed_columns = columns
@@ -195,16 +207,26 @@ class ReconstructionGridCallback(TrainerCallback):
     def _show(self, args, state, model) -> None:
         """Reconstruct (and sample) at this step; send the images to the trackers and samples/step-N.png."""
         step = state.global_step
-        if not state.is_world_process_zero or model is None or step in self.logged_steps:
+        if not self._takes_part(state) or model is None or step in self.logged_steps:
             return
         started = time.perf_counter()
-        images = {}
+        images, samples = {}, None
         if self.images:
-            reconstructions = self._reconstruct(model)
+            reconstructions = self._generate(self._reconstruct, model)
             self.latest = (step, reconstructions)
-            images["reca/reconstructions"] = image_grid({**self._columns(model), f"step {step}": reconstructions})
+            columns = self._columns(model)
         if self.prompts:
-            samples = self.adapter.text_to_image(self.prompts, model=model, seed=self.seed, **self.sample_kwargs)
+
+            def sample(model):
+                return self.adapter.text_to_image(self.prompts, model=model, seed=self.seed, **self.sample_kwargs)
+
+            samples = self._generate(sample, model)
+        if not state.is_world_process_zero:  # a sharded run's other ranks: they generated, rank 0 writes
+            self.logged_steps.append(step)
+            return
+        if self.images:
+            images["reca/reconstructions"] = image_grid({**columns, f"step {step}": reconstructions})
+        if samples is not None:
             images["reca/text_to_image"] = image_grid(
                 {prompt[:14]: [image] for prompt, image in zip(self.prompts, samples)}
             )
@@ -218,7 +240,7 @@ class ReconstructionGridCallback(TrainerCallback):
                     len(self.prompts or []), self.seconds[step])  # fmt: skip
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero:
+        if not self._takes_part(state):
             return
         self._show(args, state, model)
         if self.latest is not None:
@@ -233,11 +255,13 @@ class ReconstructionGridCallback(TrainerCallback):
         self._show(args, state, model)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero or self.start is None or not self.images:
+        if not self._takes_part(state) or self.start is None or not self.images:
             return
         start_step, start_images = self.start
         if self.latest is None or self.latest[0] != state.global_step:
-            self.latest = (state.global_step, self._reconstruct(model))
+            self.latest = (state.global_step, self._generate(self._reconstruct, model))
+        if not state.is_world_process_zero:
+            return
         columns = {
             **self._columns(model),
             f"step {start_step}": start_images,

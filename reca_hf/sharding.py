@@ -5,8 +5,9 @@ Under sharding no rank holds the whole model, so a forward run by one rank alone
 shards. :func:`whole_parameters` gathers them on every rank for the duration of a forward-only call: FSDP2
 (``fully_shard``) unshards every sharded module (``FSDPModule.unshard``); DeepSpeed ZeRO-3 gathers every partitioned
 parameter (``deepspeed.zero.GatheredParameters``, untested here: DeepSpeed needs an accelerator). FSDP1 needs no
-gathering here: the caller runs its function inside the FSDP root's own forward (as training does), where the root's
-parameters are whole and each nested unit gathers its own in its forward. Memory: for the call, every rank holds the
+gathering here: :func:`forward_only` runs the function inside the FSDP root's own forward (as training does), where
+the root's parameters are whole and each nested unit gathers its own in its forward (enough for the probes; not for
+generation that reads a wrapped block's weights outside its forward, so the trainer keeps the grid off under FSDP1). Memory: for the call, every rank holds the
 model's whole parameters (no gradients, no optimizer state) on top of its shards, as a full-state-dict save does.
 """
 

@@ -216,8 +216,12 @@ class RecATrainer(HubResilienceMixin, Trainer):
         count = args.num_reconstruction_images if source is not None else 0
         if (count == 0 and not prompts) or not isinstance(self.data_collator, RecACollator):
             return
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            logger.info("Reconstruction grid skipped: sharded models cannot generate on one rank alone.")
+        if self.is_fsdp_enabled and not getattr(self.accelerator, "is_fsdp2", False):
+            logger.warning(
+                "Reconstruction grid off: under FSDP1 (fsdp_version 1) a wrapped block's weights are whole only inside "
+                "its own forward, and generation reads some elsewhere (e.g. a VQ codebook lookup). Use FSDP2 "
+                "(fsdp_version 2, as the shipped fsdp2 config), where every rank draws the grid together."
+            )
             return
         column = args.image_columns["eval" if source is eval_dataset else "train"]
         if source is None:
@@ -233,19 +237,18 @@ class RecATrainer(HubResilienceMixin, Trainer):
         from .sampling import sampler_settings
 
         sampler = {k: v for k, v in generation.items() if k in {"guidance_scale", *sampler_settings(self.adapter)}}
-        self.add_callback(
-            ReconstructionGridCallback(
-                self.adapter,
-                self.views,
-                images,
-                seed=args.seed,
-                every_steps=args.reconstruction_steps,
-                prompts=prompts,
-                trackers=self.callback_handler.callbacks,
-                sample_kwargs=sampler if prompts else None,
-                **generation,
-            )
+        grid = ReconstructionGridCallback(
+            self.adapter,
+            self.views,
+            images,
+            seed=args.seed,
+            every_steps=args.reconstruction_steps,
+            prompts=prompts,
+            trackers=self.callback_handler.callbacks,
+            sample_kwargs=sampler if prompts else None,
+            **generation,
         )
+        self.add_callback(self._shard_aware(grid))
 
     @property
     def is_sharded(self) -> bool:

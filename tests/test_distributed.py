@@ -200,13 +200,15 @@ def test_the_probes_and_the_grid_run_on_an_fsdp2_sharded_model_on_every_rank(tmp
     """FSDP2 (fully_shard) works on CPU processes with gloo in torch 2.13 (accelerate only refuses to set it up on
     CPUs): on a model sharded as accelerate's fsdp2 config shards it, the token and loss probes and the grid's
     generation read exactly what the unsharded model reads, the parameters are sharded again afterwards, and a
-    training step still gives the unsharded loss and gradients."""
+    training step still gives the unsharded loss and gradients. Under FSDP1 the probes read the same too."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "tests" / "sharded_probe.py"), str(tmp_path), "janus", "flow"]  # fmt: skip
     run = _run(tmp_path, command, timeout=LAUNCH_TIMEOUT)
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0] == ranks[1]
+    fsdp1 = ranks[0].pop("fsdp1")  # FSDP1: the probes (the grid is off under FSDP1)
+    assert all(result["sharded"] == result["whole"] for result in fsdp1.values()) and set(fsdp1) == {"janus", "flow"}
     for arch, result in ranks[0].items():
         assert result["sharded"] == result["whole"], arch
         assert result["left_whole"] == [], arch
