@@ -56,6 +56,7 @@ from .tasks import (
     TASK_KEY,
     TASKS,
     TEXT_TO_IMAGE,
+    EvalTasksDataset,
     IndexedDataset,
     indexed,
     prepare_datasets,
@@ -421,7 +422,7 @@ class RecATrainer(HubResilienceMixin, Trainer):
             return None
         return ", ".join(f"{name} {count:,}" for name, count in sorted(self.skipped_rows.items()))
 
-    def _caption_token_share(self, batches, mode: str) -> tuple[float, float] | None:
+    def _caption_token_share(self, batches, mode: str) -> tuple[torch.Tensor, torch.Tensor | float] | None:
         """Make the image-to-text loss of a multi-process step the mean over all processes' answer tokens, as one
         process training on the whole global batch computes it (what transformers does with num_items_in_batch).
 
@@ -430,32 +431,38 @@ class RecATrainer(HubResilienceMixin, Trainer):
         ``share`` (its tokens per sample over the global tokens per sample) is what it logs, and, times ``factor``
         as well, what it trains on (1 for ``task_loss_reduction="sample_mean"``, whose task weights are the
         process's own sample shares; world size x the process's share of the samples for the others). None in a
-        single process, or when no process trains image-to-text. One gather per step, on every process; with
+        single process, when no process trains image-to-text, or on a process without captions in this batch.
+        One gather per step on every process, and no host-device sync (the counts stay on the device); with
         gradient accumulation each micro-batch is normalised by its own global token count."""
-        if self.accelerator.num_processes == 1 or IMAGE_TO_TEXT not in self._active_tasks(mode, ()):
+        if self.accelerator.num_processes == 1 or not self._captions_active(mode):
             return None
+        device = self.accelerator.device
         batch = batches.get(IMAGE_TO_TEXT)
         labels = batch.get("labels") if batch else None
         samples = self.adapter.batch_size(batch) if labels is not None else 0
-        tokens = int((labels[:, 1:] != IGNORE_INDEX).sum()) if labels is not None else 0  # answer_loss's positions
-        local = torch.tensor([[float(samples), float(tokens)]], device=self.accelerator.device)
-        all_samples, all_tokens = self.accelerator.gather(local).sum(0).tolist()
-        if not samples or not all_tokens:
-            return None
-        share = (tokens / samples) / (all_tokens / all_samples)
-        factor = (
-            1.0
-            if self.args.task_loss_reduction == "sample_mean"
-            else self.accelerator.num_processes * samples / all_samples
+        tokens = (
+            (labels[:, 1:] != IGNORE_INDEX).sum().float().to(device)  # the positions answer_loss scores
+            if labels is not None
+            else torch.zeros((), device=device)
         )
-        return share, factor
+        local = torch.stack([torch.tensor(float(samples), device=device), tokens])
+        all_samples, all_tokens = self.accelerator.gather(local[None]).sum(0).unbind()
+        if not samples:
+            return None
+        share = (tokens / samples) * (all_samples / all_tokens.clamp(min=1))
+        if self.args.task_loss_reduction == "sample_mean":
+            return share, 1.0
+        return share, self.accelerator.num_processes * samples / all_samples
 
-    def _active_tasks(self, mode: str, losses) -> list[str]:
-        """The tasks whose losses every process records this step (the same list on all: collectives match)."""
-        active = [task for task in TASKS if self.task_ratios[task] > 0 or task in losses]
-        if mode == "eval" and isinstance(self.eval_dataset, EvalTasksDataset):
-            active = sorted(set(active) | set(self.eval_dataset.tasks), key=TASKS.index)
-        return active
+    def _captions_active(self, mode: str) -> bool:
+        """Whether any process may score captions this step (the same answer on all: the collectives match)."""
+        if self.task_ratios[IMAGE_TO_TEXT] > 0:
+            return True
+        return (
+            mode == "eval"
+            and isinstance(self.eval_dataset, EvalTasksDataset)
+            and (IMAGE_TO_TEXT in self.eval_dataset.tasks)
+        )
 
     def _task_loss(self, model, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if task == IMAGE_TO_TEXT:
