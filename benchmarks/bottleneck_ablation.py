@@ -1,4 +1,5 @@
-"""Why the bottleneck: RecA's copy-and-paste collapse, reproduced in miniature on a tiny random Emu3.
+"""Why the bottleneck: RecA's copy-and-paste collapse, reproduced in miniature on a tiny random Emu3 (token
+targets) and on a tiny flow-matching UMM (continuous targets, ``--kind flow``).
 
 Emu3 reads its condition and writes its target in one representation (VQ ids of one codebook). Four
 runs train the same tiny model on the same synthetic shapes for the same steps, through `RecATrainer`:
@@ -12,12 +13,19 @@ Expected (the RecA authors' warning): (a) falls toward zero within a few hundred
 image's condition, predicts that image's codes (it copies); (b), (c) and (d) stay near their plateau;
 the collapse detector fires on (a) only.
 
+``--kind flow`` runs the same four conditions on ``tiny_umm("flow_latents")``: its condition is the target's own
+autoencoder latents (8x8x4 at 32 px), read by the language model and handed to the SANA transformer both
+through the learnable queries and on its latent grid. Its loss is the flow-matching velocity error, so the
+copy is read by the loss-based probe, ``condition_swap_loss``: ``condition_gain = 1 - own / swapped`` on
+held-out images. This run calibrates the detector's ``GAIN_THRESHOLD``: (a) must cross it, the others not.
+
 Writes to --output-dir: losses.csv (train and held-out loss per logged step), summary.csv (final losses,
-the detector's firing step, the final swap-probe agreement) and bottleneck_ablation.png (the curves, the
-firing step marked).
+the detector's firing step, the final swap-probe reading), probes.csv (flow: every detector probe, its step
+and gain) and bottleneck_ablation.png (the curves, the firing step marked).
 
     python benchmarks/bottleneck_ablation.py                  # 4 runs x 400 steps, seed 0 (~2-4 min on 2 cores)
     python benchmarks/bottleneck_ablation.py --seeds 0 1 2    # the figures in the README
+    python benchmarks/bottleneck_ablation.py --kind flow --seeds 0 1 2   # the flow figures (~5 min a seed)
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ import torch
 
 from reca_hf import RecACollator, RecAConfig, RecATrainer
 from reca_hf.adapters import get_adapter
-from reca_hf.callbacks import swap_probe
+from reca_hf.callbacks import condition_swap_loss, swap_probe
 from reca_hf.data import synthetic_shapes
 from reca_hf.testing import tiny_umm
 
@@ -46,6 +54,7 @@ CONDITIONS = {
     "d_control_other_image": {"condition_resolution": 32, "condition_bottleneck": "none", "allow_shortcut": True},
 }
 CONTROL = "d_control_other_image"
+ARCH = {"tokens": "emu3", "flow": "flow_latents"}
 
 
 class OtherImageCollator(RecACollator):
@@ -58,10 +67,11 @@ class OtherImageCollator(RecACollator):
 
 
 def run(name: str, *, steps: int, seed: int, train_images: int, held_out: int, batch_size: int, lr: float,
-        eval_every: int, output_dir: Path) -> dict:  # fmt: skip
-    """Train one condition; returns its loss curves, the detector's firing step and the final swap probe."""
+        eval_every: int, output_dir: Path, kind: str = "tokens") -> dict:  # fmt: skip
+    """Train one condition; returns its loss curves, the detector's firing step and probe readings, and the
+    final swap probe (token agreement, or for ``kind="flow"`` the loss-based condition gain)."""
     settings = CONDITIONS[name]
-    model, processor = tiny_umm("emu3", seed=seed)
+    model, processor = tiny_umm(ARCH[kind], seed=seed)
     data = synthetic_shapes(train_images + held_out, size=32, seed=seed)
     train = data.select(range(train_images)).remove_columns("caption")
     held = data.select(range(train_images, train_images + held_out)).remove_columns("caption")
@@ -103,7 +113,7 @@ def run(name: str, *, steps: int, seed: int, train_images: int, held_out: int, b
         (log["step"], log["eval_reconstruction_loss"]) for log in history if "eval_reconstruction_loss" in log
     ]
     views = trainer.data_collator.views
-    probe = swap_probe(trainer.adapter, model, list(held["image"]), views)
+    probe = (condition_swap_loss if kind == "flow" else swap_probe)(trainer.adapter, model, list(held["image"]), views)
     detector = trainer.collapse_detector
     return {
         "condition": name,
@@ -111,32 +121,55 @@ def run(name: str, *, steps: int, seed: int, train_images: int, held_out: int, b
         "train": train_curve,
         "held_out": held_curve,
         "fired_at_step": detector.fired_at_step if detector else None,
-        "swap_copy_rate": probe["swap_copy_rate"],
-        "swap_target_rate": probe["swap_target_rate"],
+        "probes": list(detector.history) if detector else [],
+        **probe,
         "seconds": seconds,
         "ms_per_step": 1000 * seconds / steps,
     }
 
 
-def summarise(results: list[dict], uniform: float) -> list[dict]:
+def summarise(results: list[dict], uniform: float | None) -> list[dict]:
+    """One row per run. Token runs report the uniform-guess loss and the swap agreement; flow runs the first
+    logged loss (the detector's reference) and the loss-based probe, final and highest over the run."""
     rows = []
     for result in results:
-        rows.append({
+        row = {
             "condition": result["condition"],
             "seed": result["seed"],
             "final_train_loss": round(result["train"][-1][1], 4),
             "final_held_out_loss": round(result["held_out"][-1][1], 4),
-            "uniform_guess_loss": round(uniform, 4),
-            "detector_fired_at_step": result["fired_at_step"] if result["fired_at_step"] is not None else "",
-            "swap_copy_rate": round(result["swap_copy_rate"], 3),
-            "swap_target_rate": round(result["swap_target_rate"], 3),
-            "ms_per_step": round(result["ms_per_step"], 1),
-        })  # fmt: skip
+        }
+        if uniform is not None:
+            row["uniform_guess_loss"] = round(uniform, 4)
+        else:
+            row["first_train_loss"] = round(result["train"][0][1], 4)
+        row["detector_fired_at_step"] = result["fired_at_step"] if result["fired_at_step"] is not None else ""
+        if "condition_gain" in result:
+            gains = [probe["condition_gain"] for probe in result["probes"]]
+            row["condition_gain"] = round(result["condition_gain"], 3)
+            row["max_probe_gain"] = round(max(gains), 3) if gains else ""
+            row["swap_own_loss"] = round(result["swap_own_loss"], 4)
+            row["swap_other_loss"] = round(result["swap_other_loss"], 4)
+        else:
+            row["swap_copy_rate"] = round(result["swap_copy_rate"], 3)
+            row["swap_target_rate"] = round(result["swap_target_rate"], 3)
+        row["ms_per_step"] = round(result["ms_per_step"], 1)
+        rows.append(row)
     return rows
 
 
-def write_outputs(results: list[dict], rows: list[dict], output_dir: Path) -> Path:
+def write_outputs(results: list[dict], rows: list[dict], output_dir: Path, kind: str = "tokens") -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
+    if kind == "flow":
+        with open(output_dir / "probes.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["condition", "seed", "step", "condition_gain", "swap_own_loss", "swap_other_loss",
+                             "loss_signal"])  # fmt: skip
+            for result in results:
+                for probe in result["probes"]:
+                    writer.writerow([result["condition"], result["seed"], probe["step"],
+                                     f"{probe['condition_gain']:.4f}", f"{probe['swap_own_loss']:.4f}",
+                                     f"{probe['swap_other_loss']:.4f}", int(probe["loss_signal"])])  # fmt: skip
     with open(output_dir / "losses.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["condition", "seed", "split", "step", "loss"])
@@ -148,17 +181,18 @@ def write_outputs(results: list[dict], rows: list[dict], output_dir: Path) -> Pa
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    return plot(results, output_dir / "bottleneck_ablation.png")
+    return plot(results, output_dir / "bottleneck_ablation.png", kind)
 
 
-def plot(results: list[dict], path: Path) -> Path:
+def plot(results: list[dict], path: Path, kind: str = "tokens") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     colours = dict(zip(CONDITIONS, ("tab:red", "tab:blue", "tab:green", "tab:grey")))
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    flow = kind == "flow"
+    figure, axes = plt.subplots(1, 3 if flow else 2, figsize=(16 if flow else 11, 4))
     for axis, split, title in zip(axes, ("train", "held_out"), ("training loss", "held-out loss")):
         for result in results:
             steps, losses = zip(*result[split])
@@ -166,14 +200,35 @@ def plot(results: list[dict], path: Path) -> Path:
             axis.plot(steps, losses, color=colours[result["condition"]], alpha=0.85, label=label)
             if result["fired_at_step"] is not None:
                 axis.axvline(result["fired_at_step"], color=colours[result["condition"]], linestyle=":", linewidth=1)
-        axis.set_title(f"Tiny Emu3, {title} (code cross-entropy, nats)")
+        if flow:
+            axis.set_title(f"Tiny flow UMM, {title} (velocity MSE)")
+        else:
+            axis.set_title(f"Tiny Emu3, {title} (code cross-entropy, nats)")
         axis.set_xlabel("step")
         axis.set_yscale("log")
     axes[0].set_ylabel("loss")
     handles, labels = axes[0].get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     axes[1].legend(unique.values(), unique.keys(), fontsize=7, loc="lower left")
-    figure.suptitle("Condition and target in one VQ space: without a bottleneck the model copies (dotted: detector)")
+    if flow:
+        from reca_hf.callbacks import GAIN_THRESHOLD
+
+        for result in results:
+            if result["probes"]:
+                steps, gains = zip(*[(probe["step"], probe["condition_gain"]) for probe in result["probes"]])
+                axes[2].plot(steps, gains, marker=".", color=colours[result["condition"]], alpha=0.85)
+        axes[2].axhline(GAIN_THRESHOLD, color="black", linestyle="--", linewidth=1, label="GAIN_THRESHOLD")
+        axes[2].set_title("condition_gain on held-out images (detector probes)")
+        axes[2].set_xlabel("step")
+        axes[2].set_ylim(-0.1, 1.0)
+        axes[2].legend(fontsize=7, loc="center right")
+        figure.suptitle(
+            "Condition = the target's own latents: without a bottleneck the flow model copies (dotted: detector)"
+        )
+    else:
+        figure.suptitle(
+            "Condition and target in one VQ space: without a bottleneck the model copies (dotted: detector)"
+        )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -194,16 +249,23 @@ def _quiet(logger_name: str):
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kind", choices=list(ARCH), default="tokens", help="tokens: tiny Emu3; flow: tiny flow UMM")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
     parser.add_argument("--train-images", type=int, default=1024)
     parser.add_argument("--held-out", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=None, help="default: 1e-3 (tokens), 3e-3 (flow)")
     parser.add_argument("--eval-every", type=int, default=50)
-    parser.add_argument("--output-dir", type=Path, default=Path("benchmarks/results/bottleneck_ablation"))
+    parser.add_argument("--output-dir", type=Path, default=None, help="default: benchmarks/results/bottleneck_ablation"
+                        " (flow: bottleneck_ablation_flow)")  # fmt: skip
     options = parser.parse_args(argv)
+    if options.lr is None:
+        options.lr = 3e-3 if options.kind == "flow" else 1e-3
+    if options.output_dir is None:
+        suffix = "_flow" if options.kind == "flow" else ""
+        options.output_dir = Path(f"benchmarks/results/bottleneck_ablation{suffix}")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     results = []
     with tempfile.TemporaryDirectory() as scratch, _quiet("reca_hf.trainer"):  # the shared-LLM reminder
@@ -211,15 +273,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for name in options.conditions:
                 result = run(name, steps=options.steps, seed=seed, train_images=options.train_images,
                              held_out=options.held_out, batch_size=options.batch_size, lr=options.lr,
-                             eval_every=options.eval_every, output_dir=Path(scratch))  # fmt: skip
+                             eval_every=options.eval_every, output_dir=Path(scratch), kind=options.kind)  # fmt: skip
                 results.append(result)
+                if "condition_gain" in result:
+                    probe = f"condition gain {result['condition_gain']:.3f}"
+                else:
+                    probe = f"swap copy {result['swap_copy_rate']:.2f} / target {result['swap_target_rate']:.2f}"
                 print(f"{name} seed {seed}: train {result['train'][-1][1]:.4f}, held-out "
-                      f"{result['held_out'][-1][1]:.4f}, detector {result['fired_at_step']}, swap copy "
-                      f"{result['swap_copy_rate']:.2f} / target {result['swap_target_rate']:.2f}, "
+                      f"{result['held_out'][-1][1]:.4f}, detector {result['fired_at_step']}, {probe}, "
                       f"{result['ms_per_step']:.0f} ms/step", flush=True)  # fmt: skip
-    uniform = math.log(get_adapter(tiny_umm("emu3")[0]).codebook_size)
+    uniform = math.log(get_adapter(tiny_umm("emu3")[0]).codebook_size) if options.kind == "tokens" else None
     rows = summarise(results, uniform)
-    figure = write_outputs(results, rows, options.output_dir)
+    figure = write_outputs(results, rows, options.output_dir, options.kind)
     header = "| " + " | ".join(rows[0]) + " |"
     print("\n" + header + "\n|" + "---|" * len(rows[0]))
     for row in rows:

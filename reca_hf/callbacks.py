@@ -415,7 +415,7 @@ COPY_THRESHOLD = 0.5  # probe signal: at least this share of the predictions fol
 # Loss-probe signal: the own-condition loss at most a tenth of the swapped one. A model reconstructing from the
 # condition's meaning reads 0.5-0.65 (the tiny OpenUni demo, 300-600 steps); a model copying its condition
 # drives its own loss toward 0, the gain toward 1. Provisional until a trained copying flow model is measured.
-GAIN_THRESHOLD = 0.9
+GAIN_THRESHOLD = 0.8
 _PLATEAU_WINDOW = 3  # the plateau is the highest median of this many consecutive logged losses
 
 

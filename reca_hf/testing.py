@@ -361,8 +361,9 @@ def build_tiny_emu3(seed: int = 0):
 
 
 def tiny_flow_config(tokenizer, *, condition_encoder: str = "vision", image_size: int = 32):
-    """The configuration of ``tiny_umm("flow")`` (``"flow_latents"`` with ``condition_encoder="latents"``):
-    32-px images, 8x8x4 latents, under 0.5M parameters."""
+    """The configuration of ``tiny_umm("flow")`` (``"flow_latents"`` with ``condition_encoder="latents"``, whose
+    condition slots also reach the transformer on its latent grid): 32-px images, 8x8x4 latents, under 0.5M
+    parameters."""
     from .models.tiny_flow import TinyFlowConfig, TinyFlowLatentsConfig
 
     hidden = 64
@@ -378,7 +379,8 @@ def tiny_flow_config(tokenizer, *, condition_encoder: str = "vision", image_size
         },
         text_config=tiny_llm_config(tokenizer, hidden),
         transformer_config={
-            "in_channels": 4,
+            # flow_latents: the condition slots' grid is concatenated to the noisy latents (aligned_condition)
+            "in_channels": 8 if condition_encoder == "latents" else 4,
             "out_channels": 4,
             "num_attention_heads": 2,
             "attention_head_dim": 16,

@@ -163,11 +163,20 @@ class FlowAdapter(UMMAdapter):
         device = flow.device
         batch = {k: v.to(device) for k, v in self.prepare(conditions, None, instructions).items()}
         states = self._states(flow, batch)
+        unconditional_states = None
         if guidance != 1.0:
             input_ids, attention_mask = self._encode([self.format_prompt(self.null_prompt, 0)] * len(conditions))
             unconditional = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-            states = torch.cat([states, self._states(flow, unconditional)])
-        return self._integrate(flow, states, views.generation_resolution, guidance, generator, self.num_inference_steps)
+            unconditional_states = self._states(flow, unconditional)
+        return self._integrate(
+            flow,
+            states,
+            unconditional_states,
+            views.generation_resolution,
+            guidance,
+            generator,
+            self.num_inference_steps,
+        )
 
     def sample_text_codes(
         self, flow, prompts, resolution, guidance, generator, *, num_inference_steps: int | None = None
@@ -176,29 +185,47 @@ class FlowAdapter(UMMAdapter):
         device = flow.device
         input_ids, attention_mask = self._encode([self.format_prompt(prompt, 0) for prompt in prompts])
         states = self._states(flow, {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)})
+        unconditional_states = None
         if guidance != 1.0:
             input_ids, attention_mask = self._encode([self.format_prompt(self.null_prompt, 0)] * len(prompts))
             unconditional = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-            states = torch.cat([states, self._states(flow, unconditional)])
+            unconditional_states = self._states(flow, unconditional)
         return self._integrate(
-            flow, states, resolution, guidance, generator, num_inference_steps or self.num_inference_steps
+            flow,
+            states,
+            unconditional_states,
+            resolution,
+            guidance,
+            generator,
+            num_inference_steps or self.num_inference_steps,
         )
 
-    def _integrate(self, flow, states, resolution: int, guidance: float, generator, steps: int) -> torch.Tensor:
-        """Euler steps from noise (sigma 1) to latents (sigma 0); ``states`` holds the unconditional rows after
-        the conditional ones when ``guidance != 1``."""
+    def _integrate(
+        self, flow, states, unconditional_states, resolution: int, guidance: float, generator, steps: int
+    ) -> torch.Tensor:
+        """Euler steps from noise (sigma 1) to latents (sigma 0); with ``guidance != 1`` CFG against
+        ``unconditional_states``, in one batched call when both branches' states have one shape (they differ
+        when the conditional ones carry condition slots, as with ``aligned_condition``)."""
         device = flow.device
-        count = states.shape[0] // (2 if guidance != 1.0 else 1)
+        count = states.shape[0]
         side = resolution // self.latent_stride
         shape = (count, flow.vae.config.latent_channels, side, side)
         latents = torch.randn(shape, device=device, generator=generator)
         sigmas = torch.linspace(1.0, 0.0, steps + 1, device=device)
+        batched = unconditional_states is not None and unconditional_states.shape[1:] == states.shape[1:]
+        both = torch.cat([states, unconditional_states]) if batched else None
         for sigma, next_sigma in zip(sigmas[:-1], sigmas[1:]):
-            model_input = torch.cat([latents, latents]) if guidance != 1.0 else latents
-            velocity = flow.velocity(model_input, sigma.expand(states.shape[0]), states).float()
-            if guidance != 1.0:
+            if unconditional_states is None:
+                velocity = flow.velocity(latents, sigma.expand(count), states).float()
+                latents = latents + (next_sigma - sigma) * velocity
+                continue
+            if batched:
+                velocity = flow.velocity(torch.cat([latents, latents]), sigma.expand(2 * count), both).float()
                 conditional, unconditional_velocity = velocity.chunk(2)
-                velocity = unconditional_velocity + guidance * (conditional - unconditional_velocity)
+            else:
+                conditional = flow.velocity(latents, sigma.expand(count), states).float()
+                unconditional_velocity = flow.velocity(latents, sigma.expand(count), unconditional_states).float()
+            velocity = unconditional_velocity + guidance * (conditional - unconditional_velocity)
             latents = latents + (next_sigma - sigma) * velocity
         return latents
 
@@ -209,14 +236,18 @@ class FlowAdapter(UMMAdapter):
 @register_adapter(tiny=build_tiny_flow_latents)
 class FlowLatentsAdapter(FlowAdapter):
     """The tiny flow model with the autoencoder as its understanding encoder: the condition is the target's
-    own latents, the same representation it generates. Only the bottleneck ablation wants this."""
+    own latents, the same representation it generates, and the language model's states at the condition slots
+    also reach the transformer on its latent grid (``aligned_condition``). Only the bottleneck ablation wants
+    this."""
 
     name = "flow_latents"
     model_types = ("reca_tiny_flow_latents",)
     condition_space = "kl-latents"
     condition_relation = "same"
     understanding_modules = ()
+    generation_modules = ("queries", "query_projector", "grid_projector", "transformer")
     default_freeze = ("condition_projector", "language_model", "vae")
+    lora_generation_targets = (*FlowAdapter.lora_generation_targets, r"grid_projector")
 
     def num_condition_tokens(self, resolution: int) -> int:
         return (resolution // self.latent_stride) ** 2

@@ -8,7 +8,15 @@ velocity on the latents of a KL autoencoder. It exists to exercise the continuou
 
 ``condition_encoder="latents"`` replaces SigLIP by the autoencoder itself: the condition is then the target's
 own latents, the same representation the generator predicts. That is the copy-and-collapse setting the
-bottleneck ablation (``benchmarks/bottleneck_ablation.py --kind flow``) needs.
+bottleneck ablation (``benchmarks/bottleneck_ablation_flow.py``) needs. With ``aligned_condition=True`` (the
+``flow_latents`` default) the language model's hidden states at the condition slots also reach the generator
+on its own latent grid: projected to latent channels, resized to the grid and concatenated to the noisy
+latents, as in models that generate inside the sequence that holds their condition (Show-o, Harmon, BAGEL),
+where a target position finds its condition position directly. The queries alone are a bottleneck of their
+own here: a random two-layer language model averages the 64 slots into 16 queries (a linear read of the
+target from the query states explains about 5% of its variance, from the slot states about 90%), and the
+transformer's cross-attention had not learnt to use even an exact copy of the target's latents after 600
+steps.
 
 Everything lives in one ``PreTrainedModel``, so ``save_pretrained`` writes one ``model.safetensors`` and
 ``config.json`` and ``from_pretrained`` restores it.
@@ -30,7 +38,9 @@ class TinyFlowConfig(PreTrainedConfig):
 
     ``transformer_config`` and ``vae_config`` are the keyword arguments of diffusers'
     ``SanaTransformer2DModel`` and ``AutoencoderKL``; ``num_queries`` learnable queries carry the condition
-    to the transformer; ``image_token_id`` is the prompt's image-slot token.
+    to the transformer; ``aligned_condition`` also hands it the hidden states at the condition slots on its
+    latent grid (its ``in_channels`` must then be twice the latent channels); ``image_token_id`` is the
+    prompt's image-slot token.
     """
 
     model_type = "reca_tiny_flow"
@@ -45,6 +55,7 @@ class TinyFlowConfig(PreTrainedConfig):
     vae_config: dict | None = None
     num_queries: int = 16
     condition_encoder: str = "vision"
+    aligned_condition: bool = False
     image_token_id: int = 0
     image_size: int = 32
 
@@ -92,6 +103,15 @@ class TinyFlowModel(PreTrainedModel):
         self.queries = MetaQueries(config.num_queries, hidden)
         self.transformer = SanaTransformer2DModel(**config.transformer_config)
         self.query_projector = torch.nn.Linear(hidden, self.transformer.config.caption_channels)
+        self.grid_projector = None
+        if config.aligned_condition:
+            channels = self.vae.config.latent_channels
+            if self.transformer.config.in_channels != 2 * channels:
+                raise ValueError(
+                    f"aligned_condition=True concatenates the condition grid to the noisy latents: the transformer's "
+                    f"in_channels must be {2 * channels}, not {self.transformer.config.in_channels}"
+                )
+            self.grid_projector = torch.nn.Linear(self.transformer.config.caption_channels, channels)
         self.post_init()
 
     # ---- understanding ----
@@ -130,7 +150,9 @@ class TinyFlowModel(PreTrainedModel):
         condition_pixel_values: torch.Tensor | None = None,
         condition_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The transformer's conditioning: the language model's hidden states at the queries, projected."""
+        """The transformer's conditioning: the language model's hidden states at the queries, projected
+        (``(B, num_queries, C)``); with ``aligned_condition`` the projected states at the condition slots follow
+        the queries (``(B, num_queries + N, C)``, N = 0 without a condition image)."""
         embeddings = self.language_model.get_input_embeddings()(input_ids)
         if condition_pixel_values is not None:
             features = self.condition_features(condition_pixel_values)
@@ -151,10 +173,27 @@ class TinyFlowModel(PreTrainedModel):
         hidden = self.language_model(
             inputs_embeds=embeddings, attention_mask=attention_mask, position_ids=position_ids
         ).last_hidden_state
-        return self.query_projector(hidden[:, -queries.shape[1] :])
+        states = hidden[:, -queries.shape[1] :]
+        if self.grid_projector is not None and condition_pixel_values is not None:
+            slots = hidden[:, : -queries.shape[1]][condition_mask.to(hidden.device)]
+            states = torch.cat([states, slots.view(batch_size, -1, hidden.shape[-1])], dim=1)
+        return self.query_projector(states)
+
+    def condition_grid(self, states: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """The slot states of ``states`` as latent channels on a grid of ``shape`` (zeros without a condition)."""
+        slots = states[:, self.config.num_queries :]
+        if slots.shape[1] == 0:
+            return states.new_zeros(shape)
+        side = int(round(slots.shape[1] ** 0.5))
+        grid = self.grid_projector(slots).transpose(1, 2).reshape(shape[0], shape[1], side, side)
+        return torch.nn.functional.interpolate(grid, size=tuple(shape[-2:]), mode="nearest")
 
     def velocity(self, noisy_latents: torch.Tensor, sigmas: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         """The transformer's velocity prediction at noise levels ``sigmas`` in [0, 1] (timestep = 1000 sigma)."""
+        if self.grid_projector is not None:
+            grid = self.condition_grid(states, noisy_latents.shape)
+            noisy_latents = torch.cat([noisy_latents, grid.to(noisy_latents.dtype)], dim=1)
+            states = states[:, : self.config.num_queries]
         return self.transformer(
             noisy_latents.to(self.transformer.dtype),
             encoder_hidden_states=states.to(self.transformer.dtype),
@@ -190,3 +229,4 @@ class TinyFlowLatentsConfig(TinyFlowConfig):
 
     model_type = "reca_tiny_flow_latents"
     condition_encoder: str = "latents"
+    aligned_condition: bool = True
