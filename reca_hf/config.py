@@ -222,7 +222,7 @@ class RecAConfig(TrainingArguments):
             The rule: the logged reconstruction loss falls below 0.25 x its earlier plateau or below 0.1 x
             ln(codebook size) (continuous targets: 0.1 x the first logged loss), AND the condition-swap probe finds
             at least half of the predictions following the swapped-in condition instead of the target (continuous
-            targets: a condition_gain of at least 0.9).
+            targets: a condition_gain of at least 0.8).
         collapse_probe_steps (`int`, *optional*, defaults to `200`):
             Run the condition-swap probe every this many steps (and at the first log where the loss signal
             appears). The probe pairs image j's condition with image i's teacher-forced target and measures
@@ -636,7 +636,7 @@ class RecAConfig(TrainingArguments):
             "detector). The rule: the logged reconstruction loss falls below 0.25 x its earlier plateau or below "
             "0.1 x ln(codebook size) (continuous targets: 0.1 x the first logged loss), AND the condition-swap "
             "probe finds at least half of the predictions following the swapped-in condition instead of the "
-            "target (continuous targets: a condition_gain of at least 0.9).",
+            "target (continuous targets: a condition_gain of at least 0.8).",
             "choices": list(COLLAPSE_ACTIONS),
         },
     )

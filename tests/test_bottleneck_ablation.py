@@ -46,7 +46,7 @@ def test_only_the_same_space_flow_condition_copies_and_the_loss_probe_detects_it
     spec = importlib.util.spec_from_file_location("bottleneck_ablation", SCRIPT)
     ablation = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ablation)
-    argv = ["--kind", "flow", "--steps", "STEPS", "--seeds", "0", "--train-images", "512", "--held-out", "32",
+    argv = ["--kind", "flow", "--steps", "250", "--seeds", "0", "--train-images", "512", "--held-out", "32",
             "--eval-every", "25", "--output-dir", str(tmp_path)]  # fmt: skip
     with pytest.warns(UserWarning, match="allow_shortcut=True"):
         rows = ablation.main(argv)

@@ -8,7 +8,7 @@ velocity on the latents of a KL autoencoder. It exists to exercise the continuou
 
 ``condition_encoder="latents"`` replaces SigLIP by the autoencoder itself: the condition is then the target's
 own latents, the same representation the generator predicts. That is the copy-and-collapse setting the
-bottleneck ablation (``benchmarks/bottleneck_ablation_flow.py``) needs. With ``aligned_condition=True`` (the
+bottleneck ablation (``benchmarks/bottleneck_ablation.py --kind flow``) needs. With ``aligned_condition=True`` (the
 ``flow_latents`` default) the language model's hidden states at the condition slots also reach the generator
 on its own latent grid: projected to latent channels, resized to the grid and concatenated to the noisy
 latents, as in models that generate inside the sequence that holds their condition (Show-o, Harmon, BAGEL),
