@@ -124,3 +124,28 @@ def test_activation_checkpointing_reaches_the_diffusers_transformer_with_the_sam
     assert model.transformer.gradient_checkpointing
     adapter.loss(model, batch, noise=noise).backward()
     assert torch.allclose(model.transformer.proj_out.weight.grad, expected, atol=1e-6)
+
+
+def test_the_same_space_variant_hands_its_condition_slots_to_the_transformer_on_its_grid(shapes):
+    """flow_latents (aligned_condition): the states carry the queries and then one state per condition slot, the
+    slots' grid reaches the transformer (another condition changes the velocity), and CFG still runs when the
+    unconditional branch has no slots."""
+    with pytest.warns(UserWarning, match="allow_shortcut=True"):
+        model, adapter, batch = _batch("flow_latents", shapes, condition_resolution=32, allow_shortcut=True)
+    states = model.encoder_states(batch["input_ids"], batch["attention_mask"], batch["condition_pixel_values"],
+                                  batch["condition_mask"])  # fmt: skip
+    assert states.shape[1] == model.config.num_queries + 64  # 8x8 latent slots at 32 px
+    unconditional = model.encoder_states(batch["input_ids"][:, -4:], batch["attention_mask"][:, -4:])
+    assert unconditional.shape[1] == model.config.num_queries
+    noisy, sigmas = torch.randn(4, 4, 8, 8), torch.full((4,), 0.75)
+    swapped = model.encoder_states(batch["input_ids"], batch["attention_mask"],
+                                   batch["condition_pixel_values"].roll(1, 0), batch["condition_mask"])  # fmt: skip
+    swapped_slots = torch.cat([states[:, : model.config.num_queries], swapped[:, model.config.num_queries :]], 1)
+    with torch.no_grad():
+        assert not torch.allclose(model.velocity(noisy, sigmas, states), model.velocity(noisy, sigmas, swapped_slots))
+    images = [shapes[i]["image"] for i in range(2)]
+    assert len(adapter.reconstruct(images, model=model, views=ViewSpec(32, 32), guidance_scale=2.0, seed=0)) == 2
+    config = model.config
+    config.transformer_config = {**config.transformer_config, "in_channels": 4}
+    with pytest.raises(ValueError, match="in_channels must be 8"):
+        TinyFlowModel(config)
