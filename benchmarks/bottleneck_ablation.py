@@ -25,7 +25,7 @@ and gain) and bottleneck_ablation.png (the curves, the firing step marked).
 
     python benchmarks/bottleneck_ablation.py                  # 4 runs x 400 steps, seed 0 (~2-4 min on 2 cores)
     python benchmarks/bottleneck_ablation.py --seeds 0 1 2    # the figures in the README
-    python benchmarks/bottleneck_ablation.py --kind flow --seeds 0 1 2   # the flow figures (~5 min a seed)
+    python benchmarks/bottleneck_ablation.py --kind flow --seeds 0 1 2   # the flow figures (~3-4 min a seed)
 """
 
 from __future__ import annotations
