@@ -181,24 +181,38 @@ def build_tiny_janus(seed: int = 0, *, pretrained_tokenizer: bool = False):
 
 def tiny_janus_from_config(seed: int = 0, **config_kwargs):
     """A tiny random Janus of :func:`tiny_janus_config` ``(**config_kwargs)`` and its processor."""
-    from transformers import GenerationConfig, JanusForConditionalGeneration, JanusImageProcessorPil, JanusProcessor
+    from transformers import JanusForConditionalGeneration
 
     tokenizer = tiny_tokenizer()
     config = tiny_janus_config(tokenizer, **config_kwargs)
     torch.manual_seed(seed)
     model = JanusForConditionalGeneration(config).eval()
-    # As the public checkpoints' generation_config.json: what generate(generation_mode="image") reads. Built, not
-    # derived from the model config, so that a saved tiny model keeps it when loaded back.
-    model.generation_config = GenerationConfig(
+    model.generation_config, processor = _janus_generation_parts(
+        tokenizer,
+        config.vision_config.image_size,
+        image_tokens=int(config.vq_config.num_patches) ** 2,
+        condition_tokens=config.vision_config.num_image_tokens,
+    )
+    return model, processor
+
+
+def _janus_generation_parts(tokenizer, image_size: int, *, image_tokens: int, condition_tokens: int):
+    """The generation config and processor of a tiny-tokenizer Janus.
+
+    The generation config is as the public checkpoints' generation_config.json (what
+    ``generate(generation_mode="image")`` reads), built rather than derived from the model config, so that a saved
+    tiny model keeps it when loaded back."""
+    from transformers import GenerationConfig, JanusImageProcessorPil, JanusProcessor
+
+    generation_config = GenerationConfig(
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         generation_kwargs={
             "boi_token_id": tokenizer.convert_tokens_to_ids(_SPECIALS["boi"]),
-            "num_image_tokens": int(config.vq_config.num_patches) ** 2,
+            "num_image_tokens": image_tokens,
         },
     )
-    image_size = config.vision_config.image_size
     image_processor = JanusImageProcessorPil(
         size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
     )
@@ -206,9 +220,9 @@ def tiny_janus_from_config(seed: int = 0, **config_kwargs):
         image_processor=image_processor,
         tokenizer=tokenizer,
         chat_template=_JANUS_CHAT_TEMPLATE,
-        num_image_tokens=config.vision_config.num_image_tokens,
+        num_image_tokens=condition_tokens,
     )
-    return model, processor
+    return generation_config, processor
 
 
 def load_demo_tokenizer(model) -> None:
@@ -227,13 +241,7 @@ def build_janus(seed: int, *, image_size: int, patch_size: int, text: dict, visi
     match ``image_size // patch_size``) with the tiny tokenizer's processor: benchmarks build Janus-Pro-shaped
     models with it, no download. ``text`` may set a larger ``vocab_size`` than the tokenizer's (ids beyond it
     are never fed). ``device`` builds the weights there directly."""
-    from transformers import (
-        GenerationConfig,
-        JanusConfig,
-        JanusForConditionalGeneration,
-        JanusImageProcessorPil,
-        JanusProcessor,
-    )
+    from transformers import JanusConfig, JanusForConditionalGeneration
 
     tokenizer = tiny_tokenizer()
     grid = image_size // patch_size
@@ -246,22 +254,9 @@ def build_janus(seed: int, *, image_size: int, patch_size: int, text: dict, visi
     torch.manual_seed(seed)
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = JanusForConditionalGeneration(config).eval()
-    model.generation_config = GenerationConfig(
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        generation_kwargs={
-            "boi_token_id": tokenizer.convert_tokens_to_ids(_SPECIALS["boi"]),
-            "num_image_tokens": grid**2,
-        },
+    model.generation_config, processor = _janus_generation_parts(
+        tokenizer, image_size, image_tokens=grid**2, condition_tokens=grid**2
     )
-    image_processor = JanusImageProcessorPil(
-        size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
-    )
-    processor = JanusProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=_JANUS_CHAT_TEMPLATE,
-        num_image_tokens=grid**2,
-    )  # fmt: skip
     return model, processor
 
 

@@ -163,11 +163,7 @@ class FlowAdapter(UMMAdapter):
         device = flow.device
         batch = {k: v.to(device) for k, v in self.prepare(conditions, None, instructions).items()}
         states = self._states(flow, batch)
-        unconditional_states = None
-        if guidance != 1.0:
-            input_ids, attention_mask = self._encode([self.format_prompt(self.null_prompt, 0)] * len(conditions))
-            unconditional = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-            unconditional_states = self._states(flow, unconditional)
+        unconditional_states = self._null_states(flow, len(conditions)) if guidance != 1.0 else None
         return self._integrate(
             flow,
             states,
@@ -178,6 +174,13 @@ class FlowAdapter(UMMAdapter):
             self.num_inference_steps,
         )
 
+    def _null_states(self, flow, count: int) -> torch.Tensor:
+        """The unconditional branch of classifier-free guidance: the null prompt, without an image, ``count`` times."""
+        input_ids, attention_mask = self._encode([self.format_prompt(self.null_prompt, 0)] * count)
+        return self._states(
+            flow, {"input_ids": input_ids.to(flow.device), "attention_mask": attention_mask.to(flow.device)}
+        )
+
     def sample_text_codes(
         self, flow, prompts, resolution, guidance, generator, *, num_inference_steps: int | None = None
     ) -> torch.Tensor:
@@ -185,11 +188,7 @@ class FlowAdapter(UMMAdapter):
         device = flow.device
         input_ids, attention_mask = self._encode([self.format_prompt(prompt, 0) for prompt in prompts])
         states = self._states(flow, {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)})
-        unconditional_states = None
-        if guidance != 1.0:
-            input_ids, attention_mask = self._encode([self.format_prompt(self.null_prompt, 0)] * len(prompts))
-            unconditional = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-            unconditional_states = self._states(flow, unconditional)
+        unconditional_states = self._null_states(flow, len(prompts)) if guidance != 1.0 else None
         return self._integrate(
             flow,
             states,
