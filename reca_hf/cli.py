@@ -46,7 +46,6 @@ def _problems_text(recipe: str | None, problems: list[str]) -> str:
 
 
 def train(recipe: str | None, overrides: list[str]) -> None:
-    from .data import load_image_dataset
     from .freeze import format_table
     from .hub import HubPushError
     from .trainer import NonFiniteLossError, NonFiniteWeightsError, RecATrainer
@@ -57,32 +56,9 @@ def train(recipe: str | None, overrides: list[str]) -> None:
             "reca train: set model_name_or_path and dataset_name (in a recipe, or as --model_name_or_path ... "
             "--dataset_name ...)"
         )
-    columns = config.image_columns
-    dataset = load_image_dataset(
-        config.dataset_name,
-        config.dataset_config,
-        config.dataset_split,
-        columns["train"],
-        config.max_train_samples,
-        seed=config.seed,
-        streaming=config.dataset_streaming,
-    )
-    extra = {}
-    for task in ("i2t", "t2i"):
-        name = getattr(config, f"{task}_dataset_name")
-        if name:
-            extra[f"{task}_dataset"] = load_image_dataset(
-                name,
-                getattr(config, f"{task}_dataset_config"),
-                getattr(config, f"{task}_dataset_split"),
-                columns[task],
-                seed=config.seed + 1,  # synthetic shapes: other images than the reconstruction set's
-                text_column=config.caption_column,
-                source=task,
-                streaming=config.dataset_streaming,
-            )
-    if config.eval_dataset_name:
-        extra["eval_dataset"] = _eval_dataset(config)
+    dataset = _recipe_dataset(config, "train")
+    extra = {f"{source}_dataset": data for source in ("i2t", "t2i", "eval")
+             if (data := _recipe_dataset(config, source)) is not None}  # fmt: skip
     trainer = RecATrainer(config.model_name_or_path, args=config, train_dataset=dataset, **extra)
     _check_processes_train_together(trainer)
     main_process = trainer.is_world_process_zero()  # the summary lines are the main process's alone
@@ -107,19 +83,33 @@ def train(recipe: str | None, overrides: list[str]) -> None:
     print(f"Saved to {config.output_dir}")
 
 
-def _eval_dataset(config):
-    """The eval set a recipe names (eval_dataset_name, _config, _split; 64 synthetic shapes by default)."""
+_SYNTHETIC_SEED_OFFSETS = {"train": 0, "i2t": 1, "t2i": 1, "eval": 2}  # synthetic shapes: other images per role
+
+
+def _recipe_dataset(config, source: str):
+    """The dataset a recipe names for ``source`` (train, i2t, t2i or eval: ``dataset_name``, ``i2t_dataset_name``,
+    ...), with its config, split, image column and sample cap; None when it names none. Image-to-text and
+    text-to-image sets read captions; the eval set is never streamed (64 synthetic shapes by default)."""
     from .data import SYNTHETIC, load_image_dataset
 
-    name = config.eval_dataset_name
+    prefix = "" if source == "train" else f"{source}_"
+    name = getattr(config, f"{prefix}dataset_name")
+    if not name:
+        return None
+    max_samples = {
+        "train": config.max_train_samples,
+        "eval": config.max_eval_samples or (64 if name == SYNTHETIC else None),
+    }.get(source)
     return load_image_dataset(
         name,
-        config.eval_dataset_config,
-        config.eval_dataset_split,
-        config.image_columns["eval"],
-        config.max_eval_samples or (64 if name == SYNTHETIC else None),
-        seed=config.seed + 2,  # synthetic shapes: neither the training nor the image-to-text ones
-        source="eval",
+        getattr(config, f"{prefix}dataset_config"),
+        getattr(config, f"{prefix}dataset_split"),
+        config.image_columns[source],
+        max_samples,
+        seed=config.seed + _SYNTHETIC_SEED_OFFSETS[source],
+        text_column=config.caption_column if source in ("i2t", "t2i") else None,
+        source=source,
+        streaming=config.dataset_streaming and source != "eval",
     )
 
 
