@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import re
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from .prompts import load_prompts
+from .tiny_text import tiny_llm_config, tiny_vocabulary, word_level_tokenizer
 
 _SPECIALS = {
     "pad": "<pad>",
@@ -32,26 +30,13 @@ _JANUS_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|Assistant|>:{% endif %}"
 )
-_EXTRA_WORDS = (
-    "a an the of on in at and with image picture photo left right top bottom middle centre center "
-    "red green blue yellow purple orange white black grey gray cyan magenta circle square triangle "
-    "small large big background shape shapes one two three four beige"
-).split()
-
-
-@lru_cache(maxsize=1)
-def _vocabulary() -> tuple[str, ...]:
-    words = set(_EXTRA_WORDS)
-    for prompt in load_prompts():
-        words.update(re.findall(r"\w+|[^\w\s]", prompt.lower()))
-    return tuple(sorted(words))
 
 
 def tiny_tokenizer():
     """A word-level tokenizer over the project's prompts, with Janus-style special tokens."""
-    return _word_level_tokenizer(
+    return word_level_tokenizer(
         list(_SPECIALS.values()) + _CHAT_WORDS,
-        list(_vocabulary()),
+        list(tiny_vocabulary()),
         bos=_SPECIALS["bos"],
         eos=_SPECIALS["eos"],
         pad=_SPECIALS["pad"],
@@ -62,66 +47,6 @@ def tiny_tokenizer():
             "eoi_token": _SPECIALS["eoi"],
         },
     )
-
-
-def _word_level_tokenizer(
-    specials: list[str],
-    words: list[str],
-    *,
-    bos: str,
-    eos: str,
-    pad: str,
-    unk: str,
-    extra_special_tokens: dict[str, str],
-    add_bos: bool = True,
-    split_digits: bool = False,
-):
-    """A lowercasing word-level fast tokenizer: ``specials`` first (never split), then ``words``.
-
-    ``add_bos=False`` leaves the begin-of-sequence token to the processor (Emu3's processor writes it);
-    ``split_digits`` makes every digit its own word, so size text such as ``"16*16"`` needs only ten.
-    """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {token: i for i, token in enumerate(specials + words)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = (
-        pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
-        if split_digits
-        else pre_tokenizers.Whitespace()
-    )
-    backend.add_special_tokens(specials)
-    if add_bos:
-        backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
-        )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=bos,
-        eos_token=eos,
-        pad_token=pad,
-        unk_token=unk,
-        padding_side="left",
-        extra_special_tokens=extra_special_tokens,
-    )
-
-
-def tiny_llm_config(tokenizer, hidden_size: int = 64) -> dict:
-    """The tiny language model of the tiny architectures (2 layers, 4 heads), sized to ``tokenizer``."""
-    return {
-        "vocab_size": len(tokenizer),
-        "hidden_size": hidden_size,
-        "intermediate_size": 2 * hidden_size,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
 
 
 # The demo's Janus tokenizer: a VQ trained on the synthetic shapes by scripts/train_demo_tokenizer.py, shipped
@@ -291,8 +216,8 @@ def build_tiny_emu3(seed: int = 0):
     image_size, codebook_size = 32, 64
     visual_tokens = [f"<|visual token {code:06d}|>" for code in range(codebook_size)]  # the name Emu3 parses
     specials = list(_EMU3_SPECIALS.values()) + visual_tokens
-    words = sorted({*_vocabulary(), "user", "assistant", "you", "are", "a", "helpful", "*", *"0123456789"})
-    tokenizer = _word_level_tokenizer(
+    words = sorted({*tiny_vocabulary(), "user", "assistant", "you", "are", "a", "helpful", "*", *"0123456789"})
+    tokenizer = word_level_tokenizer(
         specials,
         words,
         bos=_EMU3_SPECIALS["bos"],

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ...testing import _vocabulary, _word_level_tokenizer
+from ...tiny_text import tiny_vocabulary, word_level_tokenizer
 from .configuration_openuni import OpenUniConfig
 from .modeling_openuni import OpenUniModel
 
@@ -52,8 +52,8 @@ def tiny_openuni_processor():
         def __init__(self, image_processor=None, tokenizer=None, image_seq_length=256, chat_template=None, **kwargs):
             super().__init__(image_processor, tokenizer, None, image_seq_length, chat_template, **kwargs)
 
-    words = sorted({*_vocabulary(), "user", "assistant", "generate", ":", "."})
-    tokenizer = _word_level_tokenizer(
+    words = sorted({*tiny_vocabulary(), "user", "assistant", "generate", ":", "."})
+    tokenizer = word_level_tokenizer(
         list(_SPECIALS.values()),
         words,
         bos=_SPECIALS["eos"],  # Qwen2 writes no begin-of-sequence token
