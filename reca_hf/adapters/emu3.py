@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..images import ViewSpec, load_image, to_pil, to_tensor
+from ..images import ViewSpec, load_image, to_pil, to_tensor, view_size
 from ..slots import check_once, slot_count_problem
 from ..testing import build_tiny_emu3
 from .base import (
@@ -258,8 +258,8 @@ class Emu3Adapter(UMMAdapter):
         )
         return encoded["input_ids"], encoded["attention_mask"]
 
-    def _grid_of(self, images: list[Image.Image], role: str) -> tuple[int, int]:
-        sizes = {image.size for image in images}
+    def _grid_of(self, images: list, role: str) -> tuple[int, int]:
+        sizes = {view_size(image) for image in images}
         if len(sizes) != 1:
             raise ValueError(f"the {role} images of a batch must share one size, got {sorted(sizes)}")
         width, height = sizes.pop()

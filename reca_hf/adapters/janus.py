@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..images import ViewSpec, load_image, to_pil, to_tensor
+from ..images import ViewSpec, load_image, to_pil, to_tensor, view_size
 from ..slots import check_once, slot_count_problem
 from ..testing import build_tiny_janus
 from .base import (
@@ -183,7 +183,7 @@ class JanusAdapter(UMMAdapter):
 
     def prepare(self, condition_images, target_images, instructions, *, dropped=None) -> dict[str, torch.Tensor]:
         tokenizer = self._tokenizer()
-        resolution = condition_images[0].size[0]
+        resolution = view_size(condition_images[0])[0]
         num_slots = self.num_condition_tokens(resolution)
         texts = [self.format_prompt(instruction, num_slots) for instruction in instructions]
         encoded = tokenizer(texts, padding="longest", padding_side="left", return_tensors="pt")
@@ -208,7 +208,7 @@ class JanusAdapter(UMMAdapter):
 
     def prepare_image_to_text(self, images, questions, answers) -> dict[str, Any]:
         tokenizer = self._tokenizer()
-        num_slots = self.num_condition_tokens(images[0].size[0])
+        num_slots = self.num_condition_tokens(view_size(images[0])[0])
         prompts = [self.format_prompt(question, num_slots, generation=False) for question in questions]
         input_ids, attention_mask, labels = answer_batch(tokenizer, prompts, answers)
         mean, std = self._pixel_stats()
