@@ -7,6 +7,11 @@ Sequence of one RecA example (the condition sits where an image sits for underst
 
 Janus' ``forward()`` only returns text logits, so the generation loss is assembled here. Condition
 (SigLIP) and target (VQ) live in different spaces: a natural bottleneck, so 384 px in and out is safe.
+
+The condition is made from the source image (``condition_source = "image"``): padded and resized by PIL as
+Janus' image processor does, which is what its understanding path was trained on. No RecA authors' code
+exists for Janus; ``condition_source="target"`` (the target tensor, resampled by torch) is a choice a user
+can make, not a parity fix.
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ class JanusAdapter(UMMAdapter):
     )
     null_prompt = ""
     condition_fit = "pad"  # JanusImageProcessor pads to a square with its background colour
+    condition_source = "image"  # its processor's resize is what the understanding path was trained with
     # SigLIP + aligner features of the condition view, and the VQ codes of the target view.
     frozen_feature_sources = {
         "condition_features": ("model.vision_model", "model.aligner"),
