@@ -280,7 +280,9 @@ class ViewSpec:
         ``"random_crop"`` the one at ``crop_position`` (centred when None), so the condition is cut from the
         target's crop. Views of one source and shape share one resize: a smaller view is resized from the
         larger one's content when that is at least twice its size (a bicubic downscale from 2x or more above
-        the target size is within a level or two of one from the source), else from the source.
+        the target size is within a level or two of one from the source), else from the source. Under
+        ``condition_source="target"`` the target is resized from its square alone and the condition is made from
+        its tensor (:meth:`condition_from_target`): a float tensor, not a PIL image.
         """
         target_square = condition_square = image
         target_fit, condition_fit = self.target_fit, self.condition_fit
