@@ -18,7 +18,7 @@ from transformers.trainer_callback import ExportableState
 from .adapters.base import UMMAdapter, cached_key, eval_mode
 from .adapters.targets import LossNoise
 from .config import COLLAPSE_ACTIONS, MAX_GRID_IMAGES
-from .images import ViewSpec, load_image
+from .images import ViewSpec, load_image, view_image
 from .sharding import from_rank_zero
 
 ShardedForward = Callable[[Callable[[torch.nn.Module], Any]], Any]  # runs function(model) on every rank together
@@ -194,7 +194,7 @@ class ReconstructionGridCallback(TrainerCallback):
         if self._fixed_columns is None:
             columns = {
                 "input": [self.views.target_view(image) for image in self.images],
-                "condition": [self.views.condition_view(image) for image in self.images],
+                "condition": [view_image(self.views.condition_view(image)) for image in self.images],
             }
             round_trip = self._generate(
                 lambda m: self.adapter.round_trip(self.images, model=m, views=self.views), model

@@ -5,7 +5,8 @@ model's architecture adapter. `reca validate` and `RecATrainer` both run them, s
 
 - files: ``prompt_templates`` must exist, and ``base_model_id`` must not name a local folder;
 - the model: both resolutions must suit it (``"auto"`` resolved by its adapter), the condition view must not be
-  one it can copy (the shortcut guard, unless ``allow_shortcut``), and the LoRA target mode must exist for it.
+  one it can copy (the shortcut guard, unless ``allow_shortcut``), a ``condition_interpolation`` needs a condition
+  made from the target (``condition_source`` resolved by the adapter), and the LoRA target mode must exist for it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from .adapters.base import UMMAdapter
 from .config import RecAConfig, base_model_id_error
-from .images import shortcut_error
+from .images import resolve_condition_source, shortcut_error
 from .loading import is_hub_id
 from .lora import resolve_target_modules
 
@@ -44,6 +45,11 @@ def model_errors(args: RecAConfig, adapter: UMMAdapter) -> list[str]:
         shortcut = shortcut_error(adapter, condition, generation, args.condition_bottleneck)
         if shortcut and not args.allow_shortcut:
             errors.append(shortcut)
+    if args.condition_source == "auto":  # an explicit 'image' with an interpolation is RecAConfig's own error
+        try:
+            resolve_condition_source(adapter, args.condition_source, args.condition_interpolation)
+        except ValueError as error:
+            errors.append(f"{error} (condition_source 'auto' is the {adapter.name} adapter's 'image')")
     if args.use_peft:
         try:
             resolve_target_modules(adapter, args.lora_target_modules)

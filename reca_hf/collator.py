@@ -49,7 +49,8 @@ class RecACollator:
 
     For every row it decodes the image (any PIL mode becomes RGB, EXIF orientation applied), makes the
     condition view at ``condition_resolution`` through ``condition_bottleneck`` and the target view at
-    ``generation_resolution``, draws one instruction from ``(seed, epoch, row index)`` and, with
+    ``generation_resolution`` (the condition from the source image, or from the target view's tensor by
+    ``condition_interpolation``: ``condition_source``, whose ``"auto"`` is the adapter's), draws one instruction from ``(seed, epoch, row index)`` and, with
     probability ``cond_dropout_prob`` (``"auto"``: the adapter's ``default_cond_dropout_prob``), replaces it with
     the adapter's null prompt (None: the prompt leaves the instruction out). The adapter then tokenises and
     normalises (:meth:`UMMAdapter.prepare`, told which rows were dropped with ``dropped=``).
@@ -98,6 +99,8 @@ class RecACollator:
         target_fit: str = AUTO,
         condition_fit: str = AUTO,
         image_columns: dict[str, str] | None = None,
+        condition_source: str = AUTO,
+        condition_interpolation: str = AUTO,
     ):
         if bad_image_policy not in BAD_IMAGE_POLICIES:
             raise ValueError(f"bad_image_policy={bad_image_policy!r}: choose one of {', '.join(BAD_IMAGE_POLICIES)}")
@@ -116,6 +119,8 @@ class RecACollator:
             allow_shortcut,
             target_fit,
             condition_fit,
+            condition_source,
+            condition_interpolation,
         )
         templates = prompts if isinstance(prompts, list) else load_prompts(prompts)
         self.sampler = PromptSampler(templates, adapter.null_prompt, resolve_dropout(adapter, cond_dropout_prob), seed)
@@ -156,6 +161,8 @@ class RecACollator:
             target_fit=args.target_fit,
             condition_fit=args.condition_fit,
             image_columns=args.image_columns,
+            condition_source=args.condition_source,
+            condition_interpolation=args.condition_interpolation,
         )
 
     def _row_index(self, example: dict[str, Any]) -> int:

@@ -16,7 +16,15 @@ from transformers import TrainingArguments
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
 from .data import IMAGE_COLUMN_FIELDS
-from .images import AUTO, BOTTLENECKS, DEFAULT_MAX_IMAGE_PIXELS, FITS
+from .images import (
+    AUTO,
+    BOTTLENECKS,
+    CONDITION_SOURCES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    FITS,
+    INTERPOLATIONS,
+    interpolation_error,
+)
 from .tasks import TASKS
 
 logger = logging.getLogger(__name__)
@@ -146,6 +154,20 @@ class RecAConfig(TrainingArguments):
             condition is cut from the target's own square): 'pad', 'stretch', 'center_crop' or 'random_crop' (the same
             square a random-crop target would take). 'auto' follows the model's understanding processor (the adapter's
             condition_fit: 'pad' for Janus, 'stretch' for OpenUni).
+        condition_source (`str`, *optional*, defaults to `"auto"`):
+            Where the condition view's pixels come from: 'image' (the source image, resized by PIL bicubic with
+            antialiasing in 8 bit, the way an understanding processor resizes a picture), 'target' (the target
+            view's float tensor resampled to condition_resolution by condition_interpolation, not re-quantised:
+            the way the OpenUni and Show-o authors make theirs; at the generation resolution the condition is
+            the target itself, as Harmon's) or 'auto' (the architecture adapter's condition_source: 'target' for
+            OpenUni, 'image' for Janus and Emu3, whose processors' resize is what their understanding path was
+            trained with). The blur bottleneck follows it: down to condition_resolution / blur_factor and back
+            up, from the target tensor or from the image.
+        condition_interpolation (`str`, *optional*, defaults to `"auto"`):
+            How a 'target' condition is resampled (torch.nn.functional.interpolate): 'bilinear', 'bicubic',
+            'nearest', 'area', 'bilinear_antialias' or 'bicubic_antialias'. 'auto' is the architecture adapter's
+            condition_interpolation (bilinear without antialias, as the OpenUni and Show-o authors). Set it only
+            with a 'target' condition: an 'image' condition is resized by PIL.
         prompt_templates (`str`, *optional*, defaults to `"default"`):
             Reconstruction instructions: 'default' for the project's templates, or a file with one instruction
             per line or a JSON list of strings.
@@ -507,6 +529,34 @@ class RecAConfig(TrainingArguments):
                 "processor (the adapter's condition_fit: 'pad' for Janus, 'stretch' for OpenUni)."
             ),
             "choices": [AUTO, *FITS],
+        },
+    )
+    condition_source: str = field(
+        default=AUTO,
+        metadata={
+            "help": (
+                "Where the condition view's pixels come from: 'image' (the source image, resized by PIL bicubic with "
+                "antialiasing in 8 bit, the way an understanding processor resizes a picture), 'target' (the target "
+                "view's float tensor resampled to condition_resolution by condition_interpolation, not re-quantised: "
+                "the way the OpenUni and Show-o authors make theirs; at the generation resolution the condition is "
+                "the target itself, as Harmon's) or 'auto' (the architecture adapter's condition_source: 'target' for "
+                "OpenUni, 'image' for Janus and Emu3, whose processors' resize is what their understanding path was "
+                "trained with). The blur bottleneck follows it: down to condition_resolution / blur_factor and back "
+                "up, from the target tensor or from the image."
+            ),
+            "choices": [AUTO, *CONDITION_SOURCES],
+        },
+    )
+    condition_interpolation: str = field(
+        default=AUTO,
+        metadata={
+            "help": (
+                "How a 'target' condition is resampled (torch.nn.functional.interpolate): 'bilinear', 'bicubic', "
+                "'nearest', 'area', 'bilinear_antialias' or 'bicubic_antialias'. 'auto' is the architecture adapter's "
+                "condition_interpolation (bilinear without antialias, as the OpenUni and Show-o authors). Set it only "
+                "with a 'target' condition: an 'image' condition is resized by PIL."
+            ),
+            "choices": [AUTO, *INTERPOLATIONS],
         },
     )
     prompt_templates: str = field(
@@ -878,6 +928,10 @@ class RecAConfig(TrainingArguments):
         errors += _choice_error("condition_bottleneck", self.condition_bottleneck, BOTTLENECKS)
         errors += _choice_error("target_fit", self.target_fit, (AUTO, *FITS))
         errors += _choice_error("condition_fit", self.condition_fit, (AUTO, *FITS))
+        errors += _choice_error("condition_source", self.condition_source, (AUTO, *CONDITION_SOURCES))
+        errors += _choice_error("condition_interpolation", self.condition_interpolation, (AUTO, *INTERPOLATIONS))
+        if self.condition_source == "image" and self.condition_interpolation in INTERPOLATIONS:
+            errors.append(interpolation_error(self.condition_interpolation))
         if not isinstance(self.blur_factor, int) or self.blur_factor < 2:
             errors.append(f"blur_factor={self.blur_factor!r}: use an integer of at least 2 (e.g. 4 or 8).")
         dropout = self.cond_dropout_prob

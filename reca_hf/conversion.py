@@ -4,7 +4,9 @@ Every ``reca convert <arch>`` converter describes its checkpoint layout as a :cl
 regular expression over the checkpoint key, the model key it becomes, an optional tensor transform), maps the
 checkpoint with it and checks the result against the model's own state dict with :func:`check_checkpoint`. A
 checkpoint with an unknown key, a missing key and a mis-shaped tensor then fails once, with all three named,
-instead of three runs each finding the next problem (or torch's bare ``size mismatch``).
+instead of three runs each finding the next problem (or torch's bare ``size mismatch``). Where a checkpoint repeats
+weights that come from elsewhere too (a frozen part also published on its own), :func:`value_differences` finds
+the tensors that differ from that reference, and the same error names them, largest difference first.
 
 A low module: it imports only torch, so every architecture folder can use it.
 """
@@ -104,12 +106,14 @@ class CheckpointMismatchError(ValueError):
         mis_shaped: list[tuple[str, str, tuple, tuple]] = (),
         duplicates: Mapping[str, list[str]] | None = None,
         hint: str = "",
+        differing: list[tuple[str, str, float]] = (),
     ):
         self.architecture = architecture
         self.unknown = list(unknown)
         self.missing = list(missing)
         self.mis_shaped = list(mis_shaped)  # (model key, checkpoint key, checkpoint shape, model shape)
         self.duplicates = dict(duplicates or {})
+        self.differing = list(differing)  # (model key, checkpoint key, largest absolute difference), largest first
         parts = []
         if self.unknown:
             parts.append(f"{len(self.unknown)} checkpoint key(s) no rule of the key map knows: {listing(self.unknown)}")
@@ -126,6 +130,12 @@ class CheckpointMismatchError(ValueError):
             parts.append(
                 f"{len(shown)} model key(s) mapped from several checkpoint keys: {listing(shown, quote=False)}"
             )
+        if self.differing:
+            shown = [f"{source!r} -> {key!r} differs by up to {diff:.3g}" for key, source, diff in self.differing]
+            parts.append(
+                f"{len(shown)} tensor(s) differ from the reference weights (largest first): "
+                f"{listing(shown, limit=5, quote=False)}"
+            )
         message = (
             f"convert {architecture}: the checkpoint does not fit the model, nothing was written.\n- "
             + "\n- ".join(parts)
@@ -139,6 +149,29 @@ def listing(items: list[str], limit: int = 12, quote: bool = True) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
+def value_differences(
+    mapped: MappedCheckpoint,
+    reference: Mapping[str, torch.Tensor],
+    *,
+    keys: Callable[[str], bool] | None = None,
+    rtol: float = 1e-2,
+    atol: float = 1e-5,
+) -> list[tuple[str, str, float]]:
+    """The mapped tensors that differ from ``reference`` (e.g. public weights the model loaded) beyond
+    ``|a - b| <= atol + rtol * |b|`` anywhere, compared in float32: ``(model key, checkpoint key, largest absolute
+    difference)``, largest first. Only keys both hold with one shape are compared (``keys`` narrows them); the
+    default tolerance passes a bfloat16 copy of float32 weights."""
+    found = []
+    for key, tensor in mapped.tensors.items():
+        other = reference.get(key)
+        if other is None or (keys is not None and not keys(key)) or tuple(other.shape) != tuple(tensor.shape):
+            continue
+        a, b = tensor.detach().float(), other.detach().float()
+        if not torch.all((a - b).abs() <= atol + rtol * b.abs()):
+            found.append((key, mapped.sources.get(key, key), float((a - b).abs().max())))
+    return sorted(found, key=lambda item: -item[2])
+
+
 def check_checkpoint(
     mapped: MappedCheckpoint,
     expected: Mapping[str, torch.Tensor | torch.Size | tuple],
@@ -146,12 +179,14 @@ def check_checkpoint(
     architecture: str,
     required: Callable[[str], bool] | Iterable[str] | None = None,
     hint: str = "",
+    differing: list[tuple[str, str, float]] = (),
 ) -> None:
     """Raise one :class:`CheckpointMismatchError` naming every problem of ``mapped`` against ``expected``.
 
     ``expected`` is the model's state dict (or key -> shape). A mapped key the model lacks counts as unknown (with
     the checkpoint key it came from); ``required`` says which model keys the checkpoint must provide (a predicate
     or a collection; default: every key of ``expected``), the rest come from elsewhere (public parts).
+    ``differing`` (from :func:`value_differences`) are value mismatches the caller refuses, named in the same error.
     """
     shapes = {key: tuple(value.shape if isinstance(value, torch.Tensor) else value) for key, value in expected.items()}
     if required is None:
@@ -168,7 +203,7 @@ def check_checkpoint(
         for key, tensor in mapped.tensors.items()
         if key in shapes and tuple(tensor.shape) != shapes[key]
     ]
-    if unknown or missing or mis_shaped or mapped.duplicates:
+    if unknown or missing or mis_shaped or mapped.duplicates or differing:
         raise CheckpointMismatchError(
             architecture,
             unknown=unknown,
@@ -176,6 +211,7 @@ def check_checkpoint(
             mis_shaped=mis_shaped,
             duplicates=mapped.duplicates,
             hint=hint,
+            differing=differing,
         )
 
 

@@ -8,9 +8,9 @@ step and stores them as safetensors shards under ``<cache dir>/<key>/``; the col
 batch (``batch["cached_<name>"]``) and the loss skips those modules.
 
 The key hashes everything an entry depends on: the model (name, revision, and a fingerprint of the source
-modules' weights), the feature names, the views (resolutions, bottleneck, blur factor, fit, background), the
-precision, the image processor's settings and the dataset (its ``datasets`` fingerprint, else a hash of its
-image values). A change to any of them is a different key, so a stale entry is never read.
+modules' weights), the feature names, the views (resolutions, bottleneck, blur factor, fits, background, condition
+source and interpolation), the precision, the image processor's settings and the dataset (its ``datasets``
+fingerprint, else a hash of its image values). A change to any of them is a different key, so a stale entry is never read.
 
 Refused (``true``) or turned off (``auto``) where an entry would not be a function of the image alone: a
 source module that trains (freeze policy or LoRA), views drawn per epoch (``target_fit="random_crop"``: caching

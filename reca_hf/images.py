@@ -16,6 +16,18 @@ The target's default is ``"center_crop"``: no RecA author pads a generation targ
 on grey bars learns to draw them. The condition shows what the target shows: under a cropping target fit it
 is cut from the target's own square (so ``condition_fit`` has nothing left to fit), under ``"pad"`` and
 ``"stretch"`` targets it is the whole image under ``condition_fit`` (the understanding processor's way).
+
+Condition sources (``ViewSpec.condition_source``): where the condition's pixels come from. ``"image"`` resizes
+the source image with PIL (bicubic, antialiased, 8 bit), the way an understanding processor resizes a picture;
+Janus and Emu3 keep it, since it is what their understanding path was trained on. ``"target"`` makes the condition
+from the target view's float tensor (not re-quantised to 8 bit) with ``torch.nn.functional.interpolate`` at
+``ViewSpec.condition_interpolation`` (bilinear without antialias unless set otherwise), as OpenUni's and Show-o's
+authors make theirs (512 -> 448 for InternViT; 512 -> 256 for Show-o); at the generation resolution the condition
+is the target tensor itself (Harmon). The blur bottleneck follows the source: down to the blur size and back up,
+from the target tensor (Show-o's 512 -> 64 -> 512) or from the PIL view. A ``"target"`` condition is a float tensor
+``(3, H, W)`` on the 0..1 scale; adapters turn either kind of view into model inputs with :func:`to_tensor`
+(resampling commutes with per-channel normalisation, so normalising after the resize is the authors' before it,
+up to float rounding) and read its size with :func:`view_size`.
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 logger = logging.getLogger(__name__)
@@ -42,6 +55,9 @@ SHORTER_SIDE_FITS = (*CROP_FITS, "stretch")  # the fits whose view side comes fr
 _HIGH_BIT_MODES = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0}
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own warning threshold: a 0.25 GiB RGB image
 _DERIVE_RATIO = 2  # a smaller view is resized from a larger one at least this much larger (see ViewSpec.views)
+CONDITION_SOURCES = ("image", "target")  # where a condition view's pixels come from (see the module docstring)
+# Resamplers of a "target" condition: torch.nn.functional.interpolate modes, "_antialias" with antialias=True
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "area", "bilinear_antialias", "bicubic_antialias")
 
 
 class BadImageError(ValueError):
@@ -192,6 +208,10 @@ class ViewSpec:
     background: tuple[int, int, int] = (127, 127, 127)
     target_fit: str = "center_crop"  # one of FITS; a cropping fit cuts both views from one square
     condition_fit: str = "pad"  # one of FITS; used where the target does not crop (pad, stretch)
+    condition_source: str = "image"  # one of CONDITION_SOURCES
+    # The resampler of a "target" condition (one of INTERPOLATIONS; None there means "bilinear"); None for "image",
+    # whose condition PIL resizes (bicubic, antialiased)
+    condition_interpolation: str | None = None
 
     def __post_init__(self):
         if self.bottleneck not in BOTTLENECKS:
@@ -199,6 +219,28 @@ class ViewSpec:
         for name in ("target_fit", "condition_fit"):
             if getattr(self, name) not in FITS:
                 raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(FITS)}.")
+        if self.condition_source not in CONDITION_SOURCES:
+            raise ValueError(
+                f"condition_source={self.condition_source!r}: choose one of {', '.join(CONDITION_SOURCES)}."
+            )
+        if self.condition_source == "target":
+            if self.condition_interpolation is None:
+                object.__setattr__(self, "condition_interpolation", "bilinear")
+            elif self.condition_interpolation not in INTERPOLATIONS:
+                raise ValueError(
+                    f"condition_interpolation={self.condition_interpolation!r}: choose one of "
+                    f"{', '.join(INTERPOLATIONS)}."
+                )
+        elif self.condition_interpolation is not None:
+            raise ValueError(interpolation_error(self.condition_interpolation))
+
+    @property
+    def condition_resize(self) -> str:
+        """How the condition view is made, in words (the model card's setting, the run record's)."""
+        if self.condition_source == "image":
+            return "the source image, resized by PIL (bicubic, antialiased, 8 bit)"
+        mode, _, antialias = self.condition_interpolation.partition("_")
+        return f"the target tensor, {mode} {'with' if antialias else 'without'} antialias"
 
     def square(self, image: Image.Image, resolution: int, fit_policy: str | None = None) -> Image.Image:
         """``image`` as a square of side ``resolution`` under ``fit_policy`` (default: the target fit; a random
@@ -238,30 +280,45 @@ class ViewSpec:
         ``"random_crop"`` the one at ``crop_position`` (centred when None), so the condition is cut from the
         target's crop. Views of one source and shape share one resize: a smaller view is resized from the
         larger one's content when that is at least twice its size (a bicubic downscale from 2x or more above
-        the target size is within a level or two of one from the source), else from the source.
+        the target size is within a level or two of one from the source), else from the source. Under
+        ``condition_source="target"`` the target is resized from its square alone and the condition is made from
+        its tensor (:meth:`condition_from_target`): a float tensor, not a PIL image.
         """
-        target_source = condition_source = image
+        target_square = condition_square = image
         target_fit, condition_fit = self.target_fit, self.condition_fit
         if target_fit in CROP_FITS:
-            target_source = condition_source = center_square(image, _position(target_fit, crop_position))
+            target_square = condition_square = center_square(image, _position(target_fit, crop_position))
             condition_fit = target_fit
         elif condition_fit in CROP_FITS:
-            condition_source = center_square(image, _position(condition_fit, crop_position))
+            condition_square = center_square(image, _position(condition_fit, crop_position))
         stretch_target, stretch_condition = target_fit == "stretch", condition_fit == "stretch"
         resolution_c, resolution_g = self.condition_resolution, self.generation_resolution
-        if condition_source is target_source and stretch_target == stretch_condition:
+        if self.condition_source == "target":  # the target as the authors make it, then the condition from it
+            target = _pad(_resized(target_square, resolution_g, stretch_target), resolution_g, self.background)
+            return self.condition_from_target(target), target
+        if condition_square is target_square and stretch_target == stretch_condition:
             larger, smaller = sorted((resolution_c, resolution_g), reverse=True)
-            big = _resized(target_source, larger, stretch_target)
-            source = big if larger >= _DERIVE_RATIO * smaller else target_source
+            big = _resized(target_square, larger, stretch_target)
+            source = big if larger >= _DERIVE_RATIO * smaller else target_square
             fitted = {larger: big, smaller: big if smaller == larger else _resized(source, smaller, stretch_target)}
             condition, target = fitted[resolution_c], fitted[resolution_g]
         else:
-            condition = _resized(condition_source, resolution_c, stretch_condition)
-            target = _resized(target_source, resolution_g, stretch_target)
+            condition = _resized(condition_square, resolution_c, stretch_condition)
+            target = _resized(target_square, resolution_g, stretch_target)
         condition = _pad(condition, resolution_c, self.background)
         if self.bottleneck == "blur":
             condition = blur(condition, self.blur_factor)
         return condition, _pad(target, resolution_g, self.background)
+
+    def condition_from_target(self, target: Image.Image | torch.Tensor) -> torch.Tensor:
+        """A ``"target"`` condition: the target view's float tensor (0..1, not re-quantised) resampled to the
+        condition resolution at :attr:`condition_interpolation`, or under ``"blur"`` down to ``condition_resolution
+        // blur_factor`` and back up; the tensor itself where the sizes agree. Returns ``(3, H, W)``."""
+        pixels = target if isinstance(target, torch.Tensor) else to_tensor([target], (0.0,) * 3, (1.0,) * 3)[0]
+        side = self.condition_resolution
+        if self.bottleneck == "blur":
+            pixels = resample(pixels, max(1, side // self.blur_factor), self.condition_interpolation)
+        return resample(pixels, side, self.condition_interpolation)
 
 
 def _position(fit_policy: str, crop_position: float | None) -> float:
@@ -277,12 +334,50 @@ def _resized(image: Image.Image, resolution: int, stretch: bool) -> Image.Image:
     return image if image.size == size else image.resize(size, Image.Resampling.BICUBIC)
 
 
-def to_tensor(images: list[Image.Image], mean, std) -> torch.Tensor:
-    """Stack RGB images into a float tensor ``(B, 3, H, W)`` normalised as ``(x / 255 - mean) / std``."""
-    pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2).contiguous()
+def resample(pixels: torch.Tensor, side: int, interpolation: str) -> torch.Tensor:
+    """``pixels`` ``(3, H, W)`` or ``(B, 3, H, W)`` resized to a ``side`` square by ``torch.nn.functional.interpolate``
+    (``interpolation``: one of :data:`INTERPOLATIONS`); the tensor itself when it already has that size."""
+    if tuple(pixels.shape[-2:]) == (side, side):
+        return pixels
+    mode, _, antialias = interpolation.partition("_")
+    batch = pixels if pixels.dim() == 4 else pixels[None]
+    corners = False if mode in ("bilinear", "bicubic") else None  # the default, said aloud (no warning)
+    out = F.interpolate(batch.float(), size=(side, side), mode=mode, align_corners=corners, antialias=bool(antialias))
+    return out if pixels.dim() == 4 else out[0]
+
+
+def view_size(view: Image.Image | torch.Tensor) -> tuple[int, int]:
+    """``(width, height)`` of a view: a PIL image or a ``"target"`` condition tensor ``(3, H, W)``."""
+    if isinstance(view, torch.Tensor):
+        return int(view.shape[-1]), int(view.shape[-2])
+    return view.size
+
+
+def view_image(view: Image.Image | torch.Tensor) -> Image.Image:
+    """A view as a PIL image, to look at (a ``"target"`` condition tensor is quantised to 8 bit for display only)."""
+    return to_pil(view[None], (0.0,) * 3, (1.0,) * 3)[0] if isinstance(view, torch.Tensor) else view
+
+
+def to_tensor(images: list[Image.Image | torch.Tensor], mean, std) -> torch.Tensor:
+    """Stack views into a float tensor ``(B, 3, H, W)`` normalised as ``(x - mean) / std`` on the 0..1 scale.
+
+    The one helper every adapter's ``prepare`` turns views into pixels with: RGB PIL images (``x = pixel / 255``)
+    and ``"target"`` condition tensors ``(3, H, W)`` (already on the 0..1 scale, kept in float) alike.
+    """
     std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     bias = -torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std
+    if any(isinstance(image, torch.Tensor) for image in images):
+        pixels = torch.stack([_unit_pixels(image) for image in images])
+        return pixels.mul_(1.0 / std).add_(bias)
+    pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2).contiguous()
     return pixels.float().mul_(1.0 / (255.0 * std)).add_(bias)  # in place: one float pass after the cast
+
+
+def _unit_pixels(image: Image.Image | torch.Tensor) -> torch.Tensor:
+    """One view as ``(3, H, W)`` float32 on the 0..1 scale."""
+    if isinstance(image, torch.Tensor):
+        return image.detach().to(torch.float32).clone()
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div_(255.0)
 
 
 def to_pil(pixels: torch.Tensor, mean, std) -> list[Image.Image]:
@@ -355,6 +450,30 @@ def auto_condition_resolution(kind, generation: int) -> int:
     return floor
 
 
+def interpolation_error(interpolation: str) -> str:
+    """The error of a ``condition_interpolation`` set for a condition made from the source image."""
+    return (
+        f"condition_interpolation={interpolation!r} resamples a condition made from the target tensor "
+        "(condition_source='target'); this run's condition comes from the source image (condition_source='image'), "
+        "which PIL resizes (bicubic, antialiased) as the understanding processor does: leave condition_interpolation "
+        "'auto', or set condition_source='target'."
+    )
+
+
+def resolve_condition_source(kind, source: str = AUTO, interpolation: str = AUTO) -> tuple[str, str | None]:
+    """``(condition_source, condition_interpolation)`` with ``"auto"`` resolved from the adapter's
+    ``condition_source`` and ``condition_interpolation``; the interpolation is None for ``"image"`` (a ValueError
+    naming the field when one was set for it)."""
+    source = kind.condition_source if source == AUTO else source
+    if source not in CONDITION_SOURCES:
+        raise ValueError(f"condition_source={source!r}: choose 'auto' or one of {', '.join(CONDITION_SOURCES)}.")
+    if source == "image":
+        if interpolation != AUTO:
+            raise ValueError(interpolation_error(interpolation))
+        return source, None
+    return source, kind.condition_interpolation if interpolation == AUTO else interpolation
+
+
 def resolve_views(
     adapter,
     condition_resolution: int | str = AUTO,
@@ -364,15 +483,19 @@ def resolve_views(
     allow_shortcut: bool = False,
     target_fit: str = AUTO,
     condition_fit: str = AUTO,
+    condition_source: str = AUTO,
+    condition_interpolation: str = AUTO,
 ) -> ViewSpec:
-    """The views of a run: ``"auto"`` resolved for this model (resolutions, and fits from the adapter's
-    ``target_fit`` and ``condition_fit``), both resolutions checked, the shortcut guarded."""
+    """The views of a run: ``"auto"`` resolved for this model (resolutions; fits, condition source and
+    interpolation from the adapter's class attributes of those names), both resolutions checked, the shortcut
+    guarded."""
     condition, generation = adapter.resolve_resolutions(condition_resolution, generation_resolution)
     fits = (
         adapter.target_fit if target_fit == AUTO else target_fit,
         adapter.condition_fit if condition_fit == AUTO else condition_fit,
     )
-    views = ViewSpec(condition, generation, bottleneck, blur_factor, adapter.background_color, *fits)
+    source = resolve_condition_source(adapter, condition_source, condition_interpolation)
+    views = ViewSpec(condition, generation, bottleneck, blur_factor, adapter.background_color, *fits, *source)
     check_shortcut(adapter, views, allow_shortcut)
     return views
 
@@ -388,4 +511,6 @@ def views_from_config(adapter, args) -> ViewSpec:
         args.allow_shortcut,
         args.target_fit,
         args.condition_fit,
+        args.condition_source,
+        args.condition_interpolation,
     )

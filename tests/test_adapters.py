@@ -257,7 +257,7 @@ def test_the_card_states_the_run(arch, make_args, shapes, tmp_path):
     card = (out / "README.md").read_text()
     assert card == str(render_run_card(out)) and run["architecture"] == arch
     views = trainer.views
-    for value in (arch, f"target {views.target_fit}, condition {views.condition_fit}", "prompt dropout"):
+    for value in (arch, f"target {views.target_fit}, condition {views.condition_fit}", views.condition_resize):
         assert value in card, value
     assert run["settings"]["prompt dropout"] == trainer.cond_dropout_prob == trainer.adapter.default_cond_dropout_prob
     assert run["reca"]["generation_resolution"] == views.generation_resolution

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reca_hf.conversion import CheckpointMismatchError, KeyMap, KeyRule, check_checkpoint, load_checked
+from reca_hf.conversion import (
+    CheckpointMismatchError,
+    KeyMap,
+    KeyRule,
+    check_checkpoint,
+    load_checked,
+    value_differences,
+)
 
 
 class Tiny(torch.nn.Module):
@@ -84,3 +91,24 @@ def test_required_limits_what_must_come_from_the_checkpoint():
     check_checkpoint(mapped, Tiny().state_dict(), architecture="tiny", required=lambda key: key.startswith("proj."))
     with pytest.raises(CheckpointMismatchError, match="norm.weight"):
         check_checkpoint(mapped, Tiny().state_dict(), architecture="tiny", required=lambda key: key != "qkv.q.weight")
+
+
+def test_value_differences_name_the_largest_first_and_pass_a_bfloat16_copy():
+    reference = Tiny().state_dict()
+    checkpoint = {
+        "model.proj.weight": reference["proj.weight"].bfloat16(),  # rounding only: passes
+        "model.proj.bias": reference["proj.bias"].clone(),
+        "model.attn.qkv.weight": torch.cat([reference[f"qkv.{n}.weight"] for n in "qkv"]),
+        "model.ln.weight": reference["norm.weight"] + 0.05,
+        "model.ln.bias": reference["norm.bias"] - 0.5,
+    }
+    mapped = KEYS.map(checkpoint)
+    differing = value_differences(mapped, reference)
+    assert [(key, source) for key, source, _ in differing] == [("norm.bias", "model.ln.bias"),
+                                                               ("norm.weight", "model.ln.weight")]  # fmt: skip
+    assert [diff for *_, diff in differing] == pytest.approx([0.5, 0.05])
+    assert value_differences(mapped, reference, keys=lambda key: key != "norm.bias") == differing[1:]
+    with pytest.raises(CheckpointMismatchError, match=r"differ from the reference weights \(largest first\): "
+                       r"'model.ln.bias' -> 'norm.bias' differs by up to 0.5") as caught:  # fmt: skip
+        check_checkpoint(mapped, reference, architecture="tiny", differing=differing)
+    assert caught.value.differing == differing

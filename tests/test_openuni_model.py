@@ -13,6 +13,7 @@ from transformers import AutoModel
 
 from reca_hf.cli import main as reca
 from reca_hf.models.openuni import OpenUniConfig, OpenUniModel
+from reca_hf.models.openuni.convert import OPENUNI_KEY_MAP, connector_heads
 from reca_hf.models.openuni.tiny import TINY_IMAGE_SIZE, tiny_openuni
 
 
@@ -200,29 +201,67 @@ def public_parts(tmp_path_factory, tiny):
     return root
 
 
+def _remote_layout(lmm_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' InternVL state dict in the authors' remote-code layout (``lmm.*`` of their checkpoints): the
+    inverse of the converter's rules, written out by hand so that the test checks the rules, not itself."""
+    vit, layer = "lmm.model.vision_tower.", re.compile(r"lmm\.model\.vision_tower\.encoder\.layer\.(\d+)\.(.+)")
+    names = {"lambda_1": "ls1", "lambda_2": "ls2", "attention.projection_layer": "attn.proj"}
+    names |= {"layernorm_before": "norm1", "layernorm_after": "norm2", "mlp": "mlp"}
+    remote = {}
+    for key, value in lmm_state.items():
+        if match := layer.fullmatch(key):
+            index, rest = match.groups()
+            if rest.startswith(("attention.q_proj", "attention.k_proj", "attention.v_proj")):
+                if rest.startswith("attention.q_proj"):
+                    suffix = rest.rsplit(".", 1)[1]
+                    parts = [lmm_state[f"{vit}encoder.layer.{index}.attention.{n}_proj.{suffix}"] for n in "qkv"]
+                    remote[f"lmm.vision_model.encoder.layers.{index}.attn.qkv.{suffix}"] = torch.cat(parts)
+                continue
+            head = next(n for n in names if rest.startswith(n))
+            remote[f"lmm.vision_model.encoder.layers.{index}.{names[head]}{rest[len(head) :]}"] = value
+        elif key.startswith(vit + "embeddings."):
+            rest = key[len(vit + "embeddings.") :]
+            rest = {"cls_token": "class_embedding", "position_embeddings": "position_embedding"}.get(rest, rest)
+            remote["lmm.vision_model.embeddings." + rest.replace("patch_embeddings.projection", "patch_embedding")] = (
+                value
+            )
+        elif key.startswith("lmm.model.multi_modal_projector."):
+            rest = key.rsplit(".", 2)
+            index = {"layer_norm": 0, "linear_1": 1, "linear_2": 3}[rest[1]]
+            remote[f"lmm.mlp1.{index}.{rest[2]}"] = value
+        elif key.startswith("lmm.model.language_model."):
+            remote["lmm.language_model.model." + key[len("lmm.model.language_model.") :]] = value
+        else:
+            assert key == "lmm.lm_head.weight", key
+            remote["lmm.language_model.lm_head.weight"] = value
+    return remote
+
+
 @pytest.fixture(scope="module")
 def released(tiny):
-    """A state dict with the authors' key names, from a differently seeded model (so values are traceable)."""
+    """A state dict with the authors' key names: queries, connector, projector and SANA from a differently seeded
+    model (so values are traceable), and the public InternVL's weights in the remote-code layout."""
+    model, _ = tiny
     other, _ = tiny_openuni(seed=1)
     state = {"meta_queries": other.meta_queries.weight.detach().clone()}
     for part in ("connector", "projector", "transformer"):
         state |= {f"{part}.{k}": v.clone() for k, v in getattr(other, part).state_dict().items()}
-    state["lmm.language_model.model.norm.weight"] = torch.ones(64)  # remote-code naming; skipped
-    return state
+    lmm = {f"lmm.{k}": v.clone() for k, v in model.lmm.state_dict().items()}
+    return state | _remote_layout(lmm)
 
 
-def _convert(public_parts, state, tmp_path) -> str:
+def _convert(public_parts, state, tmp_path, *flags: str) -> str:
     torch.save(state, tmp_path / "openuni.pth")
     out = tmp_path / "converted"
     argv = [str(tmp_path / "openuni.pth"), str(out), "--internvl", str(public_parts / "internvl")]
-    argv += ["--sana", str(public_parts / "sana"), "--dc-ae", str(public_parts / "dcae"), "--connector-heads", "4"]
+    argv += ["--sana", str(public_parts / "sana"), "--dc-ae", str(public_parts / "dcae"), *flags]
     reca(["convert", "openuni", *argv])  # the `reca convert openuni` command
     return out
 
 
 def test_converter_puts_each_checkpoint_key_where_the_key_map_says(public_parts, released, tiny, tmp_path):
     model, _ = tiny
-    converted = OpenUniModel.from_pretrained(_convert(public_parts, released, tmp_path))
+    converted = OpenUniModel.from_pretrained(_convert(public_parts, released, tmp_path, "--connector-heads", "4"))
     assert torch.equal(converted.meta_queries.weight, released["meta_queries"])
     for key, value in converted.state_dict().items():
         part = key.split(".", 1)[0]
@@ -235,18 +274,37 @@ def test_converter_puts_each_checkpoint_key_where_the_key_map_says(public_parts,
     assert converted.config.scheduler_config["flow_shift"] == 3.0
 
 
-def test_converter_refuses_an_unknown_key(public_parts, released, tmp_path):
-    state = dict(released, **{"connector.position_embedding.weight": torch.zeros(8, 64)})
-    with pytest.raises(
-        SystemExit, match=r"reca: ValueError: .*not in the OpenUni key map: 'connector.position_embedding.weight'"
-    ):
+def test_the_lmm_rules_are_transformers_internvl_conversion(released, tiny):
+    """The remote-code lmm.* keys (qkv fused) map onto every InternVL key of the model, tensor for tensor."""
+    model, _ = tiny
+    mapped = OPENUNI_KEY_MAP.map({k: v for k, v in released.items() if k.startswith("lmm.")})
+    assert not mapped.unknown and not mapped.duplicates
+    lmm = {k: v for k, v in model.state_dict().items() if k.startswith("lmm.")}
+    assert mapped.tensors.keys() == lmm.keys()
+    assert all(torch.equal(mapped.tensors[k], v) for k, v in lmm.items())
+    assert mapped.sources["lmm.model.vision_tower.encoder.layer.1.attention.k_proj.weight"] == (
+        "lmm.vision_model.encoder.layers.1.attn.qkv.weight"
+    )
+
+
+def test_an_unknown_a_missing_and_a_mis_shaped_key_are_named_in_one_error(public_parts, released, tmp_path):
+    state = dict(released, **{"connector.position_embedding.weight": torch.zeros(8, 64)})  # unknown
+    del state["connector.layers.1.mlp.fc2.bias"]  # missing
+    state["projector.weight"] = torch.zeros(32, 63)  # mis-shaped: the converter's message, not torch's
+    with pytest.raises(SystemExit) as caught:
         _convert(public_parts, state, tmp_path)
+    message = str(caught.value)
+    assert "CheckpointMismatchError" in message and "size mismatch" not in message
+    assert "1 checkpoint key(s) no rule of the key map knows: 'connector.position_embedding.weight'" in message
+    assert "1 model key(s) the checkpoint does not provide: 'connector.layers.1.mlp.fc2.bias'" in message
+    assert "'projector.weight' -> 'projector.weight' has shape (32, 63), the model expects (32, 64)" in message
+    assert not (tmp_path / "converted").exists()
 
 
 @pytest.mark.parametrize("dropped", ["connector.layers.1.mlp.fc2.bias", "connector.layers.0.mlp.fc1.weight"])
 def test_converter_refuses_a_missing_key(public_parts, released, tmp_path, dropped):
     state = {k: v for k, v in released.items() if k != dropped}
-    with pytest.raises(SystemExit, match=rf"lacks (1 keys the model needs: )?'{re.escape(dropped)}'"):
+    with pytest.raises(SystemExit, match=rf"does not provide: '{re.escape(dropped)}'"):
         _convert(public_parts, state, tmp_path)
 
 
@@ -254,3 +312,46 @@ def test_converter_refuses_a_partial_transformer(public_parts, released, tmp_pat
     state = {k: v for k, v in released.items() if k != "transformer.proj_out.bias"}
     with pytest.raises(SystemExit, match=r"'transformer.proj_out.bias'"):
         _convert(public_parts, state, tmp_path)
+
+
+def test_unknown_and_missing_lmm_keys_are_named(public_parts, released, tmp_path):
+    state = {k: v for k, v in released.items() if k != "lmm.mlp1.3.bias"}
+    state["lmm.vision_model.encoder.layers.0.attn.rope.weight"] = torch.zeros(4)
+    with pytest.raises(SystemExit) as caught:
+        _convert(public_parts, state, tmp_path)
+    message = str(caught.value)
+    assert "'lmm.vision_model.encoder.layers.0.attn.rope.weight'" in message
+    assert "does not provide: 'lmm.model.multi_modal_projector.linear_2.bias'" in message
+
+
+def test_lmm_weights_that_differ_from_internvl_are_refused_unless_accepted(public_parts, released, tmp_path):
+    state = dict(released)
+    state["lmm.mlp1.1.weight"] = released["lmm.mlp1.1.weight"] + 0.19
+    state["lmm.vision_model.encoder.layers.1.attn.qkv.weight"] = released[
+        "lmm.vision_model.encoder.layers.1.attn.qkv.weight"
+    ] * (1 + 1e-3)  # a bfloat16-sized rounding passes
+    with pytest.raises(SystemExit) as caught:
+        _convert(public_parts, state, tmp_path, "--connector-heads", "4")
+    message = str(caught.value)
+    assert re.search(r"1 tensor\(s\) differ .*'lmm.mlp1.1.weight' -> 'lmm.model.multi_modal_projector.linear_1.weight"
+                     r"' differs by up to 0.19", message)  # fmt: skip
+    assert "--accept-lmm-mismatch" in message and "qkv" not in message
+    out = _convert(public_parts, state, tmp_path, "--connector-heads", "4", "--accept-lmm-mismatch")
+    converted = OpenUniModel.from_pretrained(out)
+    assert torch.equal(converted.lmm.model.multi_modal_projector.linear_1.weight, state["lmm.mlp1.1.weight"])
+
+
+def test_the_connector_head_count_is_never_zero(public_parts, released, tiny, tmp_path):
+    """64-wide heads where 64 divides the width (the authors' 14 and 24), else the InternVL LLM's; an impossible
+    --connector-heads is refused by name."""
+    internvl = tiny[0].config.internvl_config  # its LLM: 4 heads
+    assert [connector_heads(width, internvl) for width in (896, 1536, 64, 32)] == [14, 24, 1, 4]
+    with pytest.raises(ValueError, match="set --connector-heads"):
+        connector_heads(30, internvl)
+    for heads in (0, 5):
+        with pytest.raises(ValueError, match=f"--connector-heads {heads} cannot split the connector's width 64"):
+            connector_heads(64, internvl, heads)
+    converted = OpenUniModel.from_pretrained(_convert(public_parts, released, tmp_path))
+    assert converted.config.connector_config.num_attention_heads == 1
+    with pytest.raises(SystemExit, match="--connector-heads 5 cannot split"):
+        _convert(public_parts, released, tmp_path, "--connector-heads", "5")

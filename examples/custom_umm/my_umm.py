@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaModel, SiglipVisionConfig, SiglipVisi
 from reca_hf.adapters import GenerationTarget, LossNoise, UMMAdapter, register_adapter
 from reca_hf.adapters.base import left_pad
 from reca_hf.adapters.targets import reduce_loss
-from reca_hf.images import to_pil, to_tensor
+from reca_hf.images import to_pil, to_tensor, view_size
 from reca_hf.testing import tiny_tokenizer
 
 MEAN = STD = (0.5, 0.5, 0.5)  # pixels in [-1, 1]
@@ -122,7 +122,7 @@ class MyUMMAdapter(UMMAdapter):
 
     def prepare(self, condition_images, target_images, instructions) -> dict[str, torch.Tensor]:
         tokenizer = self.text_tokenizer()
-        slots = tokenizer.image_token * (condition_images[0].size[0] // 4) ** 2
+        slots = tokenizer.image_token * (view_size(condition_images[0])[0] // 4) ** 2
         prompts = [f"<|User|>: {tokenizer.boi_token}{slots}{tokenizer.eoi_token} {text}\n\n<|Assistant|>:"
                    for text in instructions]  # fmt: skip
         input_ids, attention_mask = left_pad([tokenizer(p)["input_ids"] for p in prompts], tokenizer.pad_token_id)

@@ -23,7 +23,9 @@ from PIL import Image
 
 from ..images import (
     AUTO,
+    CONDITION_SOURCES,
     FITS,
+    INTERPOLATIONS,
     ViewSpec,
     auto_condition_resolution,
     check_shortcut,
@@ -79,6 +81,12 @@ class UMMAdapter:
     # generation target; a condition follows the model's understanding processor.
     target_fit: ClassVar[str] = "center_crop"
     condition_fit: ClassVar[str] = "pad"
+    # Where condition_source / condition_interpolation "auto" make the condition from (optional; see reca_hf.images):
+    # "image" (the source image, resized as an understanding processor resizes it) or "target" (the target view's
+    # float tensor, resampled by condition_interpolation, as the OpenUni and Show-o authors do). An adapter's
+    # prepare() then receives PIL images or float tensors as conditions: reca_hf.images.to_tensor takes both.
+    condition_source: ClassVar[str] = "image"
+    condition_interpolation: ClassVar[str] = "bilinear"
 
     # Frozen-tower cache (optional, see frozen_features): feature name -> patterns of the modules it comes from
     frozen_feature_sources: ClassVar[dict[str, tuple[str, ...]]] = {}
@@ -118,9 +126,14 @@ class UMMAdapter:
             raise TypeError(
                 f"adapter {cls.__name__}: condition_relation must be one of {', '.join(CONDITION_RELATIONS)}"
             )
-        for attr in ("target_fit", "condition_fit"):
-            if getattr(cls, attr) not in FITS:
-                raise TypeError(f"adapter {cls.__name__}: {attr} must be one of {', '.join(FITS)}")
+        for attr, choices in (
+            ("target_fit", FITS),
+            ("condition_fit", FITS),
+            ("condition_source", CONDITION_SOURCES),
+            ("condition_interpolation", INTERPOLATIONS),
+        ):
+            if getattr(cls, attr) not in choices:
+                raise TypeError(f"adapter {cls.__name__}: {attr} must be one of {', '.join(choices)}")
         if not isinstance(cls.generation_target, GenerationTarget):
             raise TypeError(f"adapter {cls.__name__}: generation_target must be a reca_hf.adapters.GenerationTarget")
         if cls.frozen_feature_sources and cls.frozen_features is UMMAdapter.frozen_features:
@@ -279,7 +292,7 @@ class UMMAdapter:
 
     def prepare(
         self,
-        condition_images: list[Image.Image],
+        condition_images: list[Image.Image | torch.Tensor],
         target_images: list[Image.Image] | None,
         instructions: list[str | None],
         *,
@@ -289,7 +302,9 @@ class UMMAdapter:
 
         ``dropped`` says which rows prompt dropout replaced (None: none did); their instruction is already the
         :attr:`null_prompt`, so None where that leaves the instruction segment out. Entries may be of any type
-        and size (see :meth:`batch_size`).
+        and size (see :meth:`batch_size`). A condition is a PIL image, or under ``condition_source="target"`` a
+        float tensor ``(3, H, W)`` on the 0..1 scale: :func:`reca_hf.images.to_tensor` turns either into pixels,
+        :func:`reca_hf.images.view_size` reads either's size.
         """
         raise NotImplementedError
 
@@ -409,7 +424,7 @@ class UMMAdapter:
     def sample_codes(
         self,
         model,
-        conditions: list[Image.Image],
+        conditions: list[Image.Image | torch.Tensor],
         instructions: list[str],
         views: ViewSpec,
         guidance: float,

@@ -17,6 +17,10 @@ would only dilute the mean, and nothing after the last target token changes a ca
 Condition and target live in the same space (one VQ, one embedding table): at the same resolution the
 model could copy its condition, so the condition is read smaller (``"auto"``: half the target side at
 most) or blurred.
+
+The condition is made from the source image (``condition_source = "image"``): resized by PIL as Emu3's image
+processor resizes a picture, which is what its understanding path was trained on. No RecA authors' code exists
+for Emu3; ``condition_source="target"`` is a user's choice, not a parity fix.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..images import ViewSpec, load_image, to_pil, to_tensor
+from ..images import ViewSpec, load_image, to_pil, to_tensor, view_size
 from ..slots import check_once, slot_count_problem
 from ..testing import build_tiny_emu3
 from .base import (
@@ -71,6 +75,7 @@ class Emu3Adapter(UMMAdapter):
     frozen_feature_sources = {"condition_codes": ("model.vqmodel",), "target_codes": ("model.vqmodel",)}
     null_prompt = ""
     condition_fit = "pad"  # Emu3's processor keeps an image's aspect (no crop, no stretch): a square view pads
+    condition_source = "image"  # its processor's resize is what the understanding path was trained with
     lora_llm_targets = (
         r"model\.text_model\.layers\.\d+\.self_attn\.[qkvo]_proj",
         r"model\.text_model\.layers\.\d+\.mlp\.(gate|up|down)_proj",
@@ -258,8 +263,8 @@ class Emu3Adapter(UMMAdapter):
         )
         return encoded["input_ids"], encoded["attention_mask"]
 
-    def _grid_of(self, images: list[Image.Image], role: str) -> tuple[int, int]:
-        sizes = {image.size for image in images}
+    def _grid_of(self, images: list, role: str) -> tuple[int, int]:
+        sizes = {view_size(image) for image in images}
         if len(sizes) != 1:
             raise ValueError(f"the {role} images of a batch must share one size, got {sorted(sizes)}")
         width, height = sizes.pop()

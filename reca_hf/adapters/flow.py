@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..images import ViewSpec, load_image, to_pil, to_tensor
+from ..images import ViewSpec, load_image, to_pil, to_tensor, view_size
 from ..testing import build_tiny_flow, build_tiny_flow_latents
 from .base import UMMAdapter, left_pad, register_adapter, unwrap_model
 from .targets import GenerationTarget, LossNoise, reduce_loss
@@ -95,7 +95,7 @@ class FlowAdapter(UMMAdapter):
         return left_pad(sequences, tokenizer.pad_token_id)
 
     def prepare(self, condition_images, target_images, instructions, *, dropped=None) -> dict[str, torch.Tensor]:
-        num_slots = self.num_condition_tokens(condition_images[0].size[0])
+        num_slots = self.num_condition_tokens(view_size(condition_images[0])[0])
         input_ids, attention_mask = self._encode([self.format_prompt(text, num_slots) for text in instructions])
         image_token = self.text_tokenizer().convert_tokens_to_ids(self.text_tokenizer().image_token)
         batch = {

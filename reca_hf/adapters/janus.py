@@ -7,6 +7,11 @@ Sequence of one RecA example (the condition sits where an image sits for underst
 
 Janus' ``forward()`` only returns text logits, so the generation loss is assembled here. Condition
 (SigLIP) and target (VQ) live in different spaces: a natural bottleneck, so 384 px in and out is safe.
+
+The condition is made from the source image (``condition_source = "image"``): padded and resized by PIL as
+Janus' image processor does, which is what its understanding path was trained on. No RecA authors' code
+exists for Janus; ``condition_source="target"`` (the target tensor, resampled by torch) is a choice a user
+can make, not a parity fix.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..images import ViewSpec, load_image, to_pil, to_tensor
+from ..images import ViewSpec, load_image, to_pil, to_tensor, view_size
 from ..slots import check_once, slot_count_problem
 from ..testing import build_tiny_janus
 from .base import (
@@ -78,6 +83,7 @@ class JanusAdapter(UMMAdapter):
     )
     null_prompt = ""
     condition_fit = "pad"  # JanusImageProcessor pads to a square with its background colour
+    condition_source = "image"  # its processor's resize is what the understanding path was trained with
     # SigLIP + aligner features of the condition view, and the VQ codes of the target view.
     frozen_feature_sources = {
         "condition_features": ("model.vision_model", "model.aligner"),
@@ -183,7 +189,7 @@ class JanusAdapter(UMMAdapter):
 
     def prepare(self, condition_images, target_images, instructions, *, dropped=None) -> dict[str, torch.Tensor]:
         tokenizer = self._tokenizer()
-        resolution = condition_images[0].size[0]
+        resolution = view_size(condition_images[0])[0]
         num_slots = self.num_condition_tokens(resolution)
         texts = [self.format_prompt(instruction, num_slots) for instruction in instructions]
         encoded = tokenizer(texts, padding="longest", padding_side="left", return_tensors="pt")
@@ -208,7 +214,7 @@ class JanusAdapter(UMMAdapter):
 
     def prepare_image_to_text(self, images, questions, answers) -> dict[str, Any]:
         tokenizer = self._tokenizer()
-        num_slots = self.num_condition_tokens(images[0].size[0])
+        num_slots = self.num_condition_tokens(view_size(images[0])[0])
         prompts = [self.format_prompt(question, num_slots, generation=False) for question in questions]
         input_ids, attention_mask, labels = answer_batch(tokenizer, prompts, answers)
         mean, std = self._pixel_stats()

@@ -12,7 +12,11 @@ flow matching (:meth:`OpenUniModel.flow_loss`: uniform timesteps on the training
 target ``eps - x0``, mean per sample).
 
 Views: both come from one square of the image, cut at a position drawn from (seed, epoch, row) as the authors
-cut a random square (``target_fit = "random_crop"``); the grid and the probe use the centred square.
+cut a random square (``target_fit = "random_crop"``); the grid and the probe use the centred square. The condition
+is made the authors' way (``condition_source = "target"``): the target view's float tensor, bilinear without
+antialias to ``vit_input_size`` (their 512 -> 448), not the source image through PIL. Bilinear resizing commutes
+with the per-channel normalisations in between (to [-1, 1] here, ImageNet's in the model), so resizing before
+them gives the authors' features up to float rounding; the model's own resize to the tile is then the identity.
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ class OpenUniAdapter(UMMAdapter):
     }
     target_fit = "random_crop"  # both views from one random square crop, as the authors
     condition_fit = "stretch"  # InternVL's transform resizes an image to its square tile (where the target pads)
+    condition_source = "target"  # the authors bilinear-resize the 512-px target tensor (no antialias) to 448
+    condition_interpolation = "bilinear"
     text_to_image_template = "Generate an image: {caption}"
     lora_generation_targets = (
         r"transformer\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)",
