@@ -14,9 +14,20 @@ import argparse
 import dataclasses
 import os
 import sys
+from importlib import import_module
 from pathlib import Path
 
 import yaml
+
+# `reca convert <name>`: each architecture's reca_hf/models/<name>/convert.py provides build_parser(parser) and
+# run(args); a port adds its line here.
+CONVERTERS = {
+    "openuni": (
+        "an OpenUni .pth on top of InternVL3 and SANA",
+        "Convert a released OpenUni .pth (meta_queries, connector, projector, transformer) on top of the public "
+        "InternVL3-*-hf and SANA checkpoints into an OpenUniModel folder.",
+    ),
+}
 
 
 def _parser():
@@ -584,25 +595,16 @@ def _main(argv: list[str]) -> None:
     )
     convert_parser = commands.add_parser("convert", help="convert published checkpoints into a model folder")
     architectures = convert_parser.add_subparsers(dest="architecture", required=True)
-    from .models.openuni.convert import build_parser as openuni_parser
-
-    openuni_parser(
-        architectures.add_parser(
-            "openuni",
-            help="an OpenUni .pth on top of InternVL3 and SANA",
-            description="Convert a released OpenUni .pth (meta_queries, connector, projector, transformer) on top "
-            "of the public InternVL3-*-hf and SANA checkpoints into an OpenUniModel folder.",
-        )
-    )
+    for name, (summary, description) in CONVERTERS.items():
+        converter = import_module(f".models.{name}.convert", __package__)
+        converter.build_parser(architectures.add_parser(name, help=summary, description=description))
     # validate: its own flags, then --field value overrides that go to the recipe parser as for reca train
     args, overrides = parser.parse_known_args(argv) if argv and argv[0] == "validate" else (parser.parse_args(argv), [])
     if args.command == "env":
         print(environment())
         return
     if args.command == "convert":
-        from .models.openuni.convert import run
-
-        run(args)
+        import_module(f".models.{args.architecture}.convert", __package__).run(args)
     elif args.command == "push":
         push(args.output_dir, args.repo_id, args.private, args.adapter_only, args.eval_results, args.license)
     elif args.command == "sample":
