@@ -24,7 +24,7 @@ the detector's firing step, the final swap-probe reading), probes.csv (flow: eve
 and gain) and bottleneck_ablation.png (the curves, the firing step marked).
 
     python benchmarks/bottleneck_ablation.py                  # 4 runs x 400 steps, seed 0 (~2-4 min on 2 cores)
-    python benchmarks/bottleneck_ablation.py --seeds 0 1 2    # the figures in the README
+    python benchmarks/bottleneck_ablation.py --seeds 0 1 2    # the figures in docs/method.md
     python benchmarks/bottleneck_ablation.py --kind flow --seeds 0 1 2   # the flow figures (~3-4 min a seed)
 """
 
