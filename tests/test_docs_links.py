@@ -72,3 +72,10 @@ def test_a_broken_link_is_caught(tmp_path):
         "```\n[in code](nothing.md)\n```\n`[inline](nothing.md)`\n"
     )
     assert [p.split(":")[0] for p in broken_links(page)] == ["../gone.md", "img.png", "../there.md#nowhere", "#nowhere"]
+
+
+def test_readme_test_command_is_what_ci_runs():
+    """CI runs the README's test command: the line of `.ci/run` that installs and tests is in a README code block."""
+    ci_line = next(line for line in (ROOT / ".ci" / "run").read_text().splitlines() if "pytest" in line)
+    blocks = [block.group(0).splitlines() for block in FENCE.finditer((ROOT / "README.md").read_text())]
+    assert any(ci_line in block for block in blocks), f"README.md has no code block line {ci_line!r}"
