@@ -232,23 +232,36 @@ def _check_processes_train_together(trainer) -> None:
 def validate(recipe: str | None, check_images: bool = False, overrides: list[str] | None = None) -> list[str]:
     """Every problem of a recipe and its ``--field value`` overrides, found without loading weights (empty when
     the recipe is valid). Parsing is `reca train`'s own (:func:`reca_hf.recipe.load_recipe`: the same parser,
-    overrides and ``env:`` block), so both name the same problems.
+    overrides and ``env:`` block), so both name the same problems; what `train` needs beyond the recipe (the
+    trackers installed, the Hub reachable, a token to push) is checked too (:mod:`reca_hf.preflight`).
 
     ``check_images`` also decodes every image of every dataset the recipe names, reporting each one that fails
     by dataset, row and file (one decode per row: slow on large datasets).
     """
+    return validate_report(recipe, check_images, overrides)[0]
+
+
+def validate_report(
+    recipe: str | None, check_images: bool = False, overrides: list[str] | None = None
+) -> tuple[list[str], list[str]]:
+    """``(problems, notes)``: :func:`validate`'s problems, and what could not be checked (offline), in words."""
+    from .preflight import preflight
     from .recipe import RecipeError, load_recipe
 
     try:
         config = load_recipe(recipe, overrides)
     except RecipeError as error:
-        return [*error.problems, *_dataset_errors(error.values.get)]
-    errors = _model_errors(config) + _dataset_errors(lambda name: getattr(config, name, None))
+        return [*error.problems, *_dataset_errors(error.values.get)], []
+    notes: list[str] = []
+    errors = _model_errors(config, notes) + _dataset_errors(lambda name: getattr(config, name, None))
     if not config.dataset_name:
         errors.append("dataset_name is not set: give a datasets hub id, a local folder or 'synthetic_shapes'")
+    service_errors, service_notes = preflight(config)
+    errors += service_errors
+    notes += service_notes
     if check_images and not errors:
         errors += _image_errors(config)
-    return errors
+    return errors, notes
 
 
 def _bf16_note(recipe: str | None, overrides: list[str] | None = None) -> str | None:
@@ -278,8 +291,9 @@ def _image_errors(config) -> list[str]:
     return errors
 
 
-def _model_errors(config) -> list[str]:
-    """The trainer's own checks of the fields that need the model (reca_hf.checks), on its config alone."""
+def _model_errors(config, notes: list[str] | None = None) -> list[str]:
+    """The trainer's own checks of the fields that need the model (reca_hf.checks), on its config alone. A Hub
+    model that cannot be read because the Hub is switched off goes into ``notes`` as not checked."""
     from .adapters import adapter_class_for, get_adapter, resolve_adapter_class
     from .checks import file_errors, run_errors
     from .loading import TINY_PREFIX
@@ -305,6 +319,12 @@ def _model_errors(config) -> list[str]:
     except (ValueError, TypeError) as error:
         return [*str(error).splitlines(), *file_errors(config)]
     except OSError as error:
+        from .preflight import offline_model_note
+
+        note = offline_model_note(name)
+        if note is not None and notes is not None:
+            notes.append(note)
+            return file_errors(config)
         return [f"model_name_or_path={name!r}: its config could not be read ({error})", *file_errors(config)]
     return run_errors(config, adapter)
 
@@ -665,17 +685,20 @@ def _main(argv: list[str]) -> None:
 
 
 def run_validate(recipe: str, overrides: list[str], check_images: bool = False) -> None:
-    """`reca validate`: every problem on stderr and exit 1, or OK (and a note on bf16 without an accelerator)."""
-    errors = validate(recipe, check_images=check_images, overrides=overrides)
+    """`reca validate`: every problem on stderr and exit 1, or OK; then what could not be checked, and a note on
+    bf16 without an accelerator."""
+    errors, notes = validate_report(recipe, check_images=check_images, overrides=overrides)
     if errors:
         print(f"{recipe}: {len(errors)} problem(s)", file=sys.stderr)
         for error in errors:
             print(f"  - {error}", file=sys.stderr)
+        for note in notes:
+            print(f"  note: {note}", file=sys.stderr)
         raise SystemExit(1)
     print(f"{recipe}: OK")
-    note = _bf16_note(recipe, overrides)
-    if note:
-        print(f"note: {note}")
+    for note in [*notes, _bf16_note(recipe, overrides)]:
+        if note:
+            print(f"note: {note}")
 
 
 if __name__ == "__main__":
