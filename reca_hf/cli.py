@@ -19,6 +19,9 @@ from pathlib import Path
 
 import yaml
 
+# optional packages a run may use (trackers, sharding, quantisation, attention kernels), listed by `reca env`
+OPTIONAL_PACKAGES = ("tensorboard", "wandb", "deepspeed", "bitsandbytes", "flash-attn")
+
 # `reca convert <name>`: each architecture's reca_hf/models/<name>/convert.py provides build_parser(parser) and
 # run(args); a port adds its line here.
 CONVERTERS = {
@@ -229,23 +232,36 @@ def _check_processes_train_together(trainer) -> None:
 def validate(recipe: str | None, check_images: bool = False, overrides: list[str] | None = None) -> list[str]:
     """Every problem of a recipe and its ``--field value`` overrides, found without loading weights (empty when
     the recipe is valid). Parsing is `reca train`'s own (:func:`reca_hf.recipe.load_recipe`: the same parser,
-    overrides and ``env:`` block), so both name the same problems.
+    overrides and ``env:`` block), so both name the same problems; what `train` needs beyond the recipe (the
+    trackers installed, the Hub reachable, a token to push) is checked too (:mod:`reca_hf.preflight`).
 
     ``check_images`` also decodes every image of every dataset the recipe names, reporting each one that fails
     by dataset, row and file (one decode per row: slow on large datasets).
     """
+    return validate_report(recipe, check_images, overrides)[0]
+
+
+def validate_report(
+    recipe: str | None, check_images: bool = False, overrides: list[str] | None = None
+) -> tuple[list[str], list[str]]:
+    """``(problems, notes)``: :func:`validate`'s problems, and what could not be checked (offline), in words."""
+    from .preflight import preflight
     from .recipe import RecipeError, load_recipe
 
     try:
         config = load_recipe(recipe, overrides)
     except RecipeError as error:
-        return [*error.problems, *_dataset_errors(error.values.get)]
-    errors = _model_errors(config) + _dataset_errors(lambda name: getattr(config, name, None))
+        return [*error.problems, *_dataset_errors(error.values.get)], []
+    notes: list[str] = []
+    errors = _model_errors(config, notes) + _dataset_errors(lambda name: getattr(config, name, None))
     if not config.dataset_name:
         errors.append("dataset_name is not set: give a datasets hub id, a local folder or 'synthetic_shapes'")
+    service_errors, service_notes = preflight(config)
+    errors += service_errors
+    notes += service_notes
     if check_images and not errors:
         errors += _image_errors(config)
-    return errors
+    return errors, notes
 
 
 def _bf16_note(recipe: str | None, overrides: list[str] | None = None) -> str | None:
@@ -275,8 +291,9 @@ def _image_errors(config) -> list[str]:
     return errors
 
 
-def _model_errors(config) -> list[str]:
-    """The trainer's own checks of the fields that need the model (reca_hf.checks), on its config alone."""
+def _model_errors(config, notes: list[str] | None = None) -> list[str]:
+    """The trainer's own checks of the fields that need the model (reca_hf.checks), on its config alone. A Hub
+    model that cannot be read because the Hub is switched off goes into ``notes`` as not checked."""
     from .adapters import adapter_class_for, get_adapter, resolve_adapter_class
     from .checks import file_errors, run_errors
     from .loading import TINY_PREFIX
@@ -302,6 +319,12 @@ def _model_errors(config) -> list[str]:
     except (ValueError, TypeError) as error:
         return [*str(error).splitlines(), *file_errors(config)]
     except OSError as error:
+        from .preflight import offline_model_note
+
+        note = offline_model_note(name)
+        if note is not None and notes is not None:
+            notes.append(note)
+            return file_errors(config)
         return [f"model_name_or_path={name!r}: its config could not be read ({error})", *file_errors(config)]
     return run_errors(config, adapter)
 
@@ -492,28 +515,71 @@ def environment() -> str:
 
     import torch
 
-    lines = [f"platform: {platform.platform()}", f"python: {platform.python_version()}"]
-    for package in ("reca-hf", "torch", "transformers", "diffusers", "peft", "trl", "datasets", "accelerate",
-                    "huggingface_hub"):  # fmt: skip
-        try:
-            lines.append(f"{package}: {version(package)}")
-        except PackageNotFoundError:
-            lines.append(f"{package}: not installed")
+    def versions(packages: tuple[str, ...], missing: str) -> list[str]:
+        found = []
+        for package in packages:
+            try:
+                found.append(f"- {package}: {version(package)}")
+            except PackageNotFoundError:
+                found.append(f"- {package}: {missing}")
+        return found
+
+    lines = ["Copy-paste the lines below into your bug report.", "", f"- platform: {platform.platform()}",
+             f"- python: {platform.python_version()}"]  # fmt: skip
+    lines += versions(("reca-hf", "torch", "transformers", "diffusers", "peft", "trl", "datasets", "accelerate",
+                       "huggingface_hub"), "not installed")  # fmt: skip
+    lines += versions(OPTIONAL_PACKAGES, "not installed (optional)")
     if torch.cuda.is_available():
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
-        lines.append(f"devices: {torch.cuda.device_count()} CUDA ({names}), CUDA {torch.version.cuda}")
+        lines.append(f"- devices: {torch.cuda.device_count()} CUDA ({names}), CUDA {torch.version.cuda}")
     else:
-        lines.append("devices: CPU only (no CUDA device visible)")
-    lines.append(f"cpu threads: {torch.get_num_threads()}")
+        lines.append("- devices: CPU only (no CUDA device visible)")
+    lines.append(f"- cpu threads: {torch.get_num_threads()}")
     from accelerate.commands.config import default_config_file
 
     found = Path(default_config_file).is_file()
-    lines.append(f"accelerate config: {default_config_file if found else 'none (accelerate config writes one)'}")
+    lines.append(f"- accelerate config: {default_config_file if found else 'none (accelerate config writes one)'}")
     return "\n".join(lines)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse taking both spellings of every long option (``--repo-id`` and ``--repo_id``), as `reca train`'s
+    fields do; subcommands' parsers inherit it."""
+
+    def add_argument(self, *names, **kwargs):
+        spellings = list(names)
+        for name in names:
+            if name.startswith("--"):
+                for other in ("--" + name[2:].replace("-", "_"), "--" + name[2:].replace("_", "-")):
+                    if other not in spellings:
+                        spellings.append(other)
+        return super().add_argument(*spellings, **kwargs)
+
+
+def _recipe_from_config_flag(command: str, rest: list[str]) -> list[str]:
+    """``reca train --config RECIPE ...`` (TRL's habit) as ``reca train RECIPE ...``."""
+    for position, token in enumerate(rest):
+        flag, has_value, value = token.partition("=")
+        if flag != "--config":
+            continue
+        if not has_value:
+            if position + 1 >= len(rest):
+                raise SystemExit(f"reca {command}: --config needs a recipe file")
+            value = rest[position + 1]
+        others = rest[:position] + rest[position + (1 if has_value else 2) :]
+        if others and not others[0].startswith("-"):
+            raise SystemExit(
+                f"reca {command}: a recipe given twice ({others[0]!r} and --config {value!r}); give one of them"
+            )
+        return [value, *others]
+    return rest
 
 
 def _main(argv: list[str]) -> None:
     from . import __version__
+
+    if argv and argv[0] in ("train", "validate"):
+        argv = [argv[0], *_recipe_from_config_flag(argv[0], argv[1:])]
 
     if argv and argv[0] == "train":  # a recipe is optional, and every other argument is a RecAConfig flag
         rest = argv[1:]
@@ -526,7 +592,7 @@ def _main(argv: list[str]) -> None:
         else:
             train(recipe, rest)
         return
-    parser = argparse.ArgumentParser(prog="reca", description="RecA post-training for unified multimodal models.")
+    parser = _Parser(prog="reca", description="RecA post-training for unified multimodal models.")
     parser.add_argument("--version", action="version", version=f"reca_hf {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (first argument only)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -596,8 +662,9 @@ def _main(argv: list[str]) -> None:
     convert_parser = commands.add_parser("convert", help="convert published checkpoints into a model folder")
     architectures = convert_parser.add_subparsers(dest="architecture", required=True)
     for name, (summary, description) in CONVERTERS.items():
-        converter = import_module(f".models.{name}.convert", __package__)
-        converter.build_parser(architectures.add_parser(name, help=summary, description=description))
+        converter_parser = architectures.add_parser(name, help=summary, description=description)
+        if argv[:2] == ["convert", name]:  # a converter imports torch: only this one, only when used (quick --help)
+            import_module(f".models.{name}.convert", __package__).build_parser(converter_parser)
     # validate: its own flags, then --field value overrides that go to the recipe parser as for reca train
     args, overrides = parser.parse_known_args(argv) if argv and argv[0] == "validate" else (parser.parse_args(argv), [])
     if args.command == "env":
@@ -618,17 +685,20 @@ def _main(argv: list[str]) -> None:
 
 
 def run_validate(recipe: str, overrides: list[str], check_images: bool = False) -> None:
-    """`reca validate`: every problem on stderr and exit 1, or OK (and a note on bf16 without an accelerator)."""
-    errors = validate(recipe, check_images=check_images, overrides=overrides)
+    """`reca validate`: every problem on stderr and exit 1, or OK; then what could not be checked, and a note on
+    bf16 without an accelerator."""
+    errors, notes = validate_report(recipe, check_images=check_images, overrides=overrides)
     if errors:
         print(f"{recipe}: {len(errors)} problem(s)", file=sys.stderr)
         for error in errors:
             print(f"  - {error}", file=sys.stderr)
+        for note in notes:
+            print(f"  note: {note}", file=sys.stderr)
         raise SystemExit(1)
     print(f"{recipe}: OK")
-    note = _bf16_note(recipe, overrides)
-    if note:
-        print(f"note: {note}")
+    for note in [*notes, _bf16_note(recipe, overrides)]:
+        if note:
+            print(f"note: {note}")
 
 
 if __name__ == "__main__":

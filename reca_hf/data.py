@@ -157,7 +157,7 @@ def local_dataset_problem(name: str | None, field: str = "dataset_name") -> str 
     path = Path(name).expanduser()
     if path.is_dir() and not any(p.is_file() for p in path.rglob("*")):
         return f"{field}={name!r} is an empty folder; set {field} to a folder of images or a hub id"
-    if _looks_local(name) and not path.exists():
+    if looks_local(name) and not path.exists():
         return f"{field}={name!r}: no such folder; set {field} to an existing folder or a hub id"
     return None
 
@@ -219,7 +219,7 @@ def _has_images(folder: Path) -> bool:
     return any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.rglob("*") if p.is_file())
 
 
-def _looks_local(name: str) -> bool:
+def looks_local(name: str) -> bool:
     """A path rather than a hub id (``owner/name``): absolute, relative to ``.`` or ``~``, or deeper than one slash."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import enum
 import importlib.util
 import os
@@ -119,7 +120,9 @@ def load_recipe(recipe: str | Path | None, overrides: list[str] | None = None):
             os.environ[str(key)] = str(value)
     fields = {f.name for f in dataclasses.fields(RecAConfig) if f.init}
     problems = [
-        f"{key}: unknown key, not a RecAConfig field (check the spelling)" for key in values if key not in fields
+        f"{key}: unknown key, not a RecAConfig field{did_you_mean(key, fields) or ' (check the spelling)'}"
+        for key in values
+        if key not in fields
     ]
     known = {key: value for key, value in values.items() if key in fields}
     bad = value_problems(parser, known)
@@ -135,6 +138,15 @@ def load_recipe(recipe: str | Path | None, overrides: list[str] | None = None):
     if recipe is not None:
         import_beside_recipe(path, config.adapter)
     return config
+
+
+def did_you_mean(name: str, known) -> str:
+    """``"; did you mean X?"`` for the closest known name (dashes and underscores alike), else ``""``."""
+    canonical: dict[str, str] = {}
+    for option in known:  # the first spelling of each name (a field's own, with underscores)
+        canonical.setdefault(option.replace("-", "_"), option)
+    close = difflib.get_close_matches(name.replace("-", "_"), list(canonical), n=1, cutoff=0.75)
+    return f"; did you mean {canonical[close[0]]}?" if close else ""
 
 
 def _keys(problems: list[str]) -> set[str]:
@@ -215,7 +227,8 @@ def _override_values(parser, overrides: list[str]) -> tuple[dict[str, Any], list
             taken.append(overrides[position])
             position += 1
         if action is None:
-            problems.append(f"{flag}: unknown flag, not a RecAConfig field (reca train --help lists them)")
+            hint = did_you_mean(flag, [option for option in options if option.startswith("--")])
+            problems.append(f"{flag}: unknown flag, not a RecAConfig field{hint or ' (reca train --help lists them)'}")
             continue
         given = [inline] if has_inline else taken
         if action.nargs == 0 and given:
