@@ -58,3 +58,26 @@ def test_own_images_validate_line_runs_as_written(own_folders, capsys):
     with pytest.raises(SystemExit):  # the line does read the folder: a truncated file there is named
         main(argv)
     assert "cut.png" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_python_example_trains_and_saves_a_model(tmp_path, monkeypatch):
+    """The README's "In Python" block, as written: a saved folder that `from_pretrained` loads, with the card, the
+    run record and the reconstruction grid."""
+    from PIL import Image
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("**In Python.**") :]
+    code = _blocks(section, "python")[0]
+    assert "trainer.save_model()" in code
+    monkeypatch.chdir(tmp_path)
+    exec(code, {})
+    out = tmp_path / "outputs" / "python-demo"
+    for name in ("model.safetensors", "config.json", "README.md", "reconstructions.png", "reca_run.json"):
+        assert (out / name).is_file(), name
+    from transformers import AutoModel
+
+    assert AutoModel.from_pretrained(out).config.model_type == "janus"
+    assert Image.open(out / "reconstructions.png").size[0] > 0
+    run = json.loads((out / "reca_run.json").read_text())
+    assert run["settings"]["task mix"].startswith("reconstruction 50%")  # the image-to-text half ran too
