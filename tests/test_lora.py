@@ -286,3 +286,28 @@ def test_a_loaded_adapter_trains_further_with_its_base_frozen(trained, make_args
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_" in n for n in trainable)
     trainer.train()
+
+
+def test_image_to_text_loss_goes_through_the_scoped_text_path(trained, shapes):
+    """The adapter's image-to-text loss runs the model's text path, so under a "generation+llm" LoRA it is the base
+    model's loss exactly (as the saved adapter's text output is), and image-to-text data cannot train the LoRA
+    through a path that is off at inference. Without the scoping it would differ."""
+    trainer, folder = trained
+    base, processor = tiny_umm("janus")
+    rows = [{"image": shapes[i]["image"], "caption": shapes[i]["caption"], "__reca_index__": i,
+             "__reca_task__": "image_to_text"} for i in range(4)]  # fmt: skip
+    batch = trainer.data_collator(rows)["image_to_text"]
+    adapter = get_adapter(base)
+
+    def text_loss(model):
+        model.eval()
+        with torch.no_grad():
+            return adapter.image_to_text_loss(model, batch)
+
+    expected = text_loss(base)
+    loaded = load_reca_adapter(folder, tiny_umm("janus")[0])
+    assert torch.equal(text_loss(trainer.model), expected)
+    assert torch.equal(text_loss(loaded), expected)
+    from reca_hf.lora import unscope
+
+    assert not torch.equal(text_loss(unscope(loaded)), expected)

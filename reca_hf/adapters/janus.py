@@ -301,7 +301,9 @@ class JanusAdapter(UMMAdapter):
         embeddings = self._condition_embeddings(janus, batch)
         attention_mask = batch["attention_mask"]
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = janus.model.language_model(
+        # Through JanusModel.forward, the text path (understanding_entry): a "generation+llm" LoRA is off there,
+        # as it is when the saved adapter reads an image.
+        hidden = janus.model(
             inputs_embeds=embeddings, attention_mask=attention_mask, position_ids=position_ids
         ).last_hidden_state
         return answer_loss(hidden, batch["labels"], janus.lm_head, batch.get("answer_length"))
