@@ -28,6 +28,7 @@ from typing import Any
 from huggingface_hub import ModelCard
 from transformers.trainer_utils import HubStrategy
 
+from .adapters.targets import TOKEN_KINDS
 from .callbacks import GRID_FILE
 from .cards import EVAL_RESULTS_FOLDER, eval_result_files, render_model_card
 
@@ -407,8 +408,33 @@ def loss_series(log_history: list[dict[str, Any]]) -> dict[str, list[tuple[float
     return series
 
 
-def write_loss_plot(log_history: list[dict[str, Any]], path: str | Path) -> Path | None:
-    """Draw the logged losses against the step into a PNG; None (and no file) when nothing was logged."""
+# What the reconstruction loss of each generation target kind is, for the loss plot's axis.
+LOSS_NAMES = {
+    "autoregressive_tokens": "cross-entropy of the image tokens (nats)",
+    "masked_tokens": "cross-entropy of the masked image tokens (nats)",
+    "diffusion": "diffusion loss (noise MSE + variational bound)",
+    "flow": "flow-matching MSE",
+}
+
+
+def loss_axis_label(generation_target: str | None, series: list[str]) -> str:
+    """The y-axis of the loss plot: the reconstruction loss's name (from the generation target kind), and the
+    image-to-text loss's when it is plotted beside a continuous one; "loss" when the kind is unknown (a run
+    record written before it was recorded)."""
+    name = LOSS_NAMES.get(generation_target or "")
+    if name is None:
+        return "loss"
+    text_too = any(key.removeprefix("eval_") == "image_to_text_loss" for key in series)
+    if text_too and generation_target not in TOKEN_KINDS:
+        return f"reconstruction: {name}; image-to-text: cross-entropy (nats)"
+    return name
+
+
+def write_loss_plot(
+    log_history: list[dict[str, Any]], path: str | Path, generation_target: str | None = None
+) -> Path | None:
+    """Draw the logged losses against the step into a PNG, the axis named for the loss ``generation_target``
+    trains with; None (and no file) when nothing was logged."""
     series = loss_series(log_history)
     if not series:
         return None
@@ -436,7 +462,7 @@ def write_loss_plot(log_history: list[dict[str, Any]], path: str | Path) -> Path
         for index, step in enumerate(bad):
             axes.axvline(step, color="red", alpha=0.5, linewidth=1.0, label="non-finite loss" if index == 0 else None)
         axes.set_xlabel("step")
-        axes.set_ylabel("loss (nats)")
+        axes.set_ylabel(loss_axis_label(generation_target, list(series)), fontsize=8)
         axes.set_title("RecA training loss")
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
@@ -507,7 +533,7 @@ def write_run_card(output_dir: str | Path, run: dict[str, Any], log_history: lis
     text = json.dumps(run, indent=2, default=str) + "\n"
     (folder / RUN_FILE).write_text(text)
     if log_history:
-        write_loss_plot(log_history, folder / LOSS_PLOT_FILE)
+        write_loss_plot(log_history, folder / LOSS_PLOT_FILE, run.get("generation_target"))
     for name, results in eval_result_files(run.get("eval_results")).items():
         (folder / name).parent.mkdir(exist_ok=True)
         (folder / name).write_text(results)

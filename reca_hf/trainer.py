@@ -865,6 +865,7 @@ class RecATrainer(HubResilienceMixin, Trainer):
             "base_model": known_base_model(self.base_model_id or loaded_from),
             "pipeline_tag": self.adapter.pipeline_tag,
             "architecture": self.adapter.name,
+            "generation_target": self.adapter.generation_target.kind,  # names the loss (the loss plot's axis)
             "model_class": type(unwrap_model(self.model)).__name__,
             "reca": self._reca_settings(),
             "settings": self.run_settings(),

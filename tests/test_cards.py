@@ -11,6 +11,7 @@ from PIL import Image
 from reca_hf import RecAConfig, RecATrainer
 from reca_hf.cards import CITATION, render_model_card
 from reca_hf.cli import main
+from reca_hf.data import synthetic_shapes
 from reca_hf.hub import loss_series, render_run_card, write_loss_plot
 from reca_hf.testing import tiny_umm
 
@@ -222,3 +223,25 @@ def test_reca_push_license(hub, make_args, shapes, tmp_path):
     from huggingface_hub import ModelCard
 
     assert ModelCard.load("loopback-user/tiny-reca").data.license == "apache-2.0"
+
+
+def test_the_loss_axis_names_the_adapters_loss(tmp_path, monkeypatch):
+    from reca_hf.hub import loss_axis_label
+
+    assert loss_axis_label("flow", ["reconstruction_loss"]) == "flow-matching MSE"
+    assert loss_axis_label("flow", ["reconstruction_loss", "image_to_text_loss"]) == (
+        "reconstruction: flow-matching MSE; image-to-text: cross-entropy (nats)"
+    )
+    assert loss_axis_label("autoregressive_tokens", ["image_to_text_loss"]) == "cross-entropy of the image tokens (nats)"
+    assert loss_axis_label(None, ["loss"]) == "loss"  # a record from before the kind was kept claims no unit
+    labels = []
+    monkeypatch.setattr("matplotlib.axes.Axes.set_ylabel", lambda self, text, **kwargs: labels.append(text))
+    model, processor = tiny_umm("flow")
+    args = RecAConfig(output_dir=str(tmp_path / "run"), max_steps=2, logging_steps=1, report_to="none",
+                      save_strategy="no", num_reconstruction_images=0, collapse_action="off",
+                      per_device_train_batch_size=4, dataloader_pin_memory=False)  # fmt: skip
+    trainer = RecATrainer(model, args=args, train_dataset=synthetic_shapes(8, size=32), processing_class=processor)
+    trainer.train()
+    trainer.save_model()
+    assert json.loads((tmp_path / "run" / "reca_run.json").read_text())["generation_target"] == "flow"
+    assert labels and labels[-1] == "flow-matching MSE"
