@@ -15,6 +15,7 @@ the final push retries. :class:`HubResilienceMixin` puts that (and ``hub_optiona
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import logging
 import math
@@ -38,6 +39,8 @@ RUN_FILE = "reca_run.json"
 CARD_FILE = "README.md"
 LOSS_PLOT_FILE = "training_loss.png"
 STATE_FILE = "trainer_state.json"
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json")  # fmt: skip
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "reca_adapter.json")
 CHECKPOINT_PREFIX = "checkpoint"
 # Never uploaded from the top of an output dir: checkpoint folders travel separately (hub_strategy), "_*" as in
@@ -577,24 +580,57 @@ def push_run(
 
     folder = Path(output_dir)
     if not folder.is_dir():
-        raise FileNotFoundError(f"reca push: {folder} is not a folder")
+        raise FileNotFoundError(f"{folder} is not a folder; give the output_dir of a saved run")
     has_adapter = (folder / ADAPTER_CONFIG_FILE).is_file()
     if adapter_only and not has_adapter:
         raise ValueError(
             f"--adapter-only: {folder} holds no LoRA adapter ({ADAPTER_CONFIG_FILE} is missing); push the full "
             "model without --adapter-only"
         )
+    if not has_adapter and not any((folder / name).is_file() for name in MODEL_FILES):
+        raise FileNotFoundError(
+            f"{folder} holds no model weights ({', '.join(MODEL_FILES)}); save the model first "
+            "(trainer.save_model(), as reca train does at the end) or give the folder that holds them"
+        )
     check_publishable(folder)
-    update_run_card(folder, repo_id=repo_id, eval_results=eval_results, license=license)
     allow = None
     if adapter_only:
         allow = [*ADAPTER_FILES, RUN_FILE, CARD_FILE, LOSS_PLOT_FILE, GRID_FILE, f"{EVAL_RESULTS_FOLDER}/*"]
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    return api.upload_folder(
-        repo_id=repo_id,
-        folder_path=folder,
-        commit_message=commit_message,
-        allow_patterns=allow,
-        ignore_patterns=IGNORE_PATTERNS,
-    )
+    with _restored_on_failure(folder, [RUN_FILE, CARD_FILE, LOSS_PLOT_FILE], EVAL_RESULTS_FOLDER):
+        update_run_card(folder, repo_id=repo_id, eval_results=eval_results, license=license)
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message,
+            allow_patterns=allow,
+            ignore_patterns=IGNORE_PATTERNS,
+        )
+
+
+@contextlib.contextmanager
+def _restored_on_failure(folder: Path, names: list[str], subfolder: str):
+    """Put ``folder``'s files ``names`` and ``subfolder`` back as they were if the block raises: a failed push
+    leaves the run as it found it (its card does not name a repo that was never made)."""
+    saved = {name: (folder / name).read_bytes() if (folder / name).is_file() else None for name in names}
+    tree = folder / subfolder
+    backup = None
+    if tree.is_dir():
+        backup = folder / f"_{subfolder}.reca-push-backup"  # `_*` is never pushed
+        shutil.copytree(tree, backup, dirs_exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for name, content in saved.items():
+            if content is None:
+                (folder / name).unlink(missing_ok=True)
+            else:
+                (folder / name).write_bytes(content)
+        shutil.rmtree(tree, ignore_errors=True)
+        if backup is not None:
+            backup.rename(tree)
+        raise
+    finally:
+        if backup is not None and backup.exists():
+            shutil.rmtree(backup)
