@@ -587,6 +587,7 @@ def push_run(
             f"--adapter-only: {folder} holds no LoRA adapter ({ADAPTER_CONFIG_FILE} is missing); push the full "
             "model without --adapter-only"
         )
+    read_run(folder)  # a run saved by reca_hf, or an error saying it is not one
     if not has_adapter and not any((folder / name).is_file() for name in MODEL_FILES):
         raise FileNotFoundError(
             f"{folder} holds no model weights ({', '.join(MODEL_FILES)}); save the model first "
