@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .config import TINY_PREFIX, looks_like_repo_id
+from .dotted import import_object
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +121,6 @@ def model_class_from_name(name: str) -> type:
         import transformers
 
         return getattr(transformers, name)
-    from .adapters.base import import_object
-
     return import_object(name, "model_class")
 
 

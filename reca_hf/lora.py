@@ -26,7 +26,9 @@ from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 
-from .adapters.base import UMMAdapter, adapter_class_for, get_adapter, unwrap_model
+from .adapters.base import UMMAdapter
+from .adapters.helpers import unwrap_model
+from .adapters.registry import adapter_class_for, get_adapter
 from .config import LORA_TARGET_MODES
 from .freeze import matches
 from .loading import TINY_PREFIX, is_hub_id, load_model_and_processor

@@ -20,7 +20,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from . import __version__
 from .adapters import get_adapter, unwrap_model
-from .adapters.base import IGNORE_INDEX, eval_mode
+from .adapters.helpers import IGNORE_INDEX, eval_mode
 from .callbacks import CollapseDetector, PromptEpochCallback, ReconstructionGridCallback, RunTotals, StreamPosition
 from .cards import PAPER_ID, PAPER_TITLE, known_base_model
 from .checks import bf16_without_accelerator, check_run

@@ -1,11 +1,16 @@
-"""Architecture adapters (not LoRA adapters): one module per architecture, one registry for all, each
-architecture registered with its tiny test builder."""
+"""Architecture adapters (not LoRA adapters): the contract (:mod:`.base`), the registry (:mod:`.registry`), the
+generation targets (:mod:`.targets`) and the helpers adapters share (:mod:`.helpers`). Each architecture's
+adapter registers itself with its tiny test builder."""
 
-from .base import (
+from .base import UMMAdapter
+from .emu3 import Emu3Adapter
+from .flow import FlowAdapter, FlowLatentsAdapter
+from .helpers import cached_key, unwrap_model
+from .janus import JanusAdapter
+from .openuni import OpenUniAdapter
+from .registry import (
     ENTRY_POINT_GROUP,
-    UMMAdapter,
     adapter_class_for,
-    cached_key,
     get_adapter,
     load_entry_points,
     register_adapter,
@@ -13,12 +18,7 @@ from .base import (
     resolve_adapter_class,
     supported_model_types,
     tiny_builders,
-    unwrap_model,
 )
-from .emu3 import Emu3Adapter
-from .flow import FlowAdapter, FlowLatentsAdapter
-from .janus import JanusAdapter
-from .openuni import OpenUniAdapter
 from .targets import GenerationTarget, LossNoise
 
 __all__ = [

@@ -32,22 +32,21 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..images import ViewSpec, load_image, to_pil, to_tensor, view_size
+from ..images import AUTO, ViewSpec, load_image, to_pil, to_tensor, view_size
 from ..slots import check_once, slot_count_problem
 from ..testing import build_tiny_emu3
-from .base import (
-    AUTO,
+from .base import UMMAdapter
+from .helpers import (
     IGNORE_INDEX,
-    UMMAdapter,
     answer_batch,
     answer_length,
     answer_loss,
     cached_key,
     eval_mode,
     next_code,
-    register_adapter,
     unwrap_model,
 )
+from .registry import register_adapter
 from .targets import GenerationTarget, LossNoise, per_sample_cross_entropy, reduce_loss
 
 _VQ_MEAN = _VQ_STD = (0.5, 0.5, 0.5)  # Emu3's VQ reads pixels in [-1, 1] (used when there is no processor)

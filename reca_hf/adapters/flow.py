@@ -21,7 +21,9 @@ from PIL import Image
 
 from ..images import ViewSpec, load_image, to_pil, to_tensor, view_size
 from ..testing import build_tiny_flow, build_tiny_flow_latents
-from .base import UMMAdapter, left_pad, register_adapter, unwrap_model
+from .base import UMMAdapter
+from .helpers import left_pad, unwrap_model
+from .registry import register_adapter
 from .targets import GenerationTarget, LossNoise, reduce_loss
 
 _PIXEL_MEAN = _PIXEL_STD = (0.5, 0.5, 0.5)  # both encoders and the autoencoder read pixels in [-1, 1]

@@ -25,16 +25,9 @@ from PIL import Image
 from ..images import ViewSpec, load_image, to_pil, to_tensor, view_size
 from ..slots import check_once, slot_count_problem
 from ..testing import build_tiny_janus
-from .base import (
-    UMMAdapter,
-    answer_batch,
-    answer_length,
-    answer_loss,
-    cached_key,
-    next_code,
-    register_adapter,
-    unwrap_model,
-)
+from .base import UMMAdapter
+from .helpers import answer_batch, answer_length, answer_loss, cached_key, next_code, unwrap_model
+from .registry import register_adapter
 from .targets import GenerationTarget, LossNoise, per_sample_cross_entropy, reduce_loss
 
 _VQ_MEAN = _VQ_STD = (0.5, 0.5, 0.5)  # Janus' VQ encoder reads pixels in [-1, 1]

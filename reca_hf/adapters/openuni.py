@@ -27,7 +27,9 @@ import torch
 from PIL import Image
 
 from ..images import ViewSpec, load_image, to_pil, to_tensor
-from .base import UMMAdapter, cached_key, left_pad, register_adapter, unwrap_model
+from .base import UMMAdapter
+from .helpers import cached_key, left_pad, unwrap_model
+from .registry import register_adapter
 from .targets import GenerationTarget, LossNoise
 
 _PIXEL_MEAN = _PIXEL_STD = (0.5, 0.5, 0.5)  # the model reads pixels in [-1, 1] (InternViT's norm is inside it)
