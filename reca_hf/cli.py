@@ -287,9 +287,9 @@ def _model_errors(config) -> list[str]:
     try:
         cls = resolve_adapter_class(config.adapter) if config.adapter is not None else None
         if name.startswith(TINY_PREFIX):
-            from .testing import tiny_demo_umm
+            from .testing import tiny_umm
 
-            model, processor = tiny_demo_umm(name[len(TINY_PREFIX) :])
+            model, processor = tiny_umm(name[len(TINY_PREFIX) :])
             adapter = get_adapter(model.config, processor, adapter=config.adapter)
         else:
             from transformers import PretrainedConfig

@@ -42,8 +42,8 @@ def load_model_and_processor(
 ):
     """Return ``(model, processor)`` for ``name_or_path``.
 
-    ``"tiny:<arch>"`` builds :func:`reca_hf.testing.tiny_demo_umm` (the tiny model,
-    with a trained image tokenizer where one ships); anything else goes through the architecture
+    ``"tiny:<name>"`` builds :func:`reca_hf.testing.tiny_umm` ``(name)`` (``tiny:janus`` the test model,
+    ``tiny:janus_demo`` the demo's, with a trained image tokenizer); anything else goes through the architecture
     adapter's :meth:`~reca_hf.adapters.UMMAdapter.load`: the adapter ``adapter`` names (a registered name, an
     installed plug-in's, or ``"my_pkg.my_module:MyAdapter"``), else the one that handles the ``model_type`` of
     the checkpoint's ``config.json``. The keyword arguments pass through to that loading.
@@ -52,9 +52,9 @@ def load_model_and_processor(
 
     cls = resolve_adapter_class(adapter) if adapter is not None else None  # importing it may register its tiny
     if name_or_path.startswith(TINY_PREFIX):
-        from .testing import tiny_demo_umm
+        from .testing import tiny_umm
 
-        return tiny_demo_umm(name_or_path[len(TINY_PREFIX) :])
+        return tiny_umm(name_or_path[len(TINY_PREFIX) :])
     if cls is None:
         import transformers
 

@@ -27,19 +27,26 @@ BUILTIN_PACKAGE = "reca_hf.models"  # every <package>.<arch>.adapter module is a
 
 _REGISTRY: dict[str, type[UMMAdapter]] = {}
 _TINY_BUILDERS: dict[str, Callable[[int], tuple]] = {}
+_DEMO_BUILDERS: dict[str, Callable[[int], tuple]] = {}  # adapter name -> its demo model's builder
+DEMO_SUFFIX = "_demo"  # tiny:<name>_demo is the demo model of adapter <name>
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 ENTRY_POINT_GROUP = "reca_hf.adapters"  # third-party packages register their adapters under this group
 _LOADED_ENTRY_POINTS: set[tuple[str, str]] = set()  # (name, value) of the entry points already loaded
 
 
 def register_adapter(
-    cls: type[UMMAdapter] | None = None, *, override: bool = False, tiny: Callable[[int], tuple] | None = None
+    cls: type[UMMAdapter] | None = None,
+    *,
+    override: bool = False,
+    tiny: Callable[[int], tuple] | None = None,
+    demo: Callable[[int], tuple] | None = None,
 ):
     """Register an architecture adapter class (usable as a decorator). Names are lowercase identifiers, unique.
 
     ``tiny`` is the architecture's tiny test builder, ``tiny(seed) -> (model, processor)``: a small random model
     built in code. With one, the architecture is reachable as ``tiny:<name>`` (``reca train``, ``reca validate``,
-    :func:`reca_hf.testing.tiny_umm`) and the shared adapter tests run on it.
+    :func:`reca_hf.factory.tiny_umm`) and the shared adapter tests run on it. ``demo`` is a demo model of the
+    architecture that differs from the test model (Janus: a trained image tokenizer), named ``tiny:<name>_demo``.
     """
 
     def _register(adapter_cls: type[UMMAdapter]) -> type[UMMAdapter]:
@@ -52,13 +59,17 @@ def register_adapter(
             raise ValueError(f"adapter {name!r} declares no model_types")
         if name in _REGISTRY and _REGISTRY[name] is not adapter_cls and not override:
             raise ValueError(f"an adapter named {name!r} is already registered ({_REGISTRY[name].__name__})")
-        if tiny is not None and not callable(tiny):
-            raise TypeError(f"register_adapter(tiny=...) for {name!r} must be a callable seed -> (model, processor)")
+        for field, builder in (("tiny", tiny), ("demo", demo)):
+            if builder is not None and not callable(builder):
+                raise TypeError(
+                    f"register_adapter({field}=...) for {name!r} must be a callable seed -> (model, processor)"
+                )
         _REGISTRY[name] = adapter_cls
-        if tiny is not None:
-            _TINY_BUILDERS[name] = tiny
-        elif override:
-            _TINY_BUILDERS.pop(name, None)
+        for builders, builder in ((_TINY_BUILDERS, tiny), (_DEMO_BUILDERS, demo)):
+            if builder is not None:
+                builders[name] = builder
+            elif override:
+                builders.pop(name, None)
         return adapter_cls
 
     return _register(cls) if cls is not None else _register
@@ -121,6 +132,12 @@ def tiny_builders() -> dict[str, Callable[[int], tuple]]:
     (model, processor)``."""
     load_entry_points()
     return dict(_TINY_BUILDERS)
+
+
+def demo_builders() -> dict[str, Callable[[int], tuple]]:
+    """The registered demo models: ``<name>_demo`` -> ``builder(seed) -> (model, processor)``."""
+    load_entry_points()
+    return {name + DEMO_SUFFIX: builder for name, builder in _DEMO_BUILDERS.items()}
 
 
 def supported_model_types() -> list[str]:
