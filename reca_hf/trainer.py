@@ -27,6 +27,7 @@ from .checks import bf16_without_accelerator, check_run
 from .collator import SKIPPED_KEY, RecACollator, resolve_dropout
 from .config import RESUME_LATEST, RecAConfig
 from .data import IMAGE_COLUMN_FIELDS, ROW_KEY, SOURCE_KEY, synthetic_shapes
+from .factory import load_model_and_processor
 from .flops import FlopCounter, resolve_peak_flops
 from .freeze import apply_freeze, format_table, parameter_table
 from .frozen_cache import (
@@ -39,7 +40,7 @@ from .frozen_cache import (
 )
 from .hub import HubPushError, HubResilienceMixin, write_run_card
 from .images import ViewSpec, views_from_config
-from .loading import is_hub_id, load_model_and_processor, save_module_config
+from .loading import is_hub_id, save_module_config
 from .lora import (
     check_publishable,
     leaves_understanding_intact,
