@@ -15,7 +15,8 @@ from PIL import Image, ImageDraw
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from .adapters.base import UMMAdapter, cached_key, eval_mode
+from .adapters.base import UMMAdapter
+from .adapters.helpers import cached_key, eval_mode
 from .adapters.targets import LossNoise
 from .config import COLLAPSE_ACTIONS, MAX_GRID_IMAGES
 from .images import ViewSpec, load_image, view_image

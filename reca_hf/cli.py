@@ -296,7 +296,7 @@ def _model_errors(config, notes: list[str] | None = None) -> list[str]:
     model that cannot be read because the Hub is switched off goes into ``notes`` as not checked."""
     from .adapters import adapter_class_for, get_adapter, resolve_adapter_class
     from .checks import file_errors, run_errors
-    from .loading import TINY_PREFIX
+    from .config import TINY_PREFIX
 
     name = config.model_name_or_path
     if not name:
@@ -304,9 +304,9 @@ def _model_errors(config, notes: list[str] | None = None) -> list[str]:
     try:
         cls = resolve_adapter_class(config.adapter) if config.adapter is not None else None
         if name.startswith(TINY_PREFIX):
-            from .testing import tiny_demo_umm
+            from .factory import tiny_umm
 
-            model, processor = tiny_demo_umm(name[len(TINY_PREFIX) :])
+            model, processor = tiny_umm(name[len(TINY_PREFIX) :])
             adapter = get_adapter(model.config, processor, adapter=config.adapter)
         else:
             from transformers import PretrainedConfig
@@ -383,7 +383,7 @@ def card(output_dir: str, eval_results: str | None, license: str | None = None) 
 
 
 def _load_for_generation(model: str, dtype: str, device: str | None):
-    from .loading import load_for_generation
+    from .factory import load_for_generation
 
     try:
         return load_for_generation(model, dtype=dtype, device=device)

@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .adapters.base import AUTO, UMMAdapter
+from .adapters.base import UMMAdapter
 from .data import IMAGE_COLUMN_FIELDS, ROW_KEY, SOURCE_KEY
 from .images import (
+    AUTO,
     DEFAULT_MAX_IMAGE_PIXELS,
     BadImageError,
     ViewSpec,

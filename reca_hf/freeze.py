@@ -7,7 +7,8 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .adapters.base import UMMAdapter, unwrap_model
+from .adapters.base import UMMAdapter
+from .adapters.helpers import unwrap_model
 
 _MANAGED = "_reca_freeze_managed"  # marks a parameter whose requires_grad a freeze policy has set
 

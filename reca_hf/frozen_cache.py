@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .adapters.base import UMMAdapter, cached_key, eval_mode, unwrap_model
+from .adapters.base import UMMAdapter
+from .adapters.helpers import cached_key, eval_mode, unwrap_model
 from .freeze import matches
 from .images import source_file
 

@@ -1,8 +1,8 @@
-"""Loading a model and its processor from a hub id, a local folder, or a tiny built-in spec.
+"""Reading checkpoints: what :meth:`reca_hf.adapters.UMMAdapter.load` does by default.
 
-The architecture adapter decides how (:meth:`reca_hf.adapters.UMMAdapter.load`); the functions here are its
-default: ``from_pretrained`` for transformers classes, and for a plain ``torch.nn.Module`` with a config object
-the folder convention ``RecATrainer`` saves (``config.json`` from the config, ``model.safetensors``).
+``from_pretrained`` for transformers classes, and for a plain ``torch.nn.Module`` with a config object the folder
+convention ``RecATrainer`` saves (``config.json`` from the config, ``model.safetensors``). Which architecture a
+name is, and what ``tiny:<arch>`` builds, is :mod:`reca_hf.factory`'s part.
 """
 
 from __future__ import annotations
@@ -11,12 +11,14 @@ import dataclasses
 import json
 import logging
 import typing
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import TINY_PREFIX, looks_like_repo_id
+from .config import looks_like_repo_id
+from .dotted import import_object
 
 logger = logging.getLogger(__name__)
 
@@ -28,42 +30,6 @@ def is_hub_id(name: str | None) -> bool:
     """True for a Hub repository id such as 'deepseek-community/Janus-Pro-7B': a namespace and a name, not a
     local path that exists, not a 'tiny:' spec."""
     return looks_like_repo_id(name) and not Path(name).expanduser().exists()
-
-
-def load_model_and_processor(
-    name_or_path: str,
-    dtype: str = "float32",
-    *,
-    adapter=None,
-    trust_remote_code: bool = False,
-    revision: str | None = None,
-    attn_implementation: str | None = None,
-):
-    """Return ``(model, processor)`` for ``name_or_path``.
-
-    ``"tiny:<arch>"`` builds :func:`reca_hf.testing.tiny_demo_umm` (the tiny model,
-    with a trained image tokenizer where one ships); anything else goes through the architecture
-    adapter's :meth:`~reca_hf.adapters.UMMAdapter.load`: the adapter ``adapter`` names (a registered name, an
-    installed plug-in's, or ``"my_pkg.my_module:MyAdapter"``), else the one that handles the ``model_type`` of
-    the checkpoint's ``config.json``. The keyword arguments pass through to that loading.
-    """
-    from .adapters import adapter_class_for, resolve_adapter_class
-
-    cls = resolve_adapter_class(adapter) if adapter is not None else None  # importing it may register its tiny
-    if name_or_path.startswith(TINY_PREFIX):
-        from .testing import tiny_demo_umm
-
-        return tiny_demo_umm(name_or_path[len(TINY_PREFIX) :])
-    if cls is None:
-        import transformers
-
-        # The model type from config.json alone: a class outside transformers registers its config on import.
-        config, _ = transformers.PretrainedConfig.get_config_dict(name_or_path, revision=revision)
-        cls = adapter_class_for(config.get("model_type"))
-    options = {"trust_remote_code": trust_remote_code, "revision": revision}
-    if attn_implementation is not None:
-        options["attn_implementation"] = attn_implementation
-    return cls.load(name_or_path, dtype, **options)
 
 
 def load_pretrained(
@@ -120,8 +86,6 @@ def model_class_from_name(name: str) -> type:
         import transformers
 
         return getattr(transformers, name)
-    from .adapters.base import import_object
-
     return import_object(name, "model_class")
 
 
@@ -215,45 +179,11 @@ def _file(name_or_path: str, filename: str, revision: str | None) -> str:
     return cached_file(name_or_path, filename, revision=revision)
 
 
-def load_for_generation(name_or_path: str, dtype: str = "float32", device: str | None = None):
-    """Return ``(model, processor, adapter)`` ready to generate, for a saved run folder, a Hub id, a LoRA
-    adapter folder or repository (``adapter_config.json``: the base model it names, with the adapter applied)
-    or a ``tiny:<arch>`` spec. The adapter is bound to the model: ``adapter.text_to_image(prompts)`` and
-    ``adapter.reconstruct(images)`` work at once."""
-    import transformers
-
-    from .adapters import get_adapter
-    from .lora import ADAPTER_CONFIG_FILE
-
-    if _has_file(name_or_path, ADAPTER_CONFIG_FILE):
-        from peft import PeftConfig
-
-        from .lora import load_reca_adapter
-
-        model = load_reca_adapter(name_or_path, dtype=dtype)
-        try:
-            processor = transformers.AutoProcessor.from_pretrained(name_or_path)
-        except (OSError, ValueError):  # the adapter folder holds no processor: the base model's
-            base = PeftConfig.from_pretrained(name_or_path).base_model_name_or_path
-            processor = load_model_and_processor(base)[1] if base.startswith(TINY_PREFIX) else None
-            processor = processor or transformers.AutoProcessor.from_pretrained(base)
-    else:
-        model, processor = load_model_and_processor(name_or_path, dtype)
-    if device is not None:
-        model = model.to(device)
-    model.eval()
-    return model, processor, get_adapter(model, processor)
-
-
-def _has_file(name_or_path: str, filename: str) -> bool:
-    """Whether a local folder, or else a Hub repository, holds ``filename``."""
-    if name_or_path.startswith(TINY_PREFIX):
-        return False
-    folder = Path(name_or_path).expanduser()
-    if folder.is_dir():
-        return (folder / filename).is_file()
-    if not is_hub_id(name_or_path):
-        raise ValueError(f"{name_or_path!r} is neither a folder nor a Hub id such as 'you/janus-pro-1b-reca'")
-    from huggingface_hub import file_exists
-
-    return file_exists(name_or_path, filename)
+def __getattr__(name: str):
+    # Loading by name moved to reca_hf.factory (and the tiny prefix lives with the config); the names still
+    # import from here.
+    if name in ("load_model_and_processor", "load_for_generation"):
+        return getattr(import_module("reca_hf.factory"), name)
+    if name == "TINY_PREFIX":
+        return getattr(import_module("reca_hf.config"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

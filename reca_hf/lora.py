@@ -26,10 +26,12 @@ from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 
-from .adapters.base import UMMAdapter, adapter_class_for, get_adapter, unwrap_model
-from .config import LORA_TARGET_MODES
+from .adapters.base import UMMAdapter
+from .adapters.helpers import unwrap_model
+from .adapters.registry import adapter_class_for, get_adapter
+from .config import LORA_TARGET_MODES, TINY_PREFIX
 from .freeze import matches
-from .loading import TINY_PREFIX, is_hub_id, load_model_and_processor
+from .loading import is_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -366,38 +368,20 @@ def read_reca_adapter_config(adapter: str | Path, revision: str | None = None) -
         return None
 
 
-def load_reca_adapter(
+def apply_reca_adapter(
     adapter: str | Path,
-    base_model: torch.nn.Module | str | None = None,
+    base_model: torch.nn.Module,
     merge: bool = False,
     *,
-    dtype: str = "auto",
+    settings: dict[str, Any] | None = None,
     revision: str | None = None,
 ) -> torch.nn.Module:
-    """Apply a RecA LoRA adapter to its base model.
-
-    Args:
-        adapter: a Hub id or a local folder holding ``adapter_config.json`` and ``adapter_model.safetensors``.
-        base_model: a model (modified in place), a Hub id or local folder to load, or None for the base model
-            the adapter records (``base_model_name_or_path``).
-        merge: fold the adapter into the weights and return a plain transformers model whose outputs equal the
-            unmerged one. For a "generation+llm" adapter the merged LLM delta then also reaches the text path
-            (the scoping cannot survive a merge), so understanding outputs are no longer the base model's.
-        dtype: dtype of a base model loaded here ('auto' is the checkpoint's own).
-        revision: revision of the adapter repository.
-
-    Returns:
-        a ``PeftModel`` (with generation scoping for "generation+llm" adapters), or the merged model.
-    """
-    settings = read_reca_adapter_config(adapter, revision) or {}
-    peft_config = PeftConfig.from_pretrained(str(adapter), revision=revision)
-    if base_model is None:
-        base_model = peft_config.base_model_name_or_path or settings.get("base_model")
-        if not base_model:
-            raise ValueError(f"the adapter {str(adapter)!r} records no base model: pass base_model=...")
-    if isinstance(base_model, str | Path):
-        base_model, _ = load_model_and_processor(str(base_model), dtype)
-    elif is_peft_model(base_model):
+    """Apply the RecA LoRA adapter ``adapter`` (a Hub id or a local folder) to the loaded ``base_model``, with the
+    generation scoping its ``reca_adapter.json`` (``settings``) records; :func:`reca_hf.factory.load_reca_adapter`
+    loads the base model by name and calls this."""
+    if settings is None:
+        settings = read_reca_adapter_config(adapter, revision) or {}
+    if is_peft_model(base_model):
         raise ValueError("base_model is already a PeftModel: merge it first (merge_and_unload()) or pass the base")
     kind = get_adapter(base_model)
     if settings.get("adapter") not in (None, kind.name):
@@ -416,3 +400,12 @@ def load_reca_adapter(
             "outputs are no longer the base model's. Load with merge=False to keep them exact."
         )
     return model.merge_and_unload()
+
+
+def __getattr__(name: str):
+    # Loading an adapter with its base model by name moved to reca_hf.factory; it still imports from here.
+    if name == "load_reca_adapter":
+        from importlib import import_module
+
+        return import_module("reca_hf.factory").load_reca_adapter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

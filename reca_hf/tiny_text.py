@@ -1,4 +1,4 @@
-"""The text parts every tiny model shares: a word-level tokenizer over the project's prompts and a tiny LLM config.
+"""The text parts every tiny model shares: word-level tokenizers over the project's prompts and a tiny LLM config.
 
 A low module (it imports only the prompts): the tiny builders of every architecture folder use it.
 """
@@ -83,3 +83,33 @@ def tiny_llm_config(tokenizer, hidden_size: int = 64) -> dict:
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
     }
+
+
+# The special tokens of :func:`tiny_tokenizer`, Janus' names (the tiny Janus and the tiny flow model read them).
+TINY_SPECIALS = {
+    "pad": "<pad>",
+    "bos": "<bos>",
+    "eos": "<eos>",
+    "unk": "<unk>",
+    "image": "<image_placeholder>",
+    "boi": "<begin_of_image>",
+    "eoi": "<end_of_image>",
+}
+TINY_CHAT_WORDS = ["<|User|>", "<|Assistant|>"]
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the project's prompts, with Janus-style special tokens."""
+    return word_level_tokenizer(
+        list(TINY_SPECIALS.values()) + TINY_CHAT_WORDS,
+        list(tiny_vocabulary()),
+        bos=TINY_SPECIALS["bos"],
+        eos=TINY_SPECIALS["eos"],
+        pad=TINY_SPECIALS["pad"],
+        unk=TINY_SPECIALS["unk"],
+        extra_special_tokens={
+            "image_token": TINY_SPECIALS["image"],
+            "boi_token": TINY_SPECIALS["boi"],
+            "eoi_token": TINY_SPECIALS["eoi"],
+        },
+    )

@@ -20,13 +20,14 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from . import __version__
 from .adapters import get_adapter, unwrap_model
-from .adapters.base import IGNORE_INDEX, eval_mode
+from .adapters.helpers import IGNORE_INDEX, eval_mode
 from .callbacks import CollapseDetector, PromptEpochCallback, ReconstructionGridCallback, RunTotals, StreamPosition
 from .cards import PAPER_ID, PAPER_TITLE, known_base_model
 from .checks import bf16_without_accelerator, check_run
 from .collator import SKIPPED_KEY, RecACollator, resolve_dropout
 from .config import RESUME_LATEST, RecAConfig
 from .data import IMAGE_COLUMN_FIELDS, ROW_KEY, SOURCE_KEY, synthetic_shapes
+from .factory import load_model_and_processor
 from .flops import FlopCounter, resolve_peak_flops
 from .freeze import apply_freeze, format_table, parameter_table
 from .frozen_cache import (
@@ -39,7 +40,7 @@ from .frozen_cache import (
 )
 from .hub import HubPushError, HubResilienceMixin, write_run_card
 from .images import ViewSpec, views_from_config
-from .loading import is_hub_id, load_model_and_processor, save_module_config
+from .loading import is_hub_id, save_module_config
 from .lora import (
     check_publishable,
     leaves_understanding_intact,

@@ -19,10 +19,10 @@ from reca_hf.adapters import (
     JanusAdapter,
     LossNoise,
     UMMAdapter,
-    base,
     get_adapter,
     register_adapter,
     registered_adapters,
+    registry,
     tiny_builders,
 )
 from reca_hf.callbacks import CollapseDetector, has_target_logits
@@ -264,8 +264,8 @@ def test_the_card_states_the_run(arch, make_args, shapes, tmp_path):
 
 
 def test_an_architecture_registered_with_its_tiny_builder_is_reachable_as_tiny(monkeypatch, tmp_path):
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
-    monkeypatch.setattr(base, "_TINY_BUILDERS", dict(base._TINY_BUILDERS))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_TINY_BUILDERS", dict(registry._TINY_BUILDERS))
     seeds = []
 
     def build(seed):
@@ -298,6 +298,12 @@ def test_registry_refuses_bad_adapters_and_lists_supported_types():
 
         class Incomplete(UMMAdapter):
             name = "incomplete"
+
+    declared = {attr: getattr(JanusAdapter, attr) for attr in UMMAdapter._REQUIRED}
+    with pytest.raises(TypeError, match=r"does not implement decode_codes, loss, prepare, sample_codes"):
+        type("NoMethods", (UMMAdapter,), declared)
+    with pytest.raises(TypeError, match="implements image_to_text_loss but not prepare_image_to_text"):
+        type("HalfTask", (registered_adapters()["flow"],), {"image_to_text_loss": lambda self, model, batch: None})
 
     class Config:
         model_type = "chameleon"

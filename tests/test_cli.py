@@ -118,8 +118,8 @@ def test_validate_reports_every_error_at_once(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["validate", str(recipe)])
     assert "problem(s)" in capsys.readouterr().err
-    recipe.write_text("model_name_or_path: tiny:janus\ndataset_name: ./no/such/folder\ncondition_resolution: 30\n")
-    # tiny:janus (the demo model) reads 4-px SigLIP patches
+    recipe.write_text("model_name_or_path: tiny:janus_demo\ndataset_name: ./no/such/folder\ncondition_resolution: 30\n")
+    # tiny:janus_demo (the demo model) reads 4-px SigLIP patches
     assert any("multiple of 4" in e for e in validate(str(recipe))) and any(
         "no such folder" in e for e in validate(str(recipe))
     )

@@ -165,14 +165,14 @@ def test_a_derived_condition_warns_once_and_is_probed_twice_as_often(make_args, 
     import logging
 
     from reca_hf import RecATrainer
-    from reca_hf.adapters import FlowLatentsAdapter, base
+    from reca_hf.adapters import FlowLatentsAdapter, registry
     from reca_hf.testing import tiny_umm
 
     class DerivedFlow(FlowLatentsAdapter):
         name = "derived_flow"
         condition_relation = "derived"
 
-    monkeypatch.setattr(base, "_REGISTRY", {"derived_flow": DerivedFlow, **base._REGISTRY})
+    monkeypatch.setattr(registry, "_REGISTRY", {"derived_flow": DerivedFlow, **registry._REGISTRY})
     model, processor = tiny_umm("flow_latents")
     args = make_args(max_steps=1, collapse_probe_steps=10, collapse_probe_images=2)
     with caplog.at_level(logging.WARNING, logger="reca_hf"):

@@ -187,7 +187,7 @@ def test_a_null_prompt_of_none_leaves_the_instruction_out_and_prepare_learns_the
 ):
     """null_prompt=None (BAGEL): a dropped row's prompt has no instruction segment, not an empty one."""
     from reca_hf import RecATrainer
-    from reca_hf.adapters import FlowAdapter, base
+    from reca_hf.adapters import FlowAdapter, registry
     from reca_hf.testing import tiny_umm
 
     seen = []
@@ -215,7 +215,7 @@ def test_a_null_prompt_of_none_leaves_the_instruction_out_and_prepare_learns_the
     assert adapter.format_prompt(None, slots) != adapter.format_prompt("", slots)  # left out, not emptied
     assert torch.isfinite(adapter.loss(model, batch))
 
-    monkeypatch.setattr(base, "_REGISTRY", {"no_instruction_flow": NoInstructionFlow, **base._REGISTRY})
+    monkeypatch.setattr(registry, "_REGISTRY", {"no_instruction_flow": NoInstructionFlow, **registry._REGISTRY})
     args = make_args(max_steps=1, cond_dropout_prob=0.5, collapse_action="off")
     trainer = RecATrainer(model, args=args, train_dataset=shapes, processing_class=processor)
     record = trainer.run_record()

@@ -15,7 +15,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from reca_hf import RecACollator, RecAConfig, RecATrainer
-from reca_hf.adapters import FlowAdapter, JanusAdapter, LossNoise, base, get_adapter, resolve_adapter_class
+from reca_hf.adapters import FlowAdapter, JanusAdapter, LossNoise, base, get_adapter, registry, resolve_adapter_class
 from reca_hf.cli import main, validate
 from reca_hf.loading import load_model_and_processor, load_module, model_class_from_name, save_module_config
 from reca_hf.models.tiny_flow import TinyFlowModel
@@ -66,9 +66,9 @@ class ComposedFlowAdapter(FlowAdapter):
 @pytest.fixture
 def fresh_registry(monkeypatch):
     """The adapter registry as it is, restored after the test (plug-ins registered in it do not leak)."""
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
-    monkeypatch.setattr(base, "_TINY_BUILDERS", dict(base._TINY_BUILDERS))
-    monkeypatch.setattr(base, "_LOADED_ENTRY_POINTS", set(base._LOADED_ENTRY_POINTS))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_TINY_BUILDERS", dict(registry._TINY_BUILDERS))
+    monkeypatch.setattr(registry, "_LOADED_ENTRY_POINTS", set(registry._LOADED_ENTRY_POINTS))
 
 
 def _install(tmp_path, monkeypatch, entry_points: str, modules: dict[str, str]) -> None:
@@ -115,19 +115,19 @@ def _recipe(tmp_path, **values) -> Path:
 
 
 def test_an_adapter_installed_by_entry_point_is_found_by_get_adapter(plugin):
-    assert "third_party_flow" not in base._REGISTRY and "reca_thirdparty_flow" not in sys.modules  # lazily
+    assert "third_party_flow" not in registry._REGISTRY and "reca_thirdparty_flow" not in sys.modules  # lazily
     adapter = get_adapter(types.SimpleNamespace(model_type="third_party_flow", image_size=32))
     assert type(adapter).__name__ == "ThirdPartyAdapter" and adapter.name == "third_party_flow"
     assert resolve_adapter_class("third_party_flow") is type(adapter)
 
 
 def test_an_adapter_installed_by_entry_point_is_found_by_reca_validate(plugin, tmp_path):
-    assert "third_party_flow" not in base._REGISTRY
+    assert "third_party_flow" not in registry._REGISTRY
     folder = _saved_flow_folder(tmp_path / "model", model_type="third_party_flow")  # tiny_umm lists the plug-ins
-    base._REGISTRY.pop("third_party_flow")
-    base._LOADED_ENTRY_POINTS.clear()
+    registry._REGISTRY.pop("third_party_flow")
+    registry._LOADED_ENTRY_POINTS.clear()
     assert validate(str(_recipe(tmp_path, model_name_or_path=str(folder)))) == []
-    assert base._REGISTRY["third_party_flow"].__name__ == "ThirdPartyAdapter"
+    assert registry._REGISTRY["third_party_flow"].__name__ == "ThirdPartyAdapter"
     wrong = _recipe(tmp_path, model_name_or_path=str(folder), generation_resolution=30)
     assert any("generation_resolution=30" in error for error in validate(str(wrong)))  # the plug-in's own checks
 
@@ -136,7 +136,7 @@ def test_a_broken_entry_point_is_skipped_with_a_warning_naming_it(tmp_path, monk
     _install(tmp_path, monkeypatch, "broken = reca_no_such_module:Adapter\nthird_party_flow = "
              "reca_thirdparty_flow:ThirdPartyAdapter", {"reca_thirdparty_flow": PLUGIN_SOURCE})  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="reca_hf"):
-        assert "third_party_flow" in base.registered_adapters()
+        assert "third_party_flow" in registry.registered_adapters()
     assert "'broken' = 'reca_no_such_module:Adapter'" in caplog.text and "reca-thirdparty" in caplog.text
     sys.modules.pop("reca_thirdparty_flow", None)
 
@@ -163,7 +163,7 @@ def test_an_explicit_adapter_wins_over_detection_in_the_trainer(fresh_registry, 
         trainer = RecATrainer(model, args=args, train_dataset=shapes, processing_class=tokenizer)
     assert type(trainer.adapter) is RenamedFlowAdapter
     assert "handles model types renamed_flow, but this model's config says model_type='reca_tiny_flow'" in caplog.text
-    assert base._REGISTRY["renamed_flow"] is RenamedFlowAdapter  # registered, so detection finds it later
+    assert registry._REGISTRY["renamed_flow"] is RenamedFlowAdapter  # registered, so detection finds it later
 
 
 def test_the_trainer_and_reca_train_load_through_the_adapter(fresh_registry, make_args, shapes, tmp_path):
@@ -312,14 +312,14 @@ def test_reca_validate_imports_the_example_adapter_from_beside_its_recipe(monkey
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.delitem(sys.modules, "my_umm", raising=False)
     assert validate(str(EXAMPLE / "recipe.yaml")) == []
-    assert str(EXAMPLE.resolve()) in sys.path and base._REGISTRY["my_umm"].__module__ == "my_umm"
+    assert str(EXAMPLE.resolve()) in sys.path and registry._REGISTRY["my_umm"].__module__ == "my_umm"
     sys.modules.pop("my_umm", None)
 
 
 def test_the_custom_umm_example_is_one_short_file_with_its_adapter(my_umm):
     lines = (EXAMPLE / "my_umm.py").read_text().splitlines()
     assert len(lines) <= 200
-    assert issubclass(my_umm.MyUMMAdapter, base.UMMAdapter) and base._REGISTRY["my_umm"] is my_umm.MyUMMAdapter
+    assert issubclass(my_umm.MyUMMAdapter, base.UMMAdapter) and registry._REGISTRY["my_umm"] is my_umm.MyUMMAdapter
     recipe = (EXAMPLE / "recipe.yaml").read_text()
     assert recipe.startswith("#") and "adapter: my_umm:MyUMMAdapter" in recipe
 

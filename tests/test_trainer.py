@@ -210,7 +210,7 @@ def test_prepare_may_return_lists_and_ragged_entries_and_the_adapter_counts_the_
     make_args, tiny_janus, shapes, monkeypatch
 ):
     """Non-tensor and variable-size entries of prepare() reach the loss; adapter.batch_size counts the samples."""
-    from reca_hf.adapters import JanusAdapter, base
+    from reca_hf.adapters import JanusAdapter, registry
 
     seen = []
 
@@ -225,7 +225,7 @@ def test_prepare_may_return_lists_and_ragged_entries_and_the_adapter_counts_the_
             seen.append(([len(t) for t in batch["ragged"]], len(batch["instructions"]), self.batch_size(batch)))
             return super().loss(model, batch, **kwargs)
 
-    monkeypatch.setattr(base, "_REGISTRY", {"ragged_janus": RaggedJanus, **base._REGISTRY})
+    monkeypatch.setattr(registry, "_REGISTRY", {"ragged_janus": RaggedJanus, **registry._REGISTRY})
     model, processor = tiny_janus
     args = make_args(max_steps=1, per_device_train_batch_size=3, collapse_action="off")
     trainer = RecATrainer(model, args=args, train_dataset=shapes, processing_class=processor)

@@ -1,21 +1,17 @@
-"""The architecture-adapter contract every architecture implements, and the registry that finds them.
+"""The contract every architecture adapter implements: :class:`UMMAdapter`.
 
 An architecture adapter (not a LoRA adapter: those are trained weights, see reca_hf.lora) is the only place
-that knows how one architecture lays out a RecA sample. It has two
-faces: a CPU face (:meth:`UMMAdapter.prepare`) that turns images and instructions into tensors in
-dataloader workers without touching the model, and a model face (:meth:`UMMAdapter.loss`,
-:meth:`UMMAdapter.reconstruct`) that runs the model.
+that knows how one architecture lays out a RecA sample. It has two faces: a CPU face (:meth:`UMMAdapter.prepare`)
+that turns images and instructions into tensors in dataloader workers without touching the model, and a model
+face (:meth:`UMMAdapter.loss`, :meth:`UMMAdapter.reconstruct`) that runs the model. The registry is
+:mod:`reca_hf.adapters.registry`; the helpers adapters share are :mod:`reca_hf.adapters.helpers`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import importlib
-import logging
-import re
-import types
-from collections.abc import Callable, Iterator
+from abc import ABC, abstractmethod
+from importlib import import_module
 from typing import Any, ClassVar
 
 import torch
@@ -34,23 +30,23 @@ from ..images import (
     shortcut_error,
     shortcut_problem,
 )
+from .helpers import eval_mode, model_device, unwrap_model
 from .targets import GenerationTarget
-
-logger = logging.getLogger(__name__)
 
 CONDITION_RELATIONS = ("same", "derived", "separate")
 
 
-class UMMAdapter:
+class UMMAdapter(ABC):
     """Base class of the per-architecture RecA adapters.
 
-    Subclasses set every attribute below (checked when the subclass is defined) and implement
-    :meth:`prepare`, :meth:`loss` and the two hooks of :meth:`reconstruct` (:meth:`sample_codes`,
-    :meth:`decode_codes`). Class-level resolutions describe the public checkpoints; an instance reads the real
-    values from the model config it was built for (:meth:`config_min_condition_resolution`,
-    :meth:`config_native_generation_resolution`).
+    A subclass declares every required attribute below and implements the four abstract methods (:meth:`prepare`,
+    :meth:`loss`, and :meth:`sample_codes` / :meth:`decode_codes`, the hooks of :meth:`reconstruct`); both are
+    checked when the subclass is defined, as are the paired optional hooks (:data:`PAIRED_HOOKS`). Class-level
+    resolutions describe the public checkpoints; an instance reads the real values from the model config it was
+    built for (:meth:`config_min_condition_resolution`, :meth:`config_native_generation_resolution`).
     """
 
+    # ---- required attributes (a subclass missing one is a TypeError at class definition) ----
     name: ClassVar[str]  # registry key, e.g. "janus"
     model_types: ClassVar[tuple[str, ...]]  # transformers `config.model_type` values this adapter handles
     model_class: ClassVar[str]  # transformers class that loads such checkpoints
@@ -72,29 +68,29 @@ class UMMAdapter:
     # (a trainable encoder over the target's own latents at its resolution: warned), "separate" (no guard).
     condition_relation: ClassVar[str]
 
-    # The Hub's pipeline tag of the base models (model cards inherit it): unified models read and write images
-    pipeline_tag: ClassVar[str] = "any-to-any"
-
-    # Prompt dropout of cond_dropout_prob="auto": the authors' rate where they published one (optional)
-    default_cond_dropout_prob: ClassVar[float] = 0.1
-    # View fits of target_fit / condition_fit "auto" (optional; see reca_hf.images): no RecA author pads a
-    # generation target; a condition follows the model's understanding processor.
+    # ---- optional attributes, with their defaults ----
+    pipeline_tag: ClassVar[str] = "any-to-any"  # the Hub's pipeline tag of the base models (cards inherit it)
+    default_cond_dropout_prob: ClassVar[float] = 0.1  # cond_dropout_prob="auto": the authors' rate
+    # View fits of target_fit / condition_fit "auto" (see reca_hf.images): no RecA author pads a generation target;
+    # a condition follows the model's understanding processor.
     target_fit: ClassVar[str] = "center_crop"
     condition_fit: ClassVar[str] = "pad"
-    # Where condition_source / condition_interpolation "auto" make the condition from (optional; see reca_hf.images):
+    # Where condition_source / condition_interpolation "auto" make the condition from (see reca_hf.images):
     # "image" (the source image, resized as an understanding processor resizes it) or "target" (the target view's
     # float tensor, resampled by condition_interpolation, as the OpenUni and Show-o authors do). An adapter's
     # prepare() then receives PIL images or float tensors as conditions: reca_hf.images.to_tensor takes both.
     condition_source: ClassVar[str] = "image"
     condition_interpolation: ClassVar[str] = "bilinear"
-
-    # Frozen-tower cache (optional, see frozen_features): feature name -> patterns of the modules it comes from
+    # Frozen-tower cache: feature name -> patterns of the modules it comes from (needs frozen_features)
     frozen_feature_sources: ClassVar[dict[str, tuple[str, ...]]] = {}
-
-    # LoRA (optional; full-name regular expressions of Linear layers, see reca_hf.lora)
+    # LoRA (full-name regular expressions of Linear layers, see reca_hf.lora)
     lora_generation_targets: ClassVar[tuple[str, ...]] = ()  # generation-only Linear layers
     lora_llm_targets: ClassVar[tuple[str, ...]] = ()  # the shared LLM's attention and MLP projections
     understanding_entry: ClassVar[str | None] = None  # module whose forward() is the text path (LoRA scoping)
+    lora_modules_to_save: ClassVar[tuple[str, ...]] = ()  # trainable non-Linear parts saved with a LoRA adapter
+    default_instruction: ClassVar[str] = "Describe the image in detail."  # reconstruct()'s instruction
+    default_guidance_scale: ClassVar[float] = 1.0  # reconstruct()'s classifier-free guidance
+    text_to_image_guidance_scale: ClassVar[float | None] = None  # text_to_image()'s (None: default_guidance_scale)
 
     _REQUIRED: ClassVar[tuple[str, ...]] = (
         "name",
@@ -114,12 +110,32 @@ class UMMAdapter:
         "generation_target",
         "condition_relation",
     )
+    # Optional hooks that only work together: an adapter overriding one of a pair overrides the other.
+    PAIRED_HOOKS: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("prepare_image_to_text", "image_to_text_loss"),
+        ("prepare_text_to_image", "text_to_image_loss"),
+    )
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         missing = [attr for attr in cls._REQUIRED if not hasattr(cls, attr)]
         if missing:
             raise TypeError(f"adapter {cls.__name__} does not declare {', '.join(missing)}")
+        abstract = [name for name in dir(cls) if getattr(getattr(cls, name, None), "__isabstractmethod__", False)]
+        if abstract:
+            raise TypeError(
+                f"adapter {cls.__name__} does not implement {', '.join(abstract)} "
+                "(required methods of reca_hf.adapters.UMMAdapter)"
+            )
+        for first, second in cls.PAIRED_HOOKS:
+            overridden = [hook for hook in (first, second) if getattr(cls, hook) is not getattr(UMMAdapter, hook)]
+            if len(overridden) == 1:
+                lacking = second if overridden == [first] else first
+                raise TypeError(f"adapter {cls.__name__} implements {overridden[0]} but not {lacking}: implement both")
+        if cls.frozen_feature_sources and cls.frozen_features is UMMAdapter.frozen_features:
+            raise TypeError(
+                f"adapter {cls.__name__} declares frozen_feature_sources but does not implement frozen_features"
+            )
         if cls.parameter_sharing not in ("shared", "decoupled"):
             raise TypeError(f"adapter {cls.__name__}: parameter_sharing must be 'shared' or 'decoupled'")
         if cls.condition_relation not in CONDITION_RELATIONS:
@@ -136,10 +152,6 @@ class UMMAdapter:
                 raise TypeError(f"adapter {cls.__name__}: {attr} must be one of {', '.join(choices)}")
         if not isinstance(cls.generation_target, GenerationTarget):
             raise TypeError(f"adapter {cls.__name__}: generation_target must be a reca_hf.adapters.GenerationTarget")
-        if cls.frozen_feature_sources and cls.frozen_features is UMMAdapter.frozen_features:
-            raise TypeError(
-                f"adapter {cls.__name__} declares frozen_feature_sources but does not implement frozen_features"
-            )
 
     def __init__(self, config, processor=None, model=None):
         self.config = config
@@ -290,6 +302,7 @@ class UMMAdapter:
 
     # ---- the two faces -----------------------------------------------------------------------
 
+    @abstractmethod
     def prepare(
         self,
         condition_images: list[Image.Image | torch.Tensor],
@@ -319,6 +332,7 @@ class UMMAdapter:
                 return len(value)
         raise ValueError(f"the {self.name} adapter cannot tell the batch size of a batch with keys {sorted(batch)}")
 
+    @abstractmethod
     def loss(self, model, batch: dict[str, Any], *, reduction: str = "mean", noise=None) -> torch.Tensor:
         """Model face: the reconstruction loss of a prepared batch, in the model's native generation loss.
 
@@ -386,10 +400,6 @@ class UMMAdapter:
         """Number of entries of the generation codebook (the uniform-guess loss is its log), if discrete."""
         return type(self).generation_target.codebook_size
 
-    # Generation settings of reconstruct(): architectures override them.
-    default_instruction: ClassVar[str] = "Describe the image in detail."
-    default_guidance_scale: ClassVar[float] = 1.0
-
     @torch.no_grad()
     def reconstruct(
         self,
@@ -421,6 +431,7 @@ class UMMAdapter:
             )
             return self.decode_codes(model, codes)
 
+    @abstractmethod
     def sample_codes(
         self,
         model,
@@ -436,13 +447,10 @@ class UMMAdapter:
         when ``guidance != 1``); ``model`` is the unwrapped model, in eval mode."""
         raise NotImplementedError(f"the {self.name} adapter cannot reconstruct")
 
+    @abstractmethod
     def decode_codes(self, model, codes: torch.Tensor) -> list[Image.Image]:
         """Hook of :meth:`reconstruct`: the images that sampled codes decode to."""
         raise NotImplementedError(f"the {self.name} adapter cannot reconstruct")
-
-    # Text-to-image sampling (optional): the guidance of text_to_image() when none is given (None: the
-    # reconstruct() default, default_guidance_scale).
-    text_to_image_guidance_scale: ClassVar[float | None] = None
 
     @torch.no_grad()
     def text_to_image(
@@ -529,300 +537,23 @@ images = adapter.text_to_image(["a red circle on a white background"], seed=0, n
 images[0].save("sample.png")"""
 
 
-@contextlib.contextmanager
-def eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    """Run ``module`` in eval mode inside the block, then give every submodule back its own training flag.
-
-    Per submodule, not ``module.train(was_training)``: a frozen image tokenizer kept in eval mode inside a
-    training model (e.g. Emu3's BatchNorm VQ) must stay in eval mode afterwards, or encoding would use batch
-    statistics and overwrite its running ones.
-    """
-    modes = [(submodule, submodule.training) for submodule in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for submodule, training in modes:
-            submodule.training = training
-
-
-def next_code(
-    logits: torch.Tensor, guidance: float, do_sample: bool, temperature: float, generator: torch.Generator | None
-) -> torch.Tensor:
-    """One decoding step over a codebook: classifier-free guidance (``logits`` holds the conditional rows, then
-    the unconditional ones, when ``guidance != 1``), then sampling at ``temperature`` or the argmax."""
-    logits = logits.float()
-    if guidance != 1.0:
-        conditional, unconditional = logits.chunk(2)
-        logits = unconditional + guidance * (conditional - unconditional)
-    if not do_sample:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / max(temperature, 1e-5), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+# Names that lived in this module before the registry and the shared helpers had modules of their own.
+_MOVED = {
+    **dict.fromkeys(
+        ("CACHED_PREFIX", "IGNORE_INDEX", "answer_batch", "answer_length", "answer_loss", "cached_key", "left_pad",
+         "next_code"),
+        "reca_hf.adapters.helpers",
+    ),
+    "import_object": "reca_hf.dotted",
+    **dict.fromkeys(
+        ("ENTRY_POINT_GROUP", "adapter_class_for", "get_adapter", "load_entry_points", "register_adapter",
+         "registered_adapters", "resolve_adapter_class", "supported_model_types", "tiny_builders"),
+        "reca_hf.adapters.registry",
+    ),
+}  # fmt: skip
 
 
-def left_pad(sequences: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into ``(ids, attention_mask)`` tensors (prompts end where generation starts)."""
-    width = max(len(sequence) for sequence in sequences)
-    ids = torch.full((len(sequences), width), value, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        if sequence:
-            ids[row, -len(sequence) :] = torch.tensor(sequence)
-            mask[row, -len(sequence) :] = 1
-    return ids, mask
-
-
-CACHED_PREFIX = "cached_"  # batch keys of precomputed frozen features (see UMMAdapter.frozen_features)
-
-
-def cached_key(name: str) -> str:
-    """The batch key under which a precomputed frozen feature ``name`` travels, e.g. ``cached_target_codes``."""
-    return CACHED_PREFIX + name
-
-
-IGNORE_INDEX = -100  # label of positions without a loss
-
-
-def answer_batch(tokenizer, prompts: list[str], answers: list[str], add_special_tokens: bool = True):
-    """Image-to-text sequences: each prompt, then its answer and EOS; ``labels`` cover the answers only.
-
-    Returns ``(input_ids, attention_mask, labels)``, left-padded.
-    """
-    sequences, labels = [], []
-    for prompt, answer in zip(prompts, answers):
-        prompt_ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
-        reply = tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        sequences.append(prompt_ids + reply)
-        labels.append([IGNORE_INDEX] * len(prompt_ids) + reply)
-    input_ids, attention_mask = left_pad(sequences, tokenizer.pad_token_id)
-    return input_ids, attention_mask, left_pad(labels, IGNORE_INDEX)[0]
-
-
-def answer_length(labels: torch.Tensor) -> int:
-    """How many trailing positions of left-padded ``labels`` hold answer tokens, read where the batch is made (on
-    the CPU): :func:`answer_loss` then scores that fixed span instead of selecting positions by value, which
-    would make the step wait for the device."""
-    labelled = (labels != IGNORE_INDEX).any(0)
-    return int(labels.shape[1] - int(labelled.int().argmax())) if bool(labelled.any()) else 0
-
-
-def answer_loss(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, length: int | None = None):
-    """Next-token cross-entropy of the labelled (answer) positions; the head runs on the answers' span only.
-
-    ``length`` (:func:`answer_length`, from the batch) is the span: the last positions, padding inside it ignored.
-    Without it the labelled positions are selected by value (one host-device sync).
-    """
-    if length is None:
-        labels = labels[:, 1:].to(hidden.device)
-        answer = labels != IGNORE_INDEX
-        logits = head(hidden[:, :-1][answer])
-        return torch.nn.functional.cross_entropy(logits.float(), labels[answer])
-    length = max(1, min(length, labels.shape[1] - 1))  # the first position has nothing before it to predict it
-    labels = labels[:, -length:].to(hidden.device)
-    logits = head(hidden[:, -length - 1 : -1])
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """Where a model's weights are (a plain ``torch.nn.Module`` has no ``.device``)."""
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    return next(model.parameters()).device
-
-
-def unwrap_model(model):
-    """The transformers model under PEFT / DDP / compile wrappers (LoRA layers stay injected in it)."""
-    while True:
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-# ---- registry ----------------------------------------------------------------------------------
-
-_REGISTRY: dict[str, type[UMMAdapter]] = {}
-_TINY_BUILDERS: dict[str, Callable[[int], tuple]] = {}
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-ENTRY_POINT_GROUP = "reca_hf.adapters"  # third-party packages register their adapters under this group
-_LOADED_ENTRY_POINTS: set[tuple[str, str]] = set()  # (name, value) of the entry points already loaded
-
-
-def register_adapter(
-    cls: type[UMMAdapter] | None = None, *, override: bool = False, tiny: Callable[[int], tuple] | None = None
-):
-    """Register an architecture adapter class (usable as a decorator). Names are lowercase identifiers, unique.
-
-    ``tiny`` is the architecture's tiny test builder, ``tiny(seed) -> (model, processor)``: a small random model
-    built in code. With one, the architecture is reachable as ``tiny:<name>`` (``reca train``, ``reca validate``,
-    :func:`reca_hf.testing.tiny_umm`) and the shared adapter tests run on it.
-    """
-
-    def _register(adapter_cls: type[UMMAdapter]) -> type[UMMAdapter]:
-        if not (isinstance(adapter_cls, type) and issubclass(adapter_cls, UMMAdapter)):
-            raise TypeError(f"register_adapter expects a UMMAdapter subclass, got {adapter_cls!r}")
-        name = adapter_cls.name
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise ValueError(f"adapter name {name!r} must be a lowercase identifier such as 'janus'")
-        if not adapter_cls.model_types:
-            raise ValueError(f"adapter {name!r} declares no model_types")
-        if name in _REGISTRY and _REGISTRY[name] is not adapter_cls and not override:
-            raise ValueError(f"an adapter named {name!r} is already registered ({_REGISTRY[name].__name__})")
-        if tiny is not None and not callable(tiny):
-            raise TypeError(f"register_adapter(tiny=...) for {name!r} must be a callable seed -> (model, processor)")
-        _REGISTRY[name] = adapter_cls
-        if tiny is not None:
-            _TINY_BUILDERS[name] = tiny
-        elif override:
-            _TINY_BUILDERS.pop(name, None)
-        return adapter_cls
-
-    return _register(cls) if cls is not None else _register
-
-
-def load_entry_points() -> list[str]:
-    """Import the adapters that installed packages declare in the ``reca_hf.adapters`` entry-point group.
-
-    Each entry point names an adapter class (``my_pkg.adapter:MyAdapter``, registered here) or a module that
-    registers its adapters on import (``my_pkg.adapter``). Called lazily: when a name or model type is not in
-    the registry, and when the registry is listed; each entry point is loaded once. One that fails to load is
-    skipped with a warning naming it. Returns the names of the entry points loaded by this call.
-    """
-    from importlib.metadata import entry_points
-
-    loaded = []
-    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
-        key = (entry_point.name, entry_point.value)
-        if key in _LOADED_ENTRY_POINTS:
-            continue
-        _LOADED_ENTRY_POINTS.add(key)
-        where = f"entry point {entry_point.name!r} = {entry_point.value!r} (group {ENTRY_POINT_GROUP!r}" + (
-            f", package {entry_point.dist.name})" if entry_point.dist is not None else ")"
-        )
-        try:
-            target = entry_point.load()
-            if isinstance(target, type) and issubclass(target, UMMAdapter):
-                register_adapter(target)
-            elif not isinstance(target, types.ModuleType):
-                raise TypeError(f"it names {target!r}, neither a UMMAdapter subclass nor a module")
-        except Exception as error:  # a broken plug-in must not break every other adapter
-            logger.warning("Skipped the RecA architecture adapter of %s: %s: %s", where, type(error).__name__, error)
-            continue
-        loaded.append(entry_point.name)
-    return loaded
-
-
-def registered_adapters() -> dict[str, type[UMMAdapter]]:
-    """A copy of the registry, installed plug-ins included: adapter name -> class."""
-    load_entry_points()
-    return dict(_REGISTRY)
-
-
-def tiny_builders() -> dict[str, Callable[[int], tuple]]:
-    """A copy of the registered tiny test builders (plug-ins included): adapter name -> ``builder(seed) ->
-    (model, processor)``."""
-    load_entry_points()
-    return dict(_TINY_BUILDERS)
-
-
-def supported_model_types() -> list[str]:
-    return sorted({t for cls in registered_adapters().values() for t in cls.model_types})
-
-
-def _find(model_type: str) -> type[UMMAdapter] | None:
-    for cls in _REGISTRY.values():
-        if model_type in cls.model_types:
-            return cls
-    return _REGISTRY.get(model_type)
-
-
-def adapter_class_for(model_type: str) -> type[UMMAdapter]:
-    """The adapter class handling ``model_type`` (first registered match) or a registry name; installed
-    plug-ins (the ``reca_hf.adapters`` entry points) are looked at when the registry has none."""
-    cls = _find(model_type)
-    if cls is None and load_entry_points():
-        cls = _find(model_type)
-    if cls is not None:
-        return cls
-    raise ValueError(
-        f"no RecA adapter handles model_type={model_type!r}. Supported model types: "
-        f"{', '.join(supported_model_types())}. Models outside this list need an adapter: "
-        "subclass reca_hf.adapters.UMMAdapter and register it (register_adapter, an entry point in the "
-        f"{ENTRY_POINT_GROUP!r} group, or adapter: 'my_pkg.my_module:MyAdapter')."
-    )
-
-
-def resolve_adapter_class(spec: str | type[UMMAdapter]) -> type[UMMAdapter]:
-    """The adapter class an explicit ``adapter`` setting names: a registered name (``"janus"``, installed
-    plug-ins included), a dotted import path (``"my_pkg.my_module:MyAdapter"`` or ``"my_pkg.my_module.MyAdapter"``)
-    or the class itself. An imported class not yet registered is registered, so detection finds it later."""
-    if isinstance(spec, type):
-        cls = spec
-    elif not isinstance(spec, str) or not spec:
-        raise TypeError(
-            f"adapter={spec!r}: name a registered adapter ('janus') or a class ('my_pkg.my_module:MyAdapter')"
-        )
-    elif ":" not in spec and "." not in spec:
-        if spec not in _REGISTRY:
-            load_entry_points()
-        if spec not in _REGISTRY:
-            raise ValueError(
-                f"adapter={spec!r} is not a registered architecture adapter; registered: "
-                f"{', '.join(sorted(_REGISTRY))}. Name a class as 'my_pkg.my_module:MyAdapter', or install the "
-                f"package whose {ENTRY_POINT_GROUP!r} entry point provides it."
-            )
-        return _REGISTRY[spec]
-    else:
-        cls = import_object(spec, "adapter")
-    if not (isinstance(cls, type) and issubclass(cls, UMMAdapter)):
-        raise TypeError(f"adapter={spec!r} names {cls!r}, which is not a reca_hf.adapters.UMMAdapter subclass")
-    if cls.name not in _REGISTRY:
-        register_adapter(cls)
-    return cls
-
-
-def import_object(path: str, field: str):
-    """The object a dotted path names: ``"package.module:name"`` or ``"package.module.name"``; a ValueError
-    naming ``field`` and the fix when it cannot be imported."""
-    module_name, sep, attribute = path.partition(":")
-    if not sep:
-        module_name, _, attribute = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(
-            f"{field}={path!r} cannot be imported ({type(error).__name__}: {error}); name it as "
-            "'package.module:Name' with the package installed or its folder on PYTHONPATH"
-        ) from error
-
-
-def get_adapter(model, processor=None, adapter: str | type[UMMAdapter] | None = None) -> UMMAdapter:
-    """Build the adapter for ``model`` (a model instance or its config), detected from ``config.model_type``
-    unless ``adapter`` names one (see :func:`resolve_adapter_class`).
-
-    A model instance is bound to the adapter, so ``get_adapter(model, processor).reconstruct(images)`` works.
-    """
-    is_module = isinstance(model, torch.nn.Module)
-    config = getattr(unwrap_model(model), "config", None) if is_module else model
-    model_type = getattr(config, "model_type", None)
-    if adapter is not None:
-        cls = resolve_adapter_class(adapter)
-        if model_type is not None and model_type not in cls.model_types:
-            logger.warning(
-                "adapter=%r handles model types %s, but this model's config says model_type=%r: using it as asked.",
-                adapter, ", ".join(cls.model_types), model_type,
-            )  # fmt: skip
-    elif model_type is None:
-        raise TypeError(
-            f"get_adapter expects a model or config with a model_type, got {type(model).__name__}; "
-            "for a model without one, name its adapter (adapter=...)"
-        )
-    else:
-        cls = adapter_class_for(model_type)
-    return cls(config, processor=processor, model=model if is_module else None)
+def __getattr__(name: str):
+    if name in _MOVED:
+        return getattr(import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

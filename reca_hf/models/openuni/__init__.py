@@ -1,12 +1,17 @@
-"""OpenUni (MetaQuery-style: frozen InternVL3, learnable queries, a connector, SANA on DC-AE latents)."""
+"""OpenUni (MetaQuery-style: frozen InternVL3, learnable queries, a connector, SANA on DC-AE latents).
 
-from transformers import AutoConfig, AutoModel
+The config and model load on first use (``reca_hf.models.openuni.OpenUniModel``), so that registering the
+adapter (:mod:`.adapter`) imports no model code; importing them registers ``model_type: "openuni"`` with the Auto
+classes.
+"""
 
-from .configuration_openuni import OpenUniConfig
-from .modeling_openuni import OpenUniModel
+from importlib import import_module
 
-# So a saved folder's `model_type: "openuni"` resolves through the Auto classes once this package is imported.
-AutoConfig.register(OpenUniConfig.model_type, OpenUniConfig, exist_ok=True)
-AutoModel.register(OpenUniConfig, OpenUniModel, exist_ok=True)
+_EXPORTS = {"OpenUniConfig": "configuration_openuni", "OpenUniModel": "modeling_openuni"}
+__all__ = list(_EXPORTS)
 
-__all__ = ["OpenUniConfig", "OpenUniModel"]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

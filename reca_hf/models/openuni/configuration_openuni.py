@@ -8,7 +8,7 @@ config module imports no diffusers.
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig
+from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.internvl import InternVLConfig
 from transformers.models.siglip import SiglipVisionConfig
@@ -81,3 +81,7 @@ class OpenUniConfig(PreTrainedConfig):
                 f"InternVL LLM is {llm_width} wide; set connector_config.hidden_size={llm_width} (the queries "
                 "enter the connector at the LLM's width)."
             )
+
+
+# So a saved folder's `model_type: "openuni"` resolves through the Auto classes once this module is imported.
+AutoConfig.register(OpenUniConfig.model_type, OpenUniConfig, exist_ok=True)

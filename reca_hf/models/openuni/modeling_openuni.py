@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import InternVLForConditionalGeneration, PreTrainedModel
+from transformers import AutoModel, InternVLForConditionalGeneration, PreTrainedModel
 from transformers import initialization as init
 from transformers.models.siglip.modeling_siglip import SiglipAttention, SiglipEncoder, SiglipMLP
 
@@ -333,3 +333,6 @@ class OpenUniModel(PreTrainedModel):
             output_type=output_type,
             **negative,
         ).images
+
+
+AutoModel.register(OpenUniConfig, OpenUniModel, exist_ok=True)  # `AutoModel.from_pretrained` of an OpenUni folder

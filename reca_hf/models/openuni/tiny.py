@@ -160,9 +160,12 @@ def tiny_openuni_config(tokenizer) -> OpenUniConfig:
     )
 
 
-def tiny_openuni(seed: int = 0):
+def build_tiny_openuni(seed: int = 0):
     """A tiny random ``(OpenUniModel, InternVLProcessor)`` under ``seed``, in eval mode, with no downloads."""
     processor = tiny_openuni_processor()
     config = tiny_openuni_config(processor.tokenizer)
     torch.manual_seed(seed)
     return OpenUniModel(config).eval(), processor
+
+
+tiny_openuni = build_tiny_openuni  # its name before the builders were named build_tiny_<arch>

@@ -1,0 +1,1 @@
+"""Janus and Janus-Pro (`JanusForConditionalGeneration`, in transformers): the adapter and the tiny builders."""
