@@ -86,6 +86,10 @@ class RecAConfig(TrainingArguments):
             and logs it.
         max_image_pixels (`int`, *optional*, defaults to `89478485`):
             Largest image (width x height) decoded; larger ones are bad images (a decompression-bomb guard).
+        cpu_threads (`int` or `str`, *optional*, defaults to `"auto"`):
+            Torch intra-op threads of a run on the CPU: 'auto' uses 1 for a tiny model (under 50M parameters, where
+            more threads only add overhead and slow tenfold on a busy machine) unless OMP_NUM_THREADS is set, and
+            torch's default otherwise; 0 keeps torch's default; a number sets it.
         max_train_samples (`int` or `None`, *optional*, defaults to `None`):
             Use at most this many training images (for 'synthetic_shapes': how many to make; default 256).
         i2t_dataset_name (`str` or `None`, *optional*, defaults to `None`):
@@ -834,6 +838,14 @@ class RecAConfig(TrainingArguments):
             "on a GPU node with 10 or more cores per GPU."
         },
     )
+    cpu_threads: int | str = field(
+        default=AUTO,
+        metadata={
+            "help": "Torch intra-op threads of a run on the CPU: 'auto' uses 1 for a tiny model (under 50M "
+            "parameters, where more threads only add overhead and slow tenfold on a busy machine) unless "
+            "OMP_NUM_THREADS is set, and torch's default otherwise; 0 keeps torch's default; a number sets it."
+        },
+    )
     dataloader_persistent_workers: bool | None = field(
         default=None,
         metadata={
@@ -953,6 +965,9 @@ class RecAConfig(TrainingArguments):
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
             errors.append(f"dataloader_num_workers={workers!r}: use 'auto', 0 (collate in the training process) or a "
                           "positive number of worker processes.")  # fmt: skip
+        threads = self.cpu_threads = parse_workers(self.cpu_threads)
+        if threads != AUTO and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+            errors.append(f"cpu_threads={threads!r}: use 'auto', 0 (torch's default) or a number of threads.")
         count = self.num_reconstruction_images
         if not isinstance(count, int) or not 0 <= count <= MAX_GRID_IMAGES:
             errors.append(f"num_reconstruction_images={count!r}: use 0 (no grid) up to {MAX_GRID_IMAGES} (each image "
@@ -1153,6 +1168,7 @@ STRING_PARSERS = {
     "freeze": parse_freeze,
     "cond_dropout_prob": parse_probability,
     "dataloader_num_workers": parse_workers,
+    "cpu_threads": parse_workers,
     "peak_flops_per_second": parse_peak_flops,
     "lora_target_modules": str,  # one mode or regular expression; lists come from Python or YAML
 }

@@ -62,6 +62,7 @@ from .tasks import (
     indexed,
     prepare_datasets,
 )
+from .threads import apply_cpu_threads
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +173,7 @@ class RecATrainer(HubResilienceMixin, Trainer):
             optimizers=optimizers,
             **kwargs,
         )
+        apply_cpu_threads(getattr(args, "cpu_threads", "auto"), model, self.args.device)
         # Our loss is a mean over the batch: let the Trainer divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}  # name -> [(sum, count)]
