@@ -243,6 +243,12 @@ def prepare_datasets(
         check_column(dataset, IMAGE_COLUMN_FIELDS[source], columns[source], name)
     for name in ("i2t_dataset", "t2i_dataset"):
         check_column(given[name], "caption_column", args.caption_column, name)
+    for name, dataset in given.items():
+        if dataset is not None and hasattr(dataset, "__len__") and len(dataset) == 0:
+            raise ValueError(
+                f"{name} is empty (0 rows): check its source (dataset name, split, max_*_samples, a filter that kept "
+                "nothing) or leave it out"
+            )
     # The collator decodes the images, so that a bad one names its dataset, original row and file.
     sources = {name.removesuffix("_dataset"): as_source(data, name.removesuffix("_dataset"),
                                                         columns[name.removesuffix("_dataset")])

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import __version__
-from .adapters import get_adapter, unwrap_model
+from .adapters import adapter_class_for, get_adapter, unwrap_model
 from .adapters.helpers import IGNORE_INDEX, eval_mode
 from .callbacks import CollapseDetector, PromptEpochCallback, ReconstructionGridCallback, RunTotals, StreamPosition
 from .cards import PAPER_ID, PAPER_TITLE, known_base_model
@@ -140,6 +140,8 @@ class RecATrainer(HubResilienceMixin, Trainer):
                 getattr(config, "_name_or_path", None) or getattr(config, "model_type", None) or type(model).__name__
             )
             if processing_class is None:
+                if getattr(args, "adapter", None) is None:  # "no adapter for this model" before "no processor"
+                    adapter_class_for(getattr(config, "model_type", None))
                 processing_class = processor_of(model)
         args = _as_reca_config(args, model_id)
         self.adapter = get_adapter(model, processing_class, adapter=args.adapter)
