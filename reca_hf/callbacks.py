@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from .adapters.base import UMMAdapter
 from .adapters.helpers import cached_key, eval_mode
 from .adapters.targets import LossNoise
 from .config import COLLAPSE_ACTIONS, MAX_GRID_IMAGES
+from .data import synthetic_shapes
 from .images import ViewSpec, load_image, view_image
 from .sharding import from_rank_zero
 
@@ -28,8 +31,9 @@ logger = logging.getLogger(__name__)
 
 GRID_FILE = "reconstructions.png"
 SAMPLES_DIR = "samples"  # output_dir/samples/step-N.png: the grid and samples of each step they were made at
-evaluating = eval_mode  # the old name of this module's eval-mode helper, now the one per-module helper
 DETECTOR_ACTIONS = tuple(action for action in COLLAPSE_ACTIONS if action != "off")  # "off" means no detector
+DERIVED_PROBE_FACTOR = 2  # a derived condition is probed this many times as often
+PROBE_SEED = 20250909  # synthetic probe images: a seed no training set of synthetic shapes uses by default
 
 
 class PromptEpochCallback(TrainerCallback):
@@ -179,6 +183,50 @@ class ReconstructionGridCallback(TrainerCallback):
         self.seconds: dict[int, float] = {}  # step -> seconds its grid (and samples) took
         self._fixed_columns: dict[str, list[Image.Image]] | None = None
         self.sharded_forward: ShardedForward | None = None
+
+    @classmethod
+    def for_run(
+        cls, args, adapter: UMMAdapter, views: ViewSpec, train_dataset, eval_dataset=None, trackers: list | None = None
+    ) -> ReconstructionGridCallback | None:
+        """The grid a :class:`~reca_hf.RecAConfig` asks for: of the first ``num_reconstruction_images`` eval images
+        when there is an eval set, else of the first training images, with ``validation_prompts`` sampled beside
+        it (None when there is nothing to show)."""
+        prompts = list(args.validation_prompts or [])
+        if prompts and not adapter.supports_text_to_image_sampling():
+            logger.warning(
+                "validation_prompts are not sampled: the %s architecture adapter has no text-to-image sampler.",
+                adapter.name,
+            )
+            prompts = []
+        source = eval_dataset if _has_rows(eval_dataset) else train_dataset
+        count = args.num_reconstruction_images if source is not None else 0
+        if count == 0 and not prompts:
+            return None
+        column = args.image_columns["eval" if source is eval_dataset else "train"]
+        if source is None:
+            rows = []
+        elif isinstance(source, torch.utils.data.IterableDataset):  # a stream: its first rows
+            rows = list(itertools.islice(iter(source), count))
+        else:
+            rows = [source[i] for i in range(min(count, len(source)))]
+        images = [row[column] for row in rows]
+        if not images and not prompts:
+            return None
+        generation = dict(args.reconstruction_kwargs or {})
+        from .sampling import sampler_settings
+
+        sampler = {k: v for k, v in generation.items() if k in {"guidance_scale", *sampler_settings(adapter)}}
+        return cls(
+            adapter,
+            views,
+            images,
+            seed=args.seed,
+            every_steps=args.reconstruction_steps,
+            prompts=prompts,
+            trackers=trackers,
+            sample_kwargs=sampler if prompts else None,
+            **generation,
+        )
 
     def _reconstruct(self, model) -> list[Image.Image]:
         return self.adapter.reconstruct(self.images, model=model, views=self.views, **self.generation_kwargs)
@@ -592,6 +640,37 @@ class CollapseDetector(TrainerCallback):
         # Set by RecATrainer under FSDP and DeepSpeed: runs probe(model) on every rank with whole parameters.
         self.sharded_forward: ShardedForward | None = None
 
+    @classmethod
+    def for_run(cls, args, adapter: UMMAdapter, views: ViewSpec, eval_dataset=None) -> CollapseDetector | None:
+        """The detector a :class:`~reca_hf.RecAConfig` asks for (None when ``collapse_action`` or
+        ``collapse_probe_images`` turn it off): it probes the first eval images, or synthetic shapes the model has
+        never seen without an eval set, every ``collapse_probe_steps`` steps (twice as often for a derived
+        condition)."""
+        if args.collapse_action == "off":
+            return None
+        if args.collapse_probe_images == 0:  # the documented way to turn the probe off, as collapse_action='off'
+            logger.info("Collapse detector off: collapse_probe_images=0.")
+            return None
+        if args.collapse_probe_images < 2:
+            logger.warning(
+                "Collapse detector off: collapse_probe_images=%d, and the condition-swap probe needs at least two "
+                "images (one lends its condition to another). Set collapse_probe_images to 2 or more (default 8), or "
+                "collapse_action='off' to turn the detector off on purpose.",
+                args.collapse_probe_images,
+            )
+            return None
+        count = args.collapse_probe_images
+        if eval_dataset is not None and not isinstance(eval_dataset, torch.utils.data.IterableDataset):
+            images = [eval_dataset[i][args.image_columns["eval"]] for i in range(min(count, len(eval_dataset)))]
+        else:
+            images = []
+        if len(images) < 2:  # no held-out images: shapes this model has never seen
+            images = synthetic_shapes(count, size=views.generation_resolution, seed=PROBE_SEED)["image"]
+        probe_steps = args.collapse_probe_steps
+        if adapter.condition_relation == "derived":  # copyable by learning: probe twice as often
+            probe_steps = max(1, probe_steps // DERIVED_PROBE_FACTOR)
+        return cls(adapter, views, images, action=args.collapse_action, probe_steps=probe_steps)
+
     # ---- the rule, as plain functions of what was observed ----
 
     def observe_loss(self, step: int, loss: float) -> bool:
@@ -690,3 +769,20 @@ class CollapseDetector(TrainerCallback):
             f"its loss with the image's own condition is {100 * reading['condition_gain']:.0f}% lower than with "
             "another image's (condition_gain)"
         )
+
+
+def _has_rows(dataset) -> bool:
+    """A dataset with a length and at least one row (iterable datasets have no rows to pick)."""
+    return dataset is not None and hasattr(dataset, "__len__") and len(dataset) > 0
+
+
+def __getattr__(name: str):
+    if name == "evaluating":  # the 0.1 name of reca_hf.adapters.helpers.eval_mode
+        warnings.warn(
+            "reca_hf.callbacks.evaluating is the 0.1 name of reca_hf.adapters.helpers.eval_mode: use eval_mode; the "
+            "old name will be removed",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return eval_mode
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,13 +11,17 @@ model's architecture adapter. `reca validate` and `RecATrainer` both run them, s
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from .adapters.base import UMMAdapter
 from .config import RecAConfig, base_model_id_error
-from .images import resolve_condition_source, shortcut_error
+from .images import ViewSpec, resolve_condition_source, shortcut_error, views_from_config
 from .loading import is_hub_id
-from .lora import resolve_target_modules
+from .lora import leaves_understanding_intact, resolve_target_modules
+from .tasks import IMAGE_TO_TEXT
+
+logger = logging.getLogger(__name__)
 
 
 def file_errors(args: RecAConfig) -> list[str]:
@@ -74,10 +78,39 @@ def bf16_without_accelerator(args: RecAConfig) -> str | None:
     )
 
 
-def check_run(args: RecAConfig, adapter: UMMAdapter) -> None:
-    """Raise one ValueError listing every problem of :func:`run_errors` (the trainer calls this first)."""
+def check_run(args: RecAConfig, adapter: UMMAdapter) -> ViewSpec:
+    """Raise one ValueError listing every problem of :func:`run_errors` (the trainer calls this first); without
+    one, the run's views (:func:`reca_hf.images.views_from_config`), which the trainer hands to every part."""
     errors = run_errors(args, adapter)
     if len(errors) == 1:
         raise ValueError(errors[0])
     if errors:
         raise ValueError(f"Invalid RecAConfig for this {adapter.name} model:\n" + "\n".join(f"- {e}" for e in errors))
+    return views_from_config(adapter, args)
+
+
+def check_understanding_data(adapter: UMMAdapter, model, task_ratios: dict[str, float], require: bool) -> None:
+    """The guide's third rule: a shared LLM trained without image-to-text data loses understanding (a warning,
+    or with ``require`` (``require_understanding_data``) an error)."""
+    if adapter.parameter_sharing != "shared":
+        return
+    if leaves_understanding_intact(model, adapter):  # e.g. a generation-only LoRA
+        if task_ratios[IMAGE_TO_TEXT] > 0:
+            logger.warning(
+                "This run trains a generation-only LoRA adapter, which leaves understanding exactly intact; its "
+                "image-to-text samples only train that adapter on captions. Set task_ratios image_to_text "
+                "to 0 unless that is what you want."
+            )
+        return
+    if task_ratios[IMAGE_TO_TEXT] > 0:
+        return
+    message = (
+        f"{adapter.name} uses one language model to understand and to generate, and this run trains it "
+        "with no image-to-text data. Reconstruction alone pulls that shared model toward generation: its "
+        "captioning and question answering degrade, and its representation can collapse. Mix image-to-text "
+        "data in: pass i2t_dataset= (recipes: i2t_dataset_name) with task_ratios such as "
+        '{"reconstruction": 1, "image_to_text": 1}, the 1:1 mix of the public RecA configs.'
+    )
+    if require:
+        raise ValueError("require_understanding_data=True: " + message)
+    logger.warning(message)

@@ -58,7 +58,8 @@ class RecACollator:
 
     For adapters whose condition and target share one representation (Emu3: both VQ ids), a condition
     view the model could copy (not smaller than the target and not blurred) is refused unless
-    ``allow_shortcut=True`` (a deliberate ablation; it warns).
+    ``allow_shortcut=True`` (a deliberate ablation; it warns). ``views``, a run's views already resolved (the
+    trainer's), replaces the view arguments.
 
     Rows tagged with another task (``__reca_task__``, added by the trainer's task mix) become
     image-to-text examples (the image at the understanding resolution, a drawn question, the caption
@@ -102,6 +103,7 @@ class RecACollator:
         image_columns: dict[str, str] | None = None,
         condition_source: str = AUTO,
         condition_interpolation: str = AUTO,
+        views: ViewSpec | None = None,
     ):
         if bad_image_policy not in BAD_IMAGE_POLICIES:
             raise ValueError(f"bad_image_policy={bad_image_policy!r}: choose one of {', '.join(BAD_IMAGE_POLICIES)}")
@@ -111,7 +113,7 @@ class RecACollator:
         self.skipped_rows: Counter[str] = Counter()  # in this process (dataloader workers count their own)
         self._batch_skips: Counter[str] = Counter()
         self.adapter = adapter
-        self.views: ViewSpec = resolve_views(
+        self.views: ViewSpec = views or resolve_views(
             adapter,
             condition_resolution,
             generation_resolution,
@@ -143,8 +145,9 @@ class RecACollator:
         self._epoch.set(value)
 
     @classmethod
-    def from_config(cls, adapter: UMMAdapter, args) -> RecACollator:
-        """The collator a :class:`~reca_hf.RecAConfig` describes: its views, prompts, dropout, columns and seed."""
+    def from_config(cls, adapter: UMMAdapter, args, views: ViewSpec | None = None) -> RecACollator:
+        """The collator a :class:`~reca_hf.RecAConfig` describes: its views, prompts, dropout, columns and seed
+        (``views``: the run's views, already resolved from ``args``)."""
         return cls(
             adapter,
             condition_resolution=args.condition_resolution,
@@ -164,6 +167,7 @@ class RecACollator:
             image_columns=args.image_columns,
             condition_source=args.condition_source,
             condition_interpolation=args.condition_interpolation,
+            views=views,
         )
 
     def _row_index(self, example: dict[str, Any]) -> int:

@@ -7,6 +7,7 @@ The top of the house: it reads the registry, the architecture folders' tiny buil
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -15,7 +16,14 @@ from .config import TINY_PREFIX
 from .loading import is_hub_id
 from .lora import ADAPTER_CONFIG_FILE, apply_reca_adapter, read_reca_adapter_config
 
-__all__ = ["load_for_generation", "load_model_and_processor", "load_reca_adapter", "tiny_demo_umm", "tiny_umm"]
+__all__ = [
+    "load_for_generation",
+    "load_model_and_processor",
+    "load_reca_adapter",
+    "processor_of",
+    "tiny_demo_umm",
+    "tiny_umm",
+]
 
 
 def tiny_umm(arch: str, seed: int = 0):
@@ -144,3 +152,22 @@ def _has_file(name_or_path: str, filename: str) -> bool:
     from huggingface_hub import file_exists
 
     return file_exists(name_or_path, filename)
+
+
+def processor_of(model) -> Any:
+    """The processor of a model instance, loaded from where the model was (``config._name_or_path``); a model
+    built in code has none to load, which is an error naming the fix."""
+    import transformers
+
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if name and (Path(name).expanduser().is_dir() or is_hub_id(name)):
+        try:
+            return transformers.AutoProcessor.from_pretrained(name)
+        except (OSError, ValueError) as error:
+            problem = f"loading its processor from {name!r} failed ({type(error).__name__}: {error})"
+    else:
+        problem = "the model was not loaded from a folder or a Hub id, so there is no processor to load"
+    raise ValueError(
+        f"processing_class=None: {problem}. Pass the model's processor: RecATrainer(model, ..., "
+        "processing_class=AutoProcessor.from_pretrained(...)) (for tiny_umm models, the processor it returns)."
+    )

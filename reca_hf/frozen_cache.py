@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import socket
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import torch
 
 from .adapters.base import UMMAdapter
 from .adapters.helpers import cached_key, eval_mode, unwrap_model
+from .collator import RecACollator
 from .freeze import matches
 from .images import source_file
 
@@ -403,3 +405,74 @@ class FrozenFeatureCache:
 
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self.directory.glob("*.safetensors"))
+
+
+class FrozenCacheMixin:
+    """The frozen-tower cache's setup in a run: resolved, built once per node and handed to the collator when
+    training starts. A mixin of :class:`~reca_hf.RecATrainer`, which provides ``adapter``, ``views`` and
+    ``_train_source`` (the training rows the cache is keyed by)."""
+
+    def setup_frozen_cache(self) -> FrozenFeatureCache | None:
+        """Resolve ``cache_frozen_features``; when on, compute the missing cache (the main process of each node
+        first, the others then find it) and hand it to the collator. Returns the cache in use, if any."""
+        collator, source = self.data_collator, self._train_source
+        is_reca = isinstance(collator, RecACollator)
+        names = resolve_frozen_cache(
+            self.args.cache_frozen_features,
+            self.adapter,
+            self.model,
+            collator.views if is_reca else self.views,
+            source,
+            self._frozen_share,
+            collator_is_reca=is_reca,
+        )
+        if not names:
+            return None
+        components = cache_components(
+            self.adapter, self.model, collator.views, source, names, image_column=self.args.image_column,
+            precision="bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32",
+            max_image_pixels=self.args.max_image_pixels,
+        )  # fmt: skip
+        cache = FrozenFeatureCache(default_cache_root(self.args.frozen_cache_dir) / cache_key(components))
+        with self.args.main_process_first(desc="frozen-tower cache"):
+            if cache.complete:
+                logger.info("Frozen-tower cache hit: %s (%s).", cache.directory, ", ".join(cache.names))
+            else:
+                started = time.time()
+                stored = cache.build(self._frozen_batches(), self._frozen_compute(names), components, len(source))
+                logger.info(
+                    "Frozen-tower cache built: %s of %s rows (%s) in %.0f s, %.1f MB, in %s.",
+                    stored, len(source), ", ".join(names), time.time() - started, cache.nbytes() / 2**20,
+                    cache.directory,
+                )  # fmt: skip
+        collator.frozen_cache = self.frozen_cache = cache
+        return cache
+
+    def _frozen_batches(self):
+        """The training rows as ``(rows, prepared batch)``, collated in the run's dataloader workers."""
+        workers = self.args.dataloader_num_workers
+        return torch.utils.data.DataLoader(
+            self._train_source,
+            batch_size=self.args.per_device_train_batch_size,
+            collate_fn=self.data_collator.frozen_inputs,
+            num_workers=workers if isinstance(workers, int) else 0,
+        )
+
+    def _frozen_compute(self, names: tuple[str, ...]):
+        base = unwrap_model(self.model)
+
+        def compute(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            # As in training (autocast included), in eval mode: a frozen tower's output is that of its eval mode.
+            with torch.no_grad(), eval_mode(base), self.accelerator.autocast():
+                return self.adapter.frozen_features(base, self._prepare_inputs(batch), names)
+
+        return compute
+
+    def _frozen_share(self, names: tuple[str, ...]) -> float:
+        """The frozen towers' FLOP share of a step, counted on the first training rows."""
+        rows = [self._train_source[i] for i in range(min(2, len(self._train_source)))]
+        kept, batch = self.data_collator.frozen_inputs(rows)
+        if not kept:  # both bad images, skipped: nothing to count on
+            return 0.0
+        with self.accelerator.autocast():
+            return frozen_share(self.adapter, unwrap_model(self.model), self._prepare_inputs(batch), names)

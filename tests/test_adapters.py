@@ -57,14 +57,20 @@ def test_one_step_changes_only_trainable_parameters(arch, shapes):
     model, _, adapter, batch = _batch(arch, shapes)
     frozen = set(apply_freeze(model, adapter, "auto"))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    # No weight decay: a step then moves exactly the parameters with a gradient (decay would move the others too).
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     adapter.loss(model, batch).backward()
     optimizer.step()
+    moved = set()
     for name, parameter in model.named_parameters():
         if name in frozen:
             assert parameter.grad is None and torch.equal(parameter, before[name]), name
-        elif parameter.grad is not None and parameter.grad.abs().sum() > 0:
-            assert not torch.equal(parameter, before[name]), name
+            continue
+        has_gradient = parameter.grad is not None and bool(parameter.grad.abs().sum() > 0)
+        assert torch.equal(parameter, before[name]) != has_gradient, name  # off the loss's path: unchanged
+        if has_gradient:
+            moved.add(name)
+    assert moved, "one step moved no parameter"
     groups = parameter_table(model, adapter)
     # The generation path trains: its own modules, or the shared ones where it has none (Emu3's image
     # tokens live in the shared embedding table and head).
@@ -89,7 +95,7 @@ def test_reconstruct_returns_images_at_the_generation_resolution(arch, shapes):
     model, processor = tiny_umm(arch)
     adapter = get_adapter(model, processor)
     images = adapter.reconstruct([shapes[0]["image"], shapes[1]["image"]], seed=0)
-    size = adapter.generation_resolution_native
+    size = adapter.native_generation_resolution
     assert [im.size for im in images] == [(size, size)] * 2
     low = adapter.reconstruct([shapes[0]["image"]], views=RecACollator(adapter, condition_resolution=16).views)
     assert low[0].size == (size, size)
@@ -339,3 +345,16 @@ def test_janus_pro_1b_dimensions_from_the_config_alone():
         adapter.resolve_resolutions("auto", 512)
     with pytest.raises(ValueError, match=r"condition_resolution=200.*multiple of 16"):
         adapter.resolve_resolutions(200, "auto")
+
+
+def test_the_0_1_names_warn_and_still_answer():
+    from reca_hf import callbacks
+    from reca_hf.adapters.helpers import eval_mode
+
+    adapter = get_adapter(*tiny_umm("janus"))
+    with pytest.warns(FutureWarning, match="use min_condition_resolution"):
+        assert adapter.condition_resolution_floor == adapter.min_condition_resolution
+    with pytest.warns(FutureWarning, match="use native_generation_resolution"):
+        assert adapter.generation_resolution_native == adapter.native_generation_resolution
+    with pytest.warns(FutureWarning, match="use eval_mode"):
+        assert callbacks.evaluating is eval_mode

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from reca_hf import RecACollator
-from reca_hf.adapters import Emu3Adapter, get_adapter
+from reca_hf.adapters import get_adapter
 from reca_hf.images import ViewSpec
 from reca_hf.testing import tiny_umm
 
@@ -152,4 +152,5 @@ def test_prepare_refuses_sizes_the_vq_cannot_tokenize(emu3, shapes):
     _, _, adapter = emu3
     with pytest.raises(ValueError, match=r"condition images of 20x20 px: .*multiple of 8"):
         _prepare(adapter, shapes, ViewSpec(20, 32))
-    assert isinstance(adapter, Emu3Adapter)
+    with pytest.raises(ValueError, match=r"target images of 36x36 px: .*multiple of 8"):
+        _prepare(adapter, shapes, ViewSpec(16, 36))

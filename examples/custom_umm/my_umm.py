@@ -17,7 +17,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaModel, SiglipVisionConfig, SiglipVisionModel
 
 from reca_hf.adapters import GenerationTarget, LossNoise, UMMAdapter, register_adapter
-from reca_hf.adapters.base import left_pad
+from reca_hf.adapters.helpers import left_pad
 from reca_hf.adapters.targets import reduce_loss
 from reca_hf.images import to_pil, to_tensor, view_size
 from reca_hf.testing import tiny_tokenizer

@@ -10,6 +10,7 @@ face (:meth:`UMMAdapter.loss`, :meth:`UMMAdapter.reconstruct`) that runs the mod
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from abc import ABC, abstractmethod
 from importlib import import_module
 from typing import Any, ClassVar
@@ -207,12 +208,14 @@ class UMMAdapter(ABC):
 
     @property
     def condition_resolution_floor(self) -> int:
-        """Old name of :attr:`min_condition_resolution` on an instance (this model's value)."""
+        """Old name of :attr:`min_condition_resolution` on an instance (warns)."""
+        _renamed("condition_resolution_floor", "min_condition_resolution")
         return self.min_condition_resolution
 
     @property
     def generation_resolution_native(self) -> int:
-        """Old name of :attr:`native_generation_resolution` on an instance (this model's value)."""
+        """Old name of :attr:`native_generation_resolution` on an instance (warns)."""
+        _renamed("generation_resolution_native", "native_generation_resolution")
         return self.native_generation_resolution
 
     def condition_resolution_errors(self, resolution: int) -> list[str]:
@@ -535,6 +538,14 @@ from reca_hf import load_for_generation
 model, processor, adapter = load_for_generation("{repo_id}")  # add device="cuda" on a GPU
 images = adapter.text_to_image(["a red circle on a white background"], seed=0, num_images_per_prompt=2)
 images[0].save("sample.png")"""
+
+
+def _renamed(old: str, new: str) -> None:
+    warnings.warn(
+        f"UMMAdapter.{old} is the 0.1 name of {new}: use {new}; the old name will be removed",
+        FutureWarning,
+        stacklevel=3,
+    )
 
 
 # Names that lived in this module before the registry and the shared helpers had modules of their own.
