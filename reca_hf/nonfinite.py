@@ -8,11 +8,10 @@ must act inside the stock loop, where the gradient norm is computed (``_get_grad
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
-from transformers.trainer_utils import get_last_checkpoint
 
+from .resume import last_complete_checkpoint
 from .tasks import TASKS
 
 logger = logging.getLogger(__name__)
@@ -75,7 +74,7 @@ class NonFiniteGuardMixin:
         if args.nonfinite_action == "skip":
             reason = (f"more than max_nonfinite_steps={args.max_nonfinite_steps} non-finite steps "
                       f"({totals.nonfinite_skipped_steps} skipped before)")  # fmt: skip
-        last = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+        last = last_complete_checkpoint(args.output_dir)
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
         raise NonFiniteLossError(
             f"training stopped at step {step} before the optimizer step ({reason}): {problem}. Nothing of this step "

@@ -10,8 +10,6 @@ import logging
 import re
 from pathlib import Path
 
-from transformers.trainer_utils import get_last_checkpoint
-
 from .callbacks import StreamPosition
 from .config import RESUME_LATEST
 
@@ -35,11 +33,12 @@ class ResumeMixin:
             resume = None
         if resume is True or (isinstance(resume, str) and resume.strip().lower() in RESUME_LATEST):
             output_dir = self.args.output_dir
-            resume = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+            resume = last_complete_checkpoint(output_dir)
             if resume is None:
                 raise ValueError(
                     f"resume_from_checkpoint={kwargs['resume_from_checkpoint']!r}: {output_dir} holds no checkpoint-N "
-                    "folder to resume from. Give a checkpoint folder's path, or train without resume_from_checkpoint."
+                    "folder to resume from (a complete one has its weights and trainer_state.json). Give a checkpoint "
+                    "folder's path, or train without resume_from_checkpoint."
                 )
         elif isinstance(resume, str) and not Path(resume).is_dir():
             raise ValueError(
@@ -72,6 +71,36 @@ class ResumeMixin:
         if self._epochs is not None:
             self._epochs.next_epoch = epochs
         return epochs, batches
+
+
+CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                      "pytorch_model.bin.index.json", "adapter_model.safetensors")  # fmt: skip
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest ``checkpoint-N`` folder of ``output_dir`` that holds weights and ``trainer_state.json`` (the
+    Trainer writes it last), or None. Newer incomplete ones (a save cut short by a full disk or a kill) are
+    passed over with a warning naming them."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    newest_first = sorted(
+        (path for path in folder.iterdir() if path.is_dir() and re.fullmatch(r"checkpoint-\d+", path.name)),
+        key=lambda path: int(path.name.split("-")[1]),
+        reverse=True,
+    )
+    for index, checkpoint in enumerate(newest_first):
+        weights = any((checkpoint / name).is_file() for name in CHECKPOINT_WEIGHTS)
+        if weights and (checkpoint / "trainer_state.json").is_file():
+            if index:
+                logger.warning(
+                    "Resuming from %s: the newer %s %s incomplete (no weights or no trainer_state.json, e.g. a save "
+                    "cut short by a full disk); delete %s once you no longer need %s.",
+                    checkpoint, ", ".join(p.name for p in newest_first[:index]), "is" if index == 1 else "are",
+                    "it" if index == 1 else "them", "it" if index == 1 else "them",
+                )  # fmt: skip
+            return str(checkpoint)
+    return None
 
 
 def download_checkpoint(repo_id: str, folder: str | Path, token: str | None = None, revision: str | None = None) -> str:

@@ -100,3 +100,22 @@ def test_resume_from_hub_downloads_the_pushed_checkpoint_and_continues(hub, make
         hub.add_repo("loopback-user/empty", {"README.md": b"hello"})
         _trainer(make_args, shapes, max_steps=1, output_dir=str(tmp_path / "x"),
                  resume_from_hub="loopback-user/empty").train()  # fmt: skip
+
+
+def test_latest_passes_over_a_checkpoint_a_full_disk_left_incomplete(make_args, shapes, tmp_path, caplog):
+    """A save cut short (here: checkpoint-4 with its config but no weights, as a full disk leaves it) is not
+    'latest': the run resumes from the complete checkpoint before it and says which folder it passed over."""
+    import logging
+
+    _trainer(make_args, shapes, max_steps=2).train()
+    broken = tmp_path / "run" / "checkpoint-4"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    resumed = _trainer(make_args, shapes, max_steps=3, save_strategy="no")
+    with caplog.at_level(logging.WARNING, logger="reca_hf"):
+        resumed.train(resume_from_checkpoint="latest")
+    assert resumed.state.global_step == 3 and resumed.task_counts[RECONSTRUCTION] == 12
+    assert "checkpoint-4 is incomplete" in caplog.text
+    (tmp_path / "run" / "checkpoint-2" / "trainer_state.json").unlink()  # now neither is complete
+    with pytest.raises(ValueError, match=r"holds no checkpoint-N folder to resume from \(a complete one"):
+        _trainer(make_args, shapes, max_steps=3).train(resume_from_checkpoint="latest")
