@@ -127,7 +127,7 @@ class RunRecordMixin:
             "null prompt": _null_prompt_text(self.adapter.null_prompt),
             "freeze": f"{args.freeze} ({trainable:,} trainable parameters)",
             "task mix": self._task_mix_summary(),
-            "steps": self.state.global_step,
+            "steps": self._steps_text(),
             "effective batch size": args.per_device_train_batch_size
             * args.gradient_accumulation_steps
             * max(1, args.world_size),
@@ -148,6 +148,14 @@ class RunRecordMixin:
             seconds = sum(grid.seconds.values())
             settings["reconstruction grid"] = f"{len(grid.images)} images, {len(grid.seconds)} grids, {seconds:.1f} s"
         return settings
+
+    def _steps_text(self) -> int | str:
+        """The optimizer steps trained; while training (a checkpoint's card), of how many, and that the run had
+        not ended, so that the card of a run that died later does not read as a finished run."""
+        step = self.state.global_step
+        if not self.training_in_progress:
+            return step
+        return f"{step} of {self.state.max_steps} (written during training, at a checkpoint; the run had not ended)"
 
     def _task_mix_summary(self) -> str:
         """Each task's share of the training samples and how many it has seen, e.g. 'reconstruction 50% (1,024

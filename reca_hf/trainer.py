@@ -81,6 +81,8 @@ class RecATrainer(
             `use_peft` / `lora_*` fields of `args`. Every base parameter stays frozen.
     """
 
+    training_in_progress = False  # True inside train(): the cards of its checkpoints say the run had not ended
+
     _tag_names = ["reca", "unified-multimodal", "text-to-image"]
     _name = "RecA"
     _paper = {"title": PAPER_TITLE, "id": PAPER_ID}
@@ -343,8 +345,12 @@ class RecATrainer(
         args, kwargs = self._resolve_resume(args, kwargs)
         self.setup_frozen_cache()
         self._window_start, self._window_flos = time.time(), 0  # the mfu's first window starts here
-        with _plain_config_tolerated(self.model):
-            output = super().train(*args, **kwargs)
+        self.training_in_progress = True  # cards written meanwhile (checkpoints) say the run had not ended
+        try:
+            with _plain_config_tolerated(self.model):
+                output = super().train(*args, **kwargs)
+        finally:
+            self.training_in_progress = False
         if self.skipped_rows:
             logger.warning(
                 "bad_image_policy: skip: %d bad image(s) were skipped and replaced in this run (%s); the warnings "

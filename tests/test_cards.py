@@ -245,3 +245,28 @@ def test_the_loss_axis_names_the_adapters_loss(tmp_path, monkeypatch):
     trainer.save_model()
     assert json.loads((tmp_path / "run" / "reca_run.json").read_text())["generation_target"] == "flow"
     assert labels and labels[-1] == "flow-matching MSE"
+
+
+def test_a_card_written_at_a_checkpoint_says_the_run_had_not_ended(make_args, shapes, tmp_path):
+    """A run that dies after a checkpoint leaves a card saying where it was, not a finished run's card; a run
+    that ends and saves says the steps it trained."""
+    from transformers import TrainerCallback
+
+    class Die(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise RuntimeError("the machine went away")
+
+    model, processor = tiny_umm("janus")
+    args = make_args(max_steps=4, save_strategy="steps", save_steps=2, collapse_action="off")
+    trainer = RecATrainer(model, args=args, train_dataset=shapes, processing_class=processor, callbacks=[Die()])
+    with pytest.raises(RuntimeError, match="went away"):
+        trainer.train()
+    settings = json.loads((tmp_path / "run" / "reca_run.json").read_text())["settings"]
+    assert settings["steps"].startswith("2 of 4 (written during training")
+    assert "2 of 4 (written during training" in (tmp_path / "run" / "README.md").read_text()
+    finished = RecATrainer(model, args=make_args(max_steps=2, collapse_action="off"), train_dataset=shapes,
+                           processing_class=processor)  # fmt: skip
+    finished.train()
+    finished.save_model()
+    assert json.loads((tmp_path / "run" / "reca_run.json").read_text())["settings"]["steps"] == 2
