@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -221,7 +222,73 @@ def test_clip_variant_features_projection_and_mask(tmp_path):
     loaded = AutoModel.from_pretrained(tmp_path)
     assert loaded.config.w_clip_vit and torch.equal(loaded.mm_projector[0].weight, model.mm_projector[0].weight)
     with pytest.raises(ValueError, match="shorten the prompt"):
-        P.clip_recon_inputs(config, [list(range(1, 40))], target, target)
+        P.clip_recon_inputs(config, [list(range(1, 130))], target, target)
+
+
+def _digest(mask: torch.Tensor) -> str:
+    return hashlib.sha256((mask[:, 0] == 0).to(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def test_clip_recon_step_matches_the_authors():
+    """The CLIP variant's recon and image-to-text rows, masks, losses and gradients against the authors' step."""
+    model, tokenizer = build_tiny_showo_clip(seed=0)
+    golden = _golden("showo_clip_step")
+    config = model.config
+    n = config.num_vq_tokens
+    recon, mmu_pixels = _pixels()
+
+    def features(pixels):  # the authors' condition: the [-1, 1] tensor resized to 336, no CLIP normalisation
+        return model.clip_features(F.interpolate(pixels, size=(336, 336), mode="bilinear", align_corners=False))
+
+    condition = features(recon)
+    torch.testing.assert_close(
+        condition[:, :4, :2].flatten(), torch.tensor(golden["features_first_8"]), rtol=0, atol=1e-5
+    )
+    ids, labels, _ = P.mask_image_tokens(
+        model.image_ids(recon), config.mask_token_id, generator=torch.Generator().manual_seed(golden["seed"])
+    )
+    text = tokenizer(golden["prompt"], add_special_tokens=False)["input_ids"]
+    input_ids, labels = P.clip_recon_inputs(config, [text] * 2, ids, labels)
+    assert input_ids.tolist() == golden["recon_ids_without_features"]
+    slots = condition.shape[1]
+    labels = torch.cat([labels[:, :2], torch.full((2, slots), P.IGNORE_INDEX), labels[:, 2:]], dim=1)
+    assert labels.tolist() == golden["recon_labels"]
+    mask = P.clip_recon_attention_mask(config, input_ids, slots)
+    assert _digest(mask) == golden["recon_mask_sha256"]
+
+    model.train()
+    with torch.no_grad():  # the authors build the recon embeddings without gradient
+        embeds = model.embed_with_features(input_ids, condition)
+    logits = model(inputs_embeds=embeds, attention_mask=mask).logits
+    torch.testing.assert_close(
+        logits[:, -1 - n : -1, config.code_offset : config.code_offset + 8].flatten(),
+        torch.tensor(golden["recon_target_logits_first_8_codes"]),
+        rtol=0,
+        atol=1e-5,
+    )
+    loss_recon = P.recon_loss(logits, labels, n)
+    assert loss_recon.item() == pytest.approx(golden["loss_recon"], rel=1e-5)
+
+    system = golden["system_ids"]
+    mmu_ids, mmu_labels = P.clip_mmu_inputs(
+        config, torch.tensor(golden["mmu_text_ids"]), torch.tensor(golden["mmu_text_labels"]), system
+    )
+    at = 2 + len(system)
+    mmu_embeds = model.embed_with_features(mmu_ids, features(mmu_pixels), at=at)
+    mmu_labels = torch.cat([mmu_labels[:, :at], torch.full((2, slots), P.IGNORE_INDEX), mmu_labels[:, at:]], dim=1)
+    mmu_mask = P.clip_mmu_attention_mask(mmu_embeds.shape[1], 2, slots, len(system))
+    assert _digest(mmu_mask) == golden["mmu_mask_sha256"]
+    loss_mmu = P.mmu_loss(model(inputs_embeds=mmu_embeds, attention_mask=mmu_mask).logits, mmu_labels)
+    assert loss_mmu.item() == pytest.approx(golden["loss_mmu"], rel=1e-5)
+
+    (loss_mmu + loss_recon).backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert sorted(grads) == sorted(golden["grads"])  # the projector and embeddings only through image-to-text
+    for name, grad in grads.items():
+        reference = golden["grads"][name]
+        scale = 1e-4 * reference["abs_max"]
+        assert grad.abs().max().item() == pytest.approx(reference["abs_max"], abs=scale), name
+        torch.testing.assert_close(grad.flatten()[:4], torch.tensor(reference["first"]), rtol=0, atol=scale)
 
 
 def test_config_refuses_inconsistent_sizes():

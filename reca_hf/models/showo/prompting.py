@@ -103,7 +103,8 @@ def clip_recon_inputs(
     ``<|mmu|> <|soi|> <|eoi|> <bos> text <eos> [PAD]... <|soi|> target <|eoi|>``, the first part right-padded to
     ``clip_text_length``; `ShowoModel.embed_with_features` puts the projected CLIP features after position 1 (so the
     sequence the LLM sees reads ``<|mmu|> <|soi|> features <|eoi|> ...``). A text that does not fit is refused (the
-    authors' ``assert False``).
+    authors' ``assert False``). The labels are theirs too: the ids of the text part (pads ignored) and the target
+    labels; only the target slice enters `recon_loss`.
     """
     bos, eos = config.llm_config.bos_token_id, config.llm_config.eos_token_id
     (pad,) = _ids(config, "[PAD]")
@@ -119,7 +120,8 @@ def clip_recon_inputs(
             )
         head += [pad] * (config.clip_text_length - len(head))
         rows.append(_cat([head, [soi], target_ids[i], [eoi]], device))
-        labels.append(_cat([[IGNORE_INDEX] * (len(head) + 1), target_labels[i], [IGNORE_INDEX]], device))
+        row_labels = _cat([head, [soi], target_labels[i], [eoi]], device)
+        labels.append(torch.where(row_labels == pad, IGNORE_INDEX, row_labels))
     return torch.stack(rows), torch.stack(labels)
 
 
@@ -135,6 +137,20 @@ def mmu_inputs(
     input_ids = torch.cat([mmu, soi, image_ids, eoi, text_ids.to(image_ids.device)], dim=1).long()
     ignored = torch.full((batch, image_ids.shape[1] + 3), IGNORE_INDEX, device=image_ids.device)
     return input_ids, torch.cat([ignored, text_labels.to(image_ids.device)], dim=1).long()
+
+
+def clip_mmu_inputs(
+    config: ShowoConfig, text_ids: torch.Tensor, text_labels: torch.Tensor, system_ids: Sequence[int] = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CLIP variant's image-to-text ids and labels without the feature slots (the authors' ``llava_tuning``
+    layout): ``<|mmu|> system <|soi|> <|eoi|> text``; `ShowoModel.embed_with_features` with
+    ``at=2 + len(system_ids)`` puts the features between ``<|soi|>`` and ``<|eoi|>``. Labels ignore all but the
+    text's own."""
+    batch, device = text_ids.shape[0], text_ids.device
+    mmu, soi, eoi = _ids(config, "<|mmu|>", "<|soi|>", "<|eoi|>")
+    head = torch.tensor([mmu, *system_ids, soi, eoi], device=device).expand(batch, -1)
+    ignored = torch.full(head.shape, IGNORE_INDEX, device=device)
+    return torch.cat([head, text_ids], dim=1).long(), torch.cat([ignored, text_labels.to(device)], dim=1).long()
 
 
 def t2i_inputs(config: ShowoConfig, text_ids: Sequence[Sequence[int]], image_ids: torch.Tensor) -> torch.Tensor:

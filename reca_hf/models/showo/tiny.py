@@ -85,7 +85,6 @@ def tiny_showo_config(tokenizer_size: int, *, w_clip_vit: bool = False) -> Showo
         codebook_size=2**8,
         num_vq_tokens=(TINY_IMAGE_SIZE // 16) ** 2,
         max_seq_length=TINY_MAX_SEQ_LENGTH,
-        clip_text_length=32,
     )
 
 
