@@ -5,7 +5,7 @@ Pure functions over token ids (`Show-o/training/prompting_utils.py`, `training/u
 randomness:
 
 - sequences: `recon_inputs` (VQ variant), `clip_recon_inputs` (CLIP variant, feature slots filled by the model),
-  `mmu_inputs` (image-to-text), `t2i_inputs` (text-to-image generation);
+  `mmu_inputs` / `clip_mmu_inputs` (image-to-text), `t2i_inputs` (text-to-image generation);
 - masks: `recon_attention_mask`, `clip_recon_attention_mask`, `mmu_attention_mask`, `clip_mmu_attention_mask`,
   `t2i_attention_mask`, each ``(B, 1, L, L)`` additive floats: 0 where a row attends, `BLOCKED` where it does not
   (the authors' ``int64`` minimum cast to float, not ``finfo.min``);
