@@ -302,6 +302,24 @@ def test_config_refuses_inconsistent_sizes():
         MagvitV2Config(encoder_num_res_blocks=[1, 1])
 
 
+def test_t2i_generate_refuses_an_unconditional_prompt_of_another_length(tiny):
+    model, _ = tiny
+    config = model.config
+    image = torch.full((1, config.num_vq_tokens), config.mask_token_id)
+    cond = P.t2i_inputs(config, [[5, 6]], image)
+    uncond = cond[:, 1:]
+    mask = P.t2i_attention_mask(config, cond)
+    with pytest.raises(ValueError, match="pad the unconditional prompt to the same length"):
+        model.t2i_generate(cond, mask, uncond, timesteps=1)
+
+
+def test_the_package_exports_and_auto_classes():
+    import reca_hf.models as models
+
+    assert models.ShowoModel is ShowoModel and models.MagvitV2Config is MagvitV2Config
+    assert AutoModel._model_mapping[ShowoConfig] is ShowoModel
+
+
 def test_forward_refuses_a_2d_mask(tiny):
     model, _ = tiny
     with pytest.raises(ValueError, match="4-D"):

@@ -143,23 +143,30 @@ class ShowoModel(PreTrainedModel):
         """The authors' MaskGIT sampler (``Showo.t2i_generate``, VQ path); returns codes ``(B, N)``.
 
         ``input_ids`` end with ``<|soi|> image <|eoi|>`` (unknown slots hold the mask id; `.prompting.t2i_inputs`);
-        with ``uncond_input_ids`` (the same layout for the empty prompt) each step runs both halves under the
-        ``2B``-row ``attention_mask`` and mixes ``(1 + s) * cond - s * uncond``, else ``attention_mask`` has ``B``
-        rows. Per step: sample every slot from the softmax (a ``multinomial`` draw), keep known slots, then re-mask
+        with ``uncond_input_ids`` (as long, ending the same way: the empty prompt's) each step runs both halves under
+        the ``2B``-row ``attention_mask`` and mixes ``(1 + s) * cond - s * uncond``, else ``attention_mask`` has
+        ``B`` rows. Any prefix works (e.g. a condition's codes before the text), as long as the image comes last. Per step: sample every slot from the softmax (a ``multinomial`` draw), keep known slots, then re-mask
         the ``max(1, min(unknown - 1, floor(N cos(pi/2 * (step + 1) / timesteps))))`` least confident, confidence
         ``log p + temperature * gumbel`` (drawn after the multinomial, same generator), the temperature scaled by
         ``1 - ratio`` each step (it compounds, as theirs). ``input_ids`` is updated in place, as theirs.
         """
         config = self.config
+        if uncond_input_ids is not None and uncond_input_ids.shape != input_ids.shape:
+            raise ValueError(
+                f"ShowoModel.t2i_generate: uncond_input_ids has shape {tuple(uncond_input_ids.shape)} but input_ids "
+                f"{tuple(input_ids.shape)}; pad the unconditional prompt to the same length (prompting.t2i_inputs does)."
+            )
         n, offset, mask_id = config.num_vq_tokens, config.code_offset, config.mask_token_id
         image = slice(-(n + 1), -1)
         known = input_ids[:, image].clone()
         known = torch.where(known == mask_id, mask_id, known - offset)
-        prefix = uncond_input_ids[:, : config.max_seq_length + 1] if uncond_input_ids is not None else None
+        # The unconditional rows take the conditional rows' current image block: everything before its <|soi|> is
+        # their own (the authors slice at max_seq_length + 1, which is that point in the text-to-image layout).
+        prefix = uncond_input_ids[:, : -(n + 2)] if uncond_input_ids is not None else None
         sampled = known
         for step in range(timesteps):
             if prefix is not None and guidance_scale >= 0:
-                uncond = torch.cat([prefix, input_ids[:, config.max_seq_length + 1 :]], dim=1)
+                uncond = torch.cat([prefix, input_ids[:, -(n + 2) :]], dim=1)
                 cond_logits, uncond_logits = self(torch.cat([input_ids, uncond]), attention_mask).logits.chunk(2)
                 logits = (1 + guidance_scale) * cond_logits - guidance_scale * uncond_logits
             else:
