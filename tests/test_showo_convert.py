@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +11,16 @@ from safetensors.torch import save_file
 from transformers import AutoModel
 
 from reca_hf.cli import main as reca
-from reca_hf.conversion import CheckpointMismatchError
-from reca_hf.models.showo import MagvitV2, ShowoModel
-from reca_hf.models.showo.convert import SHOWO_KEY_MAP, llm_config_from_checkpoint
+from reca_hf.conversion import CheckpointMismatchError, check_checkpoint
+from reca_hf.models.showo import MagvitV2, ShowoConfig, ShowoModel
+from reca_hf.models.showo.convert import (
+    MAGVIT_KEY_MAP,
+    SHOWO_KEY_MAP,
+    _merge,
+    llm_config_from_checkpoint,
+    magvit_config_from_checkpoint,
+    showo_config_from_release,
+)
 from reca_hf.models.showo.tiny import build_tiny_showo, build_tiny_showo_clip
 
 
@@ -147,3 +155,29 @@ def test_the_key_map_is_the_identity_on_the_authors_names():
     rule, match = SHOWO_KEY_MAP.rename("showo.model.layers.3.self_attn.q_layernorm.weight")
     assert match.expand(rule.target) == "showo.model.layers.3.self_attn.q_layernorm.weight"
     assert SHOWO_KEY_MAP.rename("mm_projector.1.weight") is None  # the GELU has no weights
+
+
+def test_the_real_releases_layout_maps_onto_the_real_configuration():
+    """The authors' real-size key names and shapes (golden, from their modules on the meta device) pass the converter's
+    key maps and checks against `ShowoModel`'s real configuration, whose sizes are read off those shapes."""
+    golden = json.loads((Path(__file__).parent / "golden" / "showo_real_layout.json").read_text())
+    magvit = {key: torch.empty(shape, device="meta") for key, shape in golden["magvitv2"].items()}
+    for clip in (False, True):
+        layout = golden["showo_vq"] | (golden["showo_clip_extra"] if clip else {})
+        showo = {key: torch.empty(shape, device="meta") for key, shape in layout.items()}
+        config = showo_config_from_release(
+            {"w_clip_vit": clip, "num_vq_tokens": 1024},
+            showo,
+            magvit_config_from_checkpoint(magvit),
+            vision_config=ShowoConfig(w_clip_vit=True).vision_config.to_dict() if clip else None,
+        )
+        assert config.vq_config.encoder_num_res_blocks == [4, 3, 4, 3, 4]
+        assert config.vq_config.decoder_num_res_blocks == [4, 4, 3, 4, 3]
+        assert config.llm_config.num_attention_heads == 32 and config.vocab_size == 58498
+        with torch.device("meta"):
+            model = ShowoModel(config)
+        expected = {k: v for k, v in model.state_dict().items() if not k.startswith("vision_tower.")}
+        mapped = _merge(
+            ("show-o", SHOWO_KEY_MAP.map(showo)), ("magvitv2", MAGVIT_KEY_MAP.map(magvit, prefix="vq_model."))
+        )
+        check_checkpoint(mapped, expected, architecture="showo")
