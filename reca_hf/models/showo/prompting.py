@@ -229,7 +229,10 @@ def mmu_attention_mask(
     (eoi,) = _ids(config, "<|eoi|>")
     length = input_ids.shape[1]
     positions = torch.arange(length, device=input_ids.device)
-    prefix_end = int((input_ids[0] == eoi).nonzero()[0])
+    found = (input_ids[0] == eoi).nonzero()
+    if len(found) == 0:
+        raise ValueError("mmu_attention_mask: the first row has no <|eoi|>; build the rows with mmu_inputs.")
+    prefix_end = int(found[0])
     allowed = (positions[:, None] >= positions[None, :]) | (positions[None, :] <= prefix_end)
     return additive_mask(allowed.expand(input_ids.shape[0], length, length), dtype)
 
