@@ -30,6 +30,12 @@ CONVERTERS = {
         "Convert a released OpenUni .pth (meta_queries, connector, projector, transformer) on top of the public "
         "InternVL3-*-hf and SANA checkpoints into an OpenUniModel folder.",
     ),
+    "showo": (
+        "a Show-o release (VQ or CLIP variant) with its MAGVIT-v2, or MAGVIT-v2 alone",
+        "Convert the authors' Show-o folder (show-o, show-o-512x512, show-o-w-clip-vit(-512x512), the RecA releases) "
+        "with showlab/magvitv2 (and CLIP ViT-L/14-336 for the CLIP variant) into a ShowoModel folder, or "
+        "showlab/magvitv2 alone into a MagvitV2 folder (--magvit-only).",
+    ),
 }
 
 

@@ -9,6 +9,10 @@ from importlib import import_module
 _EXPORTS = {
     "OpenUniConfig": "openuni",
     "OpenUniModel": "openuni",
+    "MagvitV2": "showo",
+    "MagvitV2Config": "showo",
+    "ShowoConfig": "showo",
+    "ShowoModel": "showo",
 }
 __all__ = list(_EXPORTS)
 
