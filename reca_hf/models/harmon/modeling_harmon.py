@@ -103,13 +103,14 @@ class HarmonModel(PreTrainedModel):
         """The authors' initialisation: MAR's Linear layers xavier-uniform with zero bias, its tables and tokens
         normal(0.02); the diffusion head xavier-uniform, its timestep MLP normal(0.02), its AdaLN and output
         layers zero; ``proj_in`` / ``proj_out`` PyTorch's default; the LLM as transformers initialises Qwen2."""
-        if module is self:  # called last, after the parts; the LLM initialises itself, the VAE is skipped
-            self._init_mar(self.mar)
-            for mlp in (self.proj_in, self.proj_out):
-                for linear in (mlp[0], mlp[2]):
-                    init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
-                    bound = 1 / math.sqrt(linear.in_features)
-                    init.uniform_(linear.bias, -bound, bound)
+        # transformers calls this for every module owning tensors, children before parents; the LLM initialises
+        # itself and the VAE is skipped.
+        if module is self.mar:
+            self._init_mar(module)
+        elif any(module is mlp[i] for mlp in (self.proj_in, self.proj_out) for i in (0, 2)):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            bound = 1 / math.sqrt(module.in_features)
+            init.uniform_(module.bias, -bound, bound)
 
     @staticmethod
     def _init_mar(mar: MAR) -> None:
