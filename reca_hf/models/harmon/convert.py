@@ -121,23 +121,26 @@ HARMON_KEY_MAP = KeyMap(
 )
 
 
-def authors_state_dicts(model: HarmonModel) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``model``'s weights in the authors' two layouts: the ``.pth`` state dict (no ``vae.*``) and the LDM
-    state dict of ``kl16.ckpt`` (without its ``{"model": ...}`` wrapper). The inverse of the two key maps."""
-    state = model.state_dict()
-    pth = {k: v for k, v in state.items() if not k.startswith("vae.")}
-    levels = len(model.vae.config.block_out_channels)
+def ldm_vae_state_dict(vae) -> dict[str, torch.Tensor]:
+    """A `diffusers.AutoencoderKL`'s weights under the LDM names of ``kl16.ckpt`` (the inverse of the VAE map)."""
     inverse = KeyMap(
         "harmon",
         [
-            KeyRule("vae\\." + _pattern(hf), _template(ldm), _to_conv if conv1x1 else None)
-            for ldm, hf, conv1x1 in _vae_pairs(levels)
+            KeyRule(_pattern(hf), _template(ldm), _to_conv if conv1x1 else None)
+            for ldm, hf, conv1x1 in _vae_pairs(len(vae.config.block_out_channels))
         ],
     )
-    mapped = inverse.map({k: v for k, v in state.items() if k.startswith("vae.")})
+    mapped = inverse.map(vae.state_dict())
     if mapped.unknown:
-        raise ValueError(f"authors_state_dicts: no LDM name for {mapped.unknown}")
-    return pth, mapped.tensors
+        raise ValueError(f"ldm_vae_state_dict: no LDM name for {mapped.unknown}")
+    return mapped.tensors
+
+
+def authors_state_dicts(model: HarmonModel) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``model``'s weights in the authors' two layouts: the ``.pth`` state dict (no ``vae.*``) and the LDM
+    state dict of ``kl16.ckpt`` (without its ``{"model": ...}`` wrapper). The inverse of the two key maps."""
+    pth = {k: v for k, v in model.state_dict().items() if not k.startswith("vae.")}
+    return pth, ldm_vae_state_dict(model.vae)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
