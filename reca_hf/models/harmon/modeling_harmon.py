@@ -402,8 +402,8 @@ class HarmonModel(PreTrainedModel):
             position_ids=(attention_mask.cumsum(dim=1) - 1).clamp(min=0),
             use_cache=True,
         ).cache
+        both = (lambda x: torch.cat([x, x])) if guided else (lambda x: x)  # the halves share tokens and masks
         for step in range(num_iter):
-            both = (lambda x: torch.cat([x, x])) if guided else (lambda x: x)
             states = self.generation_states(both(tokens).view(rows, h, w, -1), both(mask), attention_mask, cache=cache)
             cache.crop(prompt_length - cache.get_seq_length())  # drop this round's tokens
             z = self.mar.forward_mae_decoder(states, both(mask), image_shape=(h, w))
