@@ -261,3 +261,14 @@ def test_the_real_configurations_are_read_back_from_their_shapes(size):
               "diffloss_d", "diffloss_w", "mlp_ratio", "class_num")  # fmt: skip
     assert {f: getattr(read, f) for f in fields} == {f: getattr(config, f) for f in fields}
     assert read.llm_config.num_hidden_layers == config.llm_config.num_hidden_layers
+
+
+def test_a_tied_lm_head_may_be_absent_but_not_different(tiny, released, tmp_path):
+    model, _ = tiny
+    folder, pth, kl16 = released
+    without = {k: v for k, v in pth.items() if k != "llm.lm_head.weight"}
+    converted = convert_harmon_checkpoint(without, kl16, tmp_path / "a", llm=str(folder / "qwen"), mar_heads=2)
+    assert torch.equal(converted.llm.lm_head.weight, model.llm.get_input_embeddings().weight)
+    different = pth | {"llm.lm_head.weight": pth["llm.lm_head.weight"] + 1}
+    with pytest.raises(CheckpointMismatchError, match="ties llm.lm_head.weight .* tie_word_embeddings false"):
+        convert_harmon_checkpoint(different, kl16, tmp_path / "b", llm=str(folder / "qwen"), mar_heads=2)
