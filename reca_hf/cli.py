@@ -25,6 +25,11 @@ OPTIONAL_PACKAGES = ("tensorboard", "wandb", "deepspeed", "bitsandbytes", "flash
 # `reca convert <name>`: each architecture's reca_hf/models/<name>/convert.py provides build_parser(parser) and
 # run(args); a port adds its line here.
 CONVERTERS = {
+    "harmon": (
+        "a Harmon .pth and the MAR kl16.ckpt",
+        "Convert a released Harmon .pth (harmon_0.5b.pth, harmon_1.5b.pth, or a RecA release in that format) and the "
+        "MAR kl16.ckpt autoencoder into a HarmonModel folder.",
+    ),
     "openuni": (
         "an OpenUni .pth on top of InternVL3 and SANA",
         "Convert a released OpenUni .pth (meta_queries, connector, projector, transformer) on top of the public "

@@ -7,6 +7,8 @@ pull in diffusers.
 from importlib import import_module
 
 _EXPORTS = {
+    "HarmonConfig": "harmon",
+    "HarmonModel": "harmon",
     "OpenUniConfig": "openuni",
     "OpenUniModel": "openuni",
     "MagvitV2": "showo",
