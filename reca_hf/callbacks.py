@@ -58,22 +58,31 @@ class PromptEpochCallback(TrainerCallback):
 class RunTotals(TrainerCallback, ExportableState):
     """What a run has done, over all its processes and all its resumed parts: the training samples per task
     (``task_counts``, which the trainer adds to), the training wall time (:meth:`elapsed`), the skipped
-    non-finite steps and the bad images skipped per dataset (``skipped_rows``). Saved into every checkpoint's
-    ``trainer_state.json`` (``stateful_callbacks``) and taken up again when training resumes from one, so the card
-    of a resumed run counts the whole run."""
+    non-finite steps and the bad rows skipped per dataset (:meth:`add_skipped`; ``skipped_rows`` counts each
+    distinct row once, however often it was drawn). Saved into every checkpoint's ``trainer_state.json``
+    (``stateful_callbacks``) and taken up again when training resumes from one, so the card of a resumed run
+    counts the whole run."""
 
     def __init__(
         self,
         task_counts: dict[str, int] | None = None,
         seconds: float = 0.0,
         nonfinite_skipped_steps: int = 0,
-        skipped_rows: dict[str, int] | None = None,
+        skipped_row_numbers: dict[str, list[int]] | None = None,
     ):
         self.task_counts = dict(task_counts or {})
-        self.skipped_rows = dict(skipped_rows or {})
+        self.skipped_row_numbers = {name: set(rows) for name, rows in (skipped_row_numbers or {}).items()}
         self.seconds = float(seconds)  # wall time of the parts that ended (or were checkpointed) before this one
         self.nonfinite_skipped_steps = int(nonfinite_skipped_steps)
         self._started: float | None = None
+
+    @property
+    def skipped_rows(self) -> dict[str, int]:
+        """Distinct bad rows skipped per dataset."""
+        return {name: len(rows) for name, rows in sorted(self.skipped_row_numbers.items()) if rows}
+
+    def add_skipped(self, name: str, rows) -> None:
+        self.skipped_row_numbers.setdefault(name, set()).update(int(row) for row in rows)
 
     def elapsed(self) -> float | None:
         """Training wall time in seconds, the earlier parts included; None before training started."""
@@ -88,7 +97,7 @@ class RunTotals(TrainerCallback, ExportableState):
                 "task_counts": dict(self.task_counts),
                 "seconds": self.elapsed() or 0.0,
                 "nonfinite_skipped_steps": self.nonfinite_skipped_steps,
-                "skipped_rows": dict(self.skipped_rows),
+                "skipped_row_numbers": {name: sorted(rows) for name, rows in self.skipped_row_numbers.items()},
             },
         }
 
@@ -99,7 +108,8 @@ class RunTotals(TrainerCallback, ExportableState):
             self.task_counts = {**dict.fromkeys(self.task_counts, 0), **attributes.get("task_counts", {})}
             self.seconds = float(attributes.get("seconds", 0.0))
             self.nonfinite_skipped_steps = int(attributes.get("nonfinite_skipped_steps", 0))
-            self.skipped_rows = dict(attributes.get("skipped_rows", {}))
+            numbers = attributes.get("skipped_row_numbers", {})
+            self.skipped_row_numbers = {name: set(rows) for name, rows in numbers.items()}
         self._started = time.time()
 
     def on_train_end(self, args, state, control, **kwargs):
