@@ -94,6 +94,7 @@ def run(name: str, *, steps: int, seed: int, train_images: int, held_out: int, b
         cond_dropout_prob=0.0,
         collapse_probe_steps=eval_every,
         seed=seed,
+        cpu_threads=0,  # the thread count the caller set (OMP_NUM_THREADS), as before cpu_threads existed
         **settings,
     )
     collator = None
