@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
@@ -21,8 +20,8 @@ from .adapters.base import UMMAdapter
 from .adapters.helpers import cached_key, eval_mode
 from .adapters.targets import LossNoise
 from .config import COLLAPSE_ACTIONS, MAX_GRID_IMAGES
-from .data import synthetic_shapes
-from .images import ViewSpec, load_image, view_image
+from .data import synthetic_shapes, undecoded
+from .images import BadImageError, ViewSpec, load_image, source_file, view_image
 from .sharding import from_rank_zero
 
 ShardedForward = Callable[[Callable[[torch.nn.Module], Any]], Any]  # runs function(model) on every rank together
@@ -135,6 +134,31 @@ class StreamPosition(TrainerCallback, ExportableState):
         return {"args": {}, "attributes": {"epoch": self.epoch, "epoch_start_step": self.epoch_start_step}}
 
 
+def first_good_images(dataset, column: str, count: int, name: str, args) -> list[Image.Image]:
+    """The first ``count`` images of ``dataset`` (map-style or a stream), decoded as the collator decodes them:
+    a bad one stops with the dataset, row and file named (``bad_image_policy: error``) or is passed over with a
+    warning (``skip``), so the grid and the probe never meet an undecodable image later."""
+    dataset = undecoded(dataset, column)  # decoded here, not by datasets (whose errors name no row)
+    rows = iter(dataset) if isinstance(dataset, torch.utils.data.IterableDataset) else (
+        dataset[i] for i in range(len(dataset))
+    )  # fmt: skip
+    images = []
+    for number, row in enumerate(rows):
+        if len(images) == count:
+            break
+        value = row[column]
+        try:
+            images.append(load_image(value, args.max_image_pixels))
+        except Exception as error:  # noqa: BLE001 - any decoding failure is a bad image
+            file = source_file(value)
+            problem = (f"{name} dataset row {number}: column {column!r}{f' (file {file})' if file else ''} could not be "
+                       f"decoded as an image ({type(error).__name__}: {error})")  # fmt: skip
+            if args.bad_image_policy != "skip":
+                raise BadImageError(f"{problem}; fix or remove that row, or set bad_image_policy: skip", file) from error
+            logger.warning("Skipped a bad image for the reconstruction grid and the probe: %s", problem)
+    return images
+
+
 class ReconstructionGridCallback(TrainerCallback):
     """Shows what RecA does while it trains: reconstructions of a fixed set of images (and text-to-image samples
     of fixed prompts) at the start, every ``every_steps`` steps, at each evaluation and at the last step.
@@ -212,14 +236,8 @@ class ReconstructionGridCallback(TrainerCallback):
         count = args.num_reconstruction_images if source is not None else 0
         if count == 0 and not prompts:
             return None
-        column = args.image_columns["eval" if source is eval_dataset else "train"]
-        if source is None:
-            rows = []
-        elif isinstance(source, torch.utils.data.IterableDataset):  # a stream: its first rows
-            rows = list(itertools.islice(iter(source), count))
-        else:
-            rows = [source[i] for i in range(min(count, len(source)))]
-        images = [row[column] for row in rows]
+        name = "eval" if source is eval_dataset else "train"
+        images = first_good_images(source, args.image_columns[name], count, name, args) if source is not None else []
         if not images and not prompts:
             return None
         generation = dict(args.reconstruction_kwargs or {})
@@ -671,7 +689,7 @@ class CollapseDetector(TrainerCallback):
             return None
         count = args.collapse_probe_images
         if eval_dataset is not None and not isinstance(eval_dataset, torch.utils.data.IterableDataset):
-            images = [eval_dataset[i][args.image_columns["eval"]] for i in range(min(count, len(eval_dataset)))]
+            images = first_good_images(eval_dataset, args.image_columns["eval"], count, "eval", args)
         else:
             images = []
         if len(images) < 2:  # no held-out images: shapes this model has never seen
