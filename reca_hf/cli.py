@@ -514,9 +514,17 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _main(argv[1:] if debug else argv)
     except Exception as error:  # SystemExit and KeyboardInterrupt pass through
+        _close_progress_bars()
         if debug:
             raise
         raise SystemExit(f"reca: {type(error).__name__}: {error}\n(run `reca --debug ...` for the traceback)") from None
+
+
+def _close_progress_bars() -> None:
+    """End the progress bars an error interrupted, so that the error starts on a line of its own."""
+    tqdm = sys.modules.get("tqdm.auto") or sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 def environment() -> str:
