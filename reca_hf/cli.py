@@ -22,6 +22,11 @@ import yaml
 # `reca convert <name>`: each architecture's reca_hf/models/<name>/convert.py provides build_parser(parser) and
 # run(args); a port adds its line here.
 CONVERTERS = {
+    "bagel": (
+        "the authors' BAGEL folder (llm/vit configs, ema or RecA weights, ae.safetensors)",
+        "Convert the authors' BAGEL folder (llm_config.json, vit_config.json, ema.safetensors or --weights, "
+        "ae.safetensors) into a BagelModel folder.",
+    ),
     "openuni": (
         "an OpenUni .pth on top of InternVL3 and SANA",
         "Convert a released OpenUni .pth (meta_queries, connector, projector, transformer) on top of the public "

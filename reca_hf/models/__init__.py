@@ -7,6 +7,8 @@ pull in diffusers.
 from importlib import import_module
 
 _EXPORTS = {
+    "BagelConfig": "bagel",
+    "BagelModel": "bagel",
     "OpenUniConfig": "openuni",
     "OpenUniModel": "openuni",
 }
