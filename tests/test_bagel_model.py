@@ -38,6 +38,23 @@ def _parity_inputs(tokenizer):
     return conds, targets, prompts, posterior, logits, flow
 
 
+def _sampling_draws():
+    """The context image's posterior noise and the initial noise of the sampling run (see the golden note)."""
+    e = torch.Generator().manual_seed(13)
+    return torch.randn(1, 4, 8, 12, generator=e), torch.randn(24, 16, generator=e)
+
+
+def _contexts(model, tokenizer):
+    """The authors' [image, text] contexts: image (VAE, then ViT) + prompt; images only; prompt only."""
+    conds, targets, prompts, *_ = _parity_inputs(tokenizer)
+    posterior, _ = _sampling_draws()
+    context = model.extend_context(model.new_context(), vae_image=targets[0], posterior_noise=posterior)
+    context = model.extend_context(context, vit_image=conds[0])
+    with_prompt = model.extend_context(context, text_ids=prompts[0])
+    prompt_only = model.extend_context(model.new_context(), text_ids=prompts[0])
+    return with_prompt, context, prompt_only
+
+
 def _recA_trainable(model: BagelModel) -> None:
     model.requires_grad_(False)
     for name, parameter in model.named_parameters():
@@ -75,6 +92,54 @@ def test_the_authors_step_on_the_tiny_model(case):
     assert grads.keys() == golden["grad_norms"].keys()
     for name, expected in golden["grad_norms"].items():
         assert grads[name] == pytest.approx(expected, rel=1e-4), name
+
+
+@pytest.mark.parametrize("renorm", ["global", "channel", "text_channel"])
+def test_cfg_sampling_matches_the_authors(tiny, renorm):
+    """Three Euler steps of the authors' sampler with text and image guidance, one outside the CFG interval."""
+    model, tokenizer = tiny
+    context, cfg_text_context, cfg_img_context = _contexts(model, tokenizer)
+    assert (context.rope, cfg_text_context.rope, cfg_img_context.rope) == (7, 2, 5)
+    latent = model.generate_latents(
+        context, (4, 6), cfg_text_context=cfg_text_context, cfg_img_context=cfg_img_context, num_timesteps=4,
+        timestep_shift=3.0, cfg_text_scale=4.0, cfg_img_scale=1.5, cfg_interval=(0.7, 1.0), cfg_renorm_min=0.0,
+        cfg_renorm_type=renorm, noise=_sampling_draws()[1],
+    )  # fmt: skip
+    expected = torch.tensor(GOLDEN["cfg_sampling"][renorm])
+    torch.testing.assert_close(model.patchify(latent), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_cached_velocity_equals_the_training_forward(tiny):
+    """The KV-cached inference path and the padded training path give the same prediction for one layout."""
+    model, tokenizer = tiny
+    conds, _, prompts, *_ = _parity_inputs(tokenizer)
+    context = model.extend_context(model.new_context(), vit_image=conds[0])
+    context = model.extend_context(context, text_ids=prompts[0])
+    x_t = torch.randn(24, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        cached = model.velocity(context, x_t, 0.3, (4, 6))
+        batch = model.pack_sequences([prompts[0]], [(2, 3)], [(4, 6)])
+        embeds = model._latent_embeds(x_t, torch.full((24,), 0.3), (4, 6))
+        states = model.language_states(
+            batch["input_ids"], batch["gen_mask"], batch["position_ids"], batch["attention_mask"],
+            vit_mask=batch["vit_mask"], vit_embeds=model.vit_embeddings(conds[:1]), latent_embeds=embeds,
+        )  # fmt: skip
+        full = model.llm2vae(states[batch["gen_mask"]])
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-6)
+
+
+def test_generate_makes_an_image_and_needs_its_guidance_contexts(tiny):
+    model, tokenizer = tiny
+    conds, targets, prompts, *_ = _parity_inputs(tokenizer)
+    image = model.generate(
+        prompts[0], height=16, width=24, vit_image=conds[0], vae_image=targets[0], num_timesteps=3,
+        generator=torch.Generator().manual_seed(1),
+    )  # fmt: skip
+    assert image.shape == (3, 16, 24) and torch.isfinite(image).all()
+    with pytest.raises(ValueError, match="cfg_text_scale=4.0 needs cfg_text_context"):
+        model.generate_latents(model.new_context(), (2, 2), cfg_img_scale=1.0)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        model.generate(prompts[0], height=18, width=24)
 
 
 def test_freeze_und_cuts_the_gradient_through_the_special_tokens_of_the_vae_split(tiny):
