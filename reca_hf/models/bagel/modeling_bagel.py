@@ -558,7 +558,7 @@ class BagelModel(PreTrainedModel):
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         reduction: str = "mean",
-        **_,
+        lengths: torch.Tensor | None = None,
     ) -> BagelFlowOutput:
         """The authors' flow-matching step on a `pack_sequences` batch.
 
@@ -568,7 +568,8 @@ class BagelModel(PreTrainedModel):
         unless given. ``x_t = (1 - t) x0 + t noise``, VAE token ``vae2llm(x_t) + time_embedder(t) + sin-cos``, target
         ``noise - x0``, per-token MSE (mean over channels, float32). ``reduction``: ``"mean"`` the authors'
         token-weighted mean (sum over tokens / token count), ``"sum"`` the sum over tokens (to divide by a global
-        count), ``"none"`` each sample's mean over its tokens ``(B,)``.
+        count), ``"none"`` each sample's mean over its tokens ``(B,)``. ``lengths`` (from `pack_sequences`) is not
+        needed: the masks hold the padding.
         """
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"BagelModel.forward: reduction={reduction!r}; use 'mean', 'sum' or 'none'.")
