@@ -119,7 +119,7 @@ def test_the_cached_velocity_equals_the_training_forward(tiny):
     with torch.no_grad():
         cached = model.velocity(context, x_t, 0.3, (4, 6))
         batch = model.pack_sequences([prompts[0]], [(2, 3)], [(4, 6)])
-        embeds = model._latent_embeds(x_t, torch.full((24,), 0.3), (4, 6))
+        embeds = model.latent_embeds(x_t, torch.full((24,), 0.3), [(4, 6)])
         states = model.language_states(
             batch["input_ids"], batch["gen_mask"], batch["position_ids"], batch["attention_mask"],
             vit_mask=batch["vit_mask"], vit_embeds=model.vit_embeddings(conds[:1]), latent_embeds=embeds,
