@@ -75,18 +75,30 @@ class BagelMoTAttention(nn.Module):
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads
         self.scaling = self.head_dim**-0.5
         self.is_causal = False  # the mask says everything
-        q_width, kv_width = self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim
-        for suffix in ("", "_moe_gen"):
-            setattr(self, f"q_proj{suffix}", nn.Linear(config.hidden_size, q_width, bias=True))
-            setattr(self, f"k_proj{suffix}", nn.Linear(config.hidden_size, kv_width, bias=True))
-            setattr(self, f"v_proj{suffix}", nn.Linear(config.hidden_size, kv_width, bias=True))
-            setattr(self, f"o_proj{suffix}", nn.Linear(q_width, config.hidden_size, bias=False))
-            setattr(self, f"q_norm{suffix}", Qwen2RMSNorm(self.head_dim, eps=config.rms_norm_eps))
-            setattr(self, f"k_norm{suffix}", Qwen2RMSNorm(self.head_dim, eps=config.rms_norm_eps))
+        width, q_width, kv_width = (
+            config.hidden_size,
+            self.num_heads * self.head_dim,
+            self.num_key_value_heads * self.head_dim,
+        )
+        eps = config.rms_norm_eps
+        # the authors' order (the understanding expert first), which fixes the tiny model's random draws
+        self.q_proj = nn.Linear(width, q_width)
+        self.k_proj = nn.Linear(width, kv_width)
+        self.v_proj = nn.Linear(width, kv_width)
+        self.o_proj = nn.Linear(q_width, width, bias=False)
+        self.q_norm = Qwen2RMSNorm(self.head_dim, eps=eps)
+        self.k_norm = Qwen2RMSNorm(self.head_dim, eps=eps)
+        self.q_proj_moe_gen = nn.Linear(width, q_width)
+        self.k_proj_moe_gen = nn.Linear(width, kv_width)
+        self.v_proj_moe_gen = nn.Linear(width, kv_width)
+        self.o_proj_moe_gen = nn.Linear(q_width, width, bias=False)
+        self.q_norm_moe_gen = Qwen2RMSNorm(self.head_dim, eps=eps)
+        self.k_norm_moe_gen = Qwen2RMSNorm(self.head_dim, eps=eps)
 
-    def _heads(self, states: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+    def _heads(self, states: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """``(n, heads * head_dim)`` -> per-head RMS-normed ``(n, heads * head_dim)``."""
         states = states.view(*states.shape[:-1], states.shape[-1] // self.head_dim, self.head_dim)
-        return norm(states) if norm is not None else states
+        return norm(states).flatten(-2)
 
     def forward(
         self,
@@ -104,15 +116,15 @@ class BagelMoTAttention(nn.Module):
         query = _route(
             hidden_states,
             gen_mask,
-            lambda x: self._heads(self.q_proj(x), self.q_norm).flatten(-2),
-            lambda x: self._heads(self.q_proj_moe_gen(x), self.q_norm_moe_gen).flatten(-2),
+            lambda x: self._heads(self.q_proj(x), self.q_norm),
+            lambda x: self._heads(self.q_proj_moe_gen(x), self.q_norm_moe_gen),
             freeze_und,
         )
         key = _route(
             hidden_states,
             gen_mask,
-            lambda x: self._heads(self.k_proj(x), self.k_norm).flatten(-2),
-            lambda x: self._heads(self.k_proj_moe_gen(x), self.k_norm_moe_gen).flatten(-2),
+            lambda x: self._heads(self.k_proj(x), self.k_norm),
+            lambda x: self._heads(self.k_proj_moe_gen(x), self.k_norm_moe_gen),
             freeze_und,
         )
         value = _route(hidden_states, gen_mask, self.v_proj, self.v_proj_moe_gen, freeze_und)
@@ -141,9 +153,11 @@ class BagelMoTDecoderLayer(GradientCheckpointingLayer):
         self.self_attn = BagelMoTAttention(config, layer_idx)
         self.mlp = Qwen2MLP(config)
         self.mlp_moe_gen = Qwen2MLP(config)
-        for name in ("input_layernorm", "post_attention_layernorm"):
-            setattr(self, name, Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps))
-            setattr(self, f"{name}_moe_gen", Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps))
+        width, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = Qwen2RMSNorm(width, eps=eps)
+        self.input_layernorm_moe_gen = Qwen2RMSNorm(width, eps=eps)
+        self.post_attention_layernorm = Qwen2RMSNorm(width, eps=eps)
+        self.post_attention_layernorm_moe_gen = Qwen2RMSNorm(width, eps=eps)
 
     def forward(
         self,
