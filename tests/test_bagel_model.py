@@ -423,3 +423,17 @@ def test_reca_convert_bagel(tiny, tmp_path, capsys):
     assert (tmp_path / "out" / "model.safetensors").is_file()
     with pytest.raises(SystemExit, match="ema.safetensors is missing"):
         reca(["convert", "bagel", str(folder), str(tmp_path / "again")])
+
+
+def test_the_step_and_sampling_run_in_bfloat16():
+    model, tokenizer = build_tiny_bagel(seed=0)
+    conds, targets, prompts, posterior, logits, flow = _parity_inputs(tokenizer)
+    model = model.to(torch.bfloat16).train()
+    model.config.freeze_und = True
+    latents = model.encode_latents(targets, noise=posterior)
+    out = model.flow_loss(prompts, conds, latents, timestep_logits=logits, noise=flow)
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(GOLDEN["full"]["loss"], rel=1e-2)
+    assert model.language_model.model.layers[0].mlp_moe_gen.up_proj.weight.grad.dtype == torch.bfloat16
+    image = model.eval().generate(prompts[0], height=16, width=24, vit_image=conds[0], num_timesteps=2)
+    assert image.dtype == torch.bfloat16 and torch.isfinite(image).all()
