@@ -349,8 +349,10 @@ def _flux_name(key: str, levels: int) -> str:
     return ".".join(parts)
 
 
-def _authors_folder(model: BagelModel, folder: Path, main: dict, ae: dict) -> Path:
+def _authors_folder(model: BagelModel, tokenizer, folder: Path, main: dict, ae: dict) -> Path:
+    """The authors' folder layout; the tokenizer gives the converter the special tokens' ids."""
     folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder)
     llm = model.config.llm_config.to_dict() | {"layer_module": "Qwen2MoTDecoderLayer", "qk_norm": True}
     vit = model.config.vit_config.to_dict() | {"rope": False}
     vit["num_hidden_layers"] += 1  # the released config counts the layer the authors drop
@@ -374,8 +376,7 @@ def test_convert_an_authors_folder_round_trips(tiny, tmp_path):
     model, tokenizer = tiny
     main, ae = _authors_layout(model)
     main["language_model.model.rotary_emb.inv_freq"] = torch.zeros(8)  # known, left out
-    folder = _authors_folder(model, tmp_path / "authors", main, ae)
-    tokenizer.save_pretrained(folder)
+    folder = _authors_folder(model, tokenizer, tmp_path / "authors", main, ae)
     converted = convert_bagel_folder(folder, tmp_path / "out")
     for key, value in model.state_dict().items():
         assert torch.equal(converted.state_dict()[key], value), key
@@ -388,14 +389,14 @@ def test_convert_an_authors_folder_round_trips(tiny, tmp_path):
 
 
 def test_convert_names_every_problem_of_both_files_at_once(tiny, tmp_path):
-    model, _ = tiny
+    model, tokenizer = tiny
     main, ae = _authors_layout(model)
     main["connector.fc3.weight"] = torch.zeros(2)  # unknown
     del main["llm2vae.bias"]  # missing
     main["vae2llm.weight"] = main["vae2llm.weight"][:, :8]  # mis-shaped
     ae["encoder.mid.attn_2.q.weight"] = torch.zeros(2)  # unknown in the VAE file
     del ae["decoder.conv_out.bias"]  # missing from the VAE file
-    folder = _authors_folder(model, tmp_path / "authors", main, ae)
+    folder = _authors_folder(model, tokenizer, tmp_path / "authors", main, ae)
     with pytest.raises(CheckpointMismatchError) as raised:
         convert_bagel_folder(folder, tmp_path / "out")
     error = raised.value
@@ -415,8 +416,8 @@ def test_the_key_map_covers_the_tiny_model_exactly(tiny):
 
 
 def test_reca_convert_bagel(tiny, tmp_path, capsys):
-    model, _ = tiny
-    folder = _authors_folder(model, tmp_path / "authors", *_authors_layout(model))
+    model, tokenizer = tiny
+    folder = _authors_folder(model, tokenizer, tmp_path / "authors", *_authors_layout(model))
     (folder / "ema.safetensors").rename(folder / "model_bf16.safetensors")
     reca(["convert", "bagel", str(folder), str(tmp_path / "out"), "--weights", "model_bf16.safetensors"])
     assert "wrote a BagelModel" in capsys.readouterr().out
@@ -437,3 +438,20 @@ def test_the_step_and_sampling_run_in_bfloat16():
     assert model.language_model.model.layers[0].mlp_moe_gen.up_proj.weight.grad.dtype == torch.bfloat16
     image = model.eval().generate(prompts[0], height=16, width=24, vit_image=conds[0], num_timesteps=2)
     assert image.dtype == torch.bfloat16 and torch.isfinite(image).all()
+
+
+def test_a_converted_model_runs_as_the_original(tiny, tmp_path):
+    model, tokenizer = tiny
+    folder = _authors_folder(model, tokenizer, tmp_path / "authors", *_authors_layout(model))
+    converted = convert_bagel_folder(folder, tmp_path / "out").eval()
+    assert not any(t.is_meta for t in [*converted.parameters(), *converted.buffers()])
+    assert not any(p.requires_grad for p in converted.vae.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(_step(converted, tokenizer)[1].loss, _step(model, tokenizer)[1].loss, rtol=0, atol=0)
+
+
+def test_config_refuses_special_tokens_outside_the_vocabulary(tiny):
+    config = tiny[0].config.to_dict()
+    config["vision_end_token_id"] = 10**6
+    with pytest.raises(ValueError, match=r"vision_end_token_id=1000000 is outside the LLM's vocabulary of 725"):
+        BagelConfig(**config)

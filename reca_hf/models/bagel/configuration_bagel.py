@@ -119,6 +119,14 @@ class BagelConfig(PreTrainedConfig):
                     f"BagelConfig: vae_config has no {name}; set it (the FLUX VAE's are scaling_factor=0.3611, "
                     "shift_factor=0.1159)."
                 )
+        vocab = self.llm_config.vocab_size
+        for name in ("im_start_token_id", "im_end_token_id", "vision_start_token_id", "vision_end_token_id"):
+            if not 0 <= getattr(self, name) < vocab:
+                raise ValueError(
+                    f"BagelConfig: {name}={getattr(self, name)} is outside the LLM's vocabulary of {vocab}; set it to "
+                    "the tokenizer's id of that token (Qwen2.5's <|im_start|>, <|im_end|>, <|vision_start|>, "
+                    "<|vision_end|> are 151644, 151645, 151652, 151653)."
+                )
         if self.timestep_shift <= 0:
             raise ValueError(f"BagelConfig: timestep_shift={self.timestep_shift}; it must be positive (1: no shift).")
 

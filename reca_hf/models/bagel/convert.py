@@ -29,7 +29,7 @@ import torch
 
 from ...conversion import KeyMap, KeyRule, MappedCheckpoint, check_checkpoint
 from .configuration_bagel import FLUX_VAE_CONFIG, BagelConfig
-from .modeling_bagel import BagelModel
+from .modeling_bagel import BagelModel, Qwen2RotaryEmbedding
 
 _VIT = r"vit_model\.vision_model\."
 
@@ -240,12 +240,13 @@ def convert_bagel_folder(
     state = load_file(weights_path)
     ae_state = load_file(folder / "ae.safetensors")
     config = bagel_config_from_folder(folder, state, ae_state, vae_config)
-    with torch.device("meta"):
-        model_state = {key: value.shape for key, value in BagelModel(config).state_dict().items()}
+    with torch.device("meta"):  # no random init of 14B parameters: the checkpoint's tensors are assigned
+        model = BagelModel(config)
     mapped = map_checkpoint(state, ae_state)
-    check_checkpoint(mapped, model_state, architecture="bagel", hint=_HINT)
-    model = BagelModel(config)
-    model.load_state_dict(mapped.tensors, strict=True)
+    check_checkpoint(mapped, model.state_dict(), architecture="bagel", hint=_HINT)
+    model.load_state_dict(mapped.tensors, strict=True, assign=True)
+    # the RoPE frequencies are the only tensors not in a checkpoint
+    model.language_model.model.rotary_emb = Qwen2RotaryEmbedding(config=config.llm_config)
     model = model.to(dtype)
     model.save_pretrained(output_dir)
     if (folder / "tokenizer_config.json").is_file() or (folder / "tokenizer.json").is_file():
