@@ -30,6 +30,11 @@ CONVERTERS = {
         "Convert a released Harmon .pth (harmon_0.5b.pth, harmon_1.5b.pth, or a RecA release in that format) and the "
         "MAR kl16.ckpt autoencoder into a HarmonModel folder.",
     ),
+    "bagel": (
+        "the authors' BAGEL folder (llm/vit configs, ema or RecA weights, ae.safetensors)",
+        "Convert the authors' BAGEL folder (llm_config.json, vit_config.json, ema.safetensors or --weights, "
+        "ae.safetensors) into a BagelModel folder.",
+    ),
     "openuni": (
         "an OpenUni .pth on top of InternVL3 and SANA",
         "Convert a released OpenUni .pth (meta_queries, connector, projector, transformer) on top of the public "
