@@ -107,6 +107,8 @@ class RunRecordMixin:
             "num_prompts": len(sampler.prompts) if sampler else None,
             "null_prompt": self.adapter.null_prompt,
             "cond_dropout_prob": self.cond_dropout_prob,
+            "seed": self.args.seed,
+            "reconstruction_kwargs": dict(self.args.reconstruction_kwargs or {}),  # what the grid generated with
         }
 
     def run_settings(self) -> dict[str, Any]:
