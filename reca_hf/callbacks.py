@@ -734,6 +734,23 @@ class CollapseDetector(TrainerCallback):
             self.fired_at_step = step
         return detected
 
+    def verdict(self) -> str:
+        """What the detector concluded, in words (the card's "collapse detector" line)."""
+        if not self.history:
+            return "on; no probe had run yet"
+        last = self.history[-1]
+        if "condition_gain" in last:
+            reading = (f"condition_gain {last['condition_gain']:.2f} (how much lower the loss is with the image's own "
+                       f"condition than with another's; copying reads at least {self.gain_threshold})")  # fmt: skip
+        else:
+            reading = (f"{last['swap_copy_rate']:.0%} of the predictions followed a swapped-in condition (copying: at "
+                       f"least {self.copy_threshold:.0%})")  # fmt: skip
+        if self.fired_at_step is not None:
+            return (f"fired at step {self.fired_at_step}: the loss collapsed and the probe found the model copying its "
+                    f"condition; last probe (step {last['step']}): {reading}")  # fmt: skip
+        return (f"did not fire: {len(self.history)} probes, none with both signals (a collapsing loss and a copying "
+                f"probe); last probe (step {last['step']}): {reading}")  # fmt: skip
+
     def pop_metrics(self) -> dict[str, float]:
         """The probe metrics not yet logged (the trainer adds them to its next training log)."""
         metrics, self._pending = self._pending, {}

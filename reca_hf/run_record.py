@@ -145,6 +145,9 @@ class RunRecordMixin:
             settings["non-finite steps skipped"] = totals.nonfinite_skipped_steps
         if args.bad_image_policy == "skip":
             settings["bad images skipped"] = self.skipped_summary() or "none"
+        settings.update(final_losses(self.state.log_history))
+        detector = getattr(self, "collapse_detector", None)
+        settings["collapse detector"] = detector.verdict() if detector is not None else "off"
         grid = next((c for c in self.callback_handler.callbacks if isinstance(c, ReconstructionGridCallback)), None)
         if grid is not None and grid.seconds:
             seconds = sum(grid.seconds.values())
@@ -197,6 +200,25 @@ def _own_parameter_names(model):
         yield
     finally:
         del model.save_pretrained
+
+
+def final_losses(log_history: list[dict[str, Any]]) -> dict[str, str]:
+    """``{"final training loss": "reconstruction 0.41, image_to_text 2.03 (step 300)", "final eval loss": ...}``:
+    the last logged value of each task's loss, training and eval, with the step it was logged at."""
+    lines = {}
+    for label, prefix in (("final training loss", ""), ("final eval loss", "eval_")):
+        last: dict[str, tuple[int, float]] = {}
+        for entry in log_history:
+            for key, value in entry.items():
+                if key.startswith(prefix) and key.endswith("_loss") and key not in (f"{prefix}loss", "train_loss"):
+                    task = key[len(prefix) : -len("_loss")]
+                    if prefix or not key.startswith("eval_"):
+                        last[task] = (entry.get("step", 0), float(value))
+        if last:
+            step = max(step for step, _ in last.values())
+            values = ", ".join(f"{task} {value:.4g}" for task, (_, value) in last.items())
+            lines[label] = f"{values} (step {step})"
+    return lines
 
 
 def _null_prompt_text(null_prompt: str | None) -> str:
