@@ -734,6 +734,21 @@ class CollapseDetector(TrainerCallback):
             self.fired_at_step = step
         return detected
 
+    def describe(self) -> dict[str, Any] | None:
+        """What the probe's readings are, for the probe plot and the card: the logged metric, the threshold at which
+        it reads as copying, and what it measures in words (None before the first probe)."""
+        if not self.history:
+            return None
+        if "condition_gain" in self.history[-1]:
+            return {"metric": "condition_gain", "threshold": self.gain_threshold, "fired_at_step": self.fired_at_step,
+                    "meaning": "condition_gain: how much lower the reconstruction loss is with each image's own "
+                    "condition than with another image's. It rises as the model learns to use its condition, which "
+                    "is what RecA trains; it signals copying only near 1 and together with a collapsing loss."}  # fmt: skip
+        return {"metric": "swap_copy_rate", "threshold": self.copy_threshold, "fired_at_step": self.fired_at_step,
+                "meaning": "swap_copy_rate: the share of the predicted image tokens that follow another image's "
+                "condition swapped in, instead of the image being reconstructed. A model that copies its condition "
+                "follows the swap; one that reconstructs from its understanding does not."}  # fmt: skip
+
     def verdict(self) -> str:
         """What the detector concluded, in words (the card's "collapse detector" line)."""
         if not self.history:

@@ -140,6 +140,8 @@ def render_model_card(
     template: str | Path | None = None,
     lora: dict[str, Any] | None = None,
     loss_plot: str | None = None,
+    probe_plot: str | None = None,
+    probe_caption: str | None = None,
     eval_results: dict[str, Any] | None = None,
     license: str | None = None,  # noqa: A002 - the card field's name
     pipeline_tag: str = "any-to-any",
@@ -148,7 +150,8 @@ def render_model_card(
 
     ``lora`` (``lora_target_modules`` and ``generation_scoped``) marks a LoRA adapter: the card then uses the adapter
     template, says ``library_name: peft`` and shows how to apply the adapter instead of how to load a full model.
-    ``loss_plot`` and ``grid_file`` are PNG files beside the card; ``eval_results`` ({benchmark: score}) become
+    ``loss_plot``, ``probe_plot`` (with ``probe_caption`` saying what it measures) and ``grid_file`` are PNG files
+    beside the card; ``eval_results`` ({benchmark: score}) become
     ``model-index`` metadata and a table. ``pipeline_tag`` is the base model's (the architecture adapter's); the
     usage section generates an image with the architecture adapter's snippet.
     """
@@ -176,6 +179,8 @@ def render_model_card(
         parameter_table=parameter_table,
         grid_file=grid_file,
         loss_plot=loss_plot,
+        probe_plot=probe_plot,
+        probe_caption=probe_caption,
         eval_results={name: score_of(entry) for name, entry in (eval_results or {}).items()} or None,
         model_class=model_class,
         usage=usage_snippet(architecture, repo_id or model_name, lora=bool(lora)),

@@ -81,6 +81,7 @@ class RunRecordMixin:
             "eval_results": self.args.eval_results,
             "lora": lora_record(self.model, self.adapter),
             "skipped_rows": dict(self.skipped_rows),
+            "collapse_probe": self.collapse_detector.describe() if self.collapse_detector is not None else None,
         }
 
     @property
@@ -146,7 +147,7 @@ class RunRecordMixin:
         if args.bad_image_policy == "skip":
             settings["bad images skipped"] = self.skipped_summary() or "none"
         settings.update(final_losses(self.state.log_history))
-        detector = getattr(self, "collapse_detector", None)
+        detector = self.collapse_detector
         settings["collapse detector"] = detector.verdict() if detector is not None else "off"
         grid = next((c for c in self.callback_handler.callbacks if isinstance(c, ReconstructionGridCallback)), None)
         if grid is not None and grid.seconds:

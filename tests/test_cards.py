@@ -288,6 +288,10 @@ def test_the_card_states_the_final_losses_and_the_detectors_verdict(make_args, s
     assert "of the predictions followed a swapped-in condition" in settings["collapse detector"]
     card = (tmp_path / "run" / "README.md").read_text()
     assert "did not fire" in card and "final training loss" in card
+    probe = json.loads((tmp_path / "run" / "reca_run.json").read_text())["collapse_probe"]
+    assert probe["metric"] == "swap_copy_rate" and probe["threshold"] == 0.5 and probe["fired_at_step"] is None
+    assert Image.open(tmp_path / "run" / "collapse_probe.png").format == "PNG"
+    assert "## Collapse probe" in card and "(collapse_probe.png)" in card and "swap_copy_rate: the share" in card
     off = RecATrainer(model, args=make_args(max_steps=1, collapse_action="off"), train_dataset=shapes,
                       processing_class=processor)  # fmt: skip
     assert off.run_settings()["collapse detector"] == "off"
