@@ -560,6 +560,7 @@ def _render(folder: Path, run: dict[str, Any]) -> ModelCard:
         loss_plot=LOSS_PLOT_FILE if (folder / LOSS_PLOT_FILE).is_file() else None,
         probe_plot=PROBE_PLOT_FILE if (folder / PROBE_PLOT_FILE).is_file() and run.get("collapse_probe") else None,
         probe_caption=(run.get("collapse_probe") or {}).get("meaning"),
+        local_path=run.get("output_dir"),
         lora=run.get("lora"),
         eval_results=run.get("eval_results"),
         license=run.get("license"),

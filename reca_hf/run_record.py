@@ -67,6 +67,7 @@ class RunRecordMixin:
             "reca_hf_version": __version__,
             "model_name": model_name or Path(self.args.hub_model_id or self.args.output_dir).name,
             "repo_id": self.hub_model_id or self.args.hub_model_id,
+            "output_dir": str(self.args.output_dir),  # the usage snippet of a card not pushed yet loads from here
             "base_model": known_base_model(self.base_model_id or loaded_from),
             "pipeline_tag": self.adapter.pipeline_tag,
             "architecture": self.adapter.name,

@@ -292,6 +292,7 @@ def test_the_card_states_the_final_losses_and_the_detectors_verdict(make_args, s
     assert probe["metric"] == "swap_copy_rate" and probe["threshold"] == 0.5 and probe["fired_at_step"] is None
     assert Image.open(tmp_path / "run" / "collapse_probe.png").format == "PNG"
     assert "## Collapse probe" in card and "(collapse_probe.png)" in card and "swap_copy_rate: the share" in card
+    assert f'from_pretrained("{tmp_path / "run"}"' in card  # a card not pushed yet: its snippet loads the folder
     off = RecATrainer(model, args=make_args(max_steps=1, collapse_action="off"), train_dataset=shapes,
                       processing_class=processor)  # fmt: skip
     assert off.run_settings()["collapse detector"] == "off"
