@@ -88,12 +88,12 @@ def test_one_instruction_per_batch_is_configurable(vq):
     images = _images(2)
     texts = ["describe it", "a red circle"]
     same = _prepared(adapter, images, texts)
-    assert torch.equal(same["text_ids"][0], same["text_ids"][1])
+    assert torch.equal(same["input_ids"][0], same["input_ids"][1])
     per_row = ShowoAdapter(adapter.config, adapter.processor)
     per_row.one_instruction_per_batch = False
     differ = _prepared(per_row, images, texts)
     assert not torch.equal(differ["text_lengths"], same["text_lengths"]) or not torch.equal(
-        differ["text_ids"][0], differ["text_ids"][1]
+        differ["input_ids"][0], differ["input_ids"][1]
     )
     model = adapter.model
     assert torch.isfinite(per_row.loss(model, differ))  # rows of two lengths share one sequence length
@@ -128,7 +128,7 @@ def test_image_to_text_is_the_authors_mmu_rows(vq):
     text = tokenizer("USER: what is it ASSISTANT: a red square", add_special_tokens=False)["input_ids"] + [0]
     assert batch["input_ids"][0].tolist() == text
     ids, labels = P.mmu_inputs(
-        model.config, model.image_ids(batch["pixel_values"]), batch["input_ids"], batch["labels"]
+        model.config, model.image_ids(batch["condition_pixel_values"]), batch["input_ids"], batch["labels"]
     )
     expected = P.mmu_loss(model(ids, P.mmu_attention_mask(model.config, ids)).logits, labels)
     torch.testing.assert_close(adapter.image_to_text_loss(model, batch), expected)
@@ -159,3 +159,25 @@ def test_reconstruct_and_text_to_image_are_seeded(vq):
     assert first[0].size == (64, 64)
     guided = adapter.reconstruct(_images(2), seed=3, guidance_scale=3.0)
     assert len(guided) == 2
+
+
+@pytest.mark.parametrize("arch", ["showo", "showo_clip"])
+def test_cached_frozen_features_give_the_same_loss_without_running_the_towers(arch):
+    model, tokenizer = tiny_umm(arch)
+    adapter = get_adapter(model, tokenizer)
+    batch = _prepared(adapter, _images(2), ["describe it"] * 2)
+    noise = LossNoise(5)
+    with torch.no_grad():
+        features = adapter.frozen_features(model, batch)
+        assert sorted(features) == sorted(adapter.frozen_feature_sources)
+        cached = {**batch, **{f"cached_{name}": value for name, value in features.items()}}
+        calls = []
+        hooks = [
+            module.register_forward_hook(lambda *_: calls.append(1))
+            for module in (model.vq_model.encoder, getattr(model, "vision_tower", model.vq_model.encoder))
+        ]
+        with_cache = adapter.loss(model, cached, reduction="none", noise=noise)
+        assert not calls
+        for hook in hooks:
+            hook.remove()
+        torch.testing.assert_close(with_cache, adapter.loss(model, batch, reduction="none", noise=noise))

@@ -163,13 +163,14 @@ class ShowoAdapter(UMMAdapter):
         return texts
 
     def _padded_text(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Text ids right-padded with -1 (not a token) and their lengths, so batches keep per-row tensors."""
+        """``input_ids``: each row's text (the instruction in :attr:`recon_template`), right-padded with -1 (not a
+        token), and ``text_lengths``; the model face builds the sequence around them."""
         ids = [self._text_ids(self.recon_template.format(instruction=text)) for text in texts]
         width = max(len(row) for row in ids)
         padded = torch.full((len(ids), width), -1, dtype=torch.long)
         for row, sequence in enumerate(ids):
             padded[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        return {"text_ids": padded, "text_lengths": torch.tensor([len(row) for row in ids])}
+        return {"input_ids": padded, "text_lengths": torch.tensor([len(row) for row in ids])}
 
     def _check_size(self, images: list, role: str) -> None:
         sizes = {view_size(image) for image in images}
@@ -210,7 +211,11 @@ class ShowoAdapter(UMMAdapter):
         pad = self.config.special_token_id("[PAD]")
         input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows])
         label_ids = torch.tensor([row + [IGNORE_INDEX] * (width - len(row)) for row in labels])
-        return {"pixel_values": self.understanding_pixels(images), "input_ids": input_ids, "labels": label_ids}
+        return {
+            "condition_pixel_values": self.understanding_pixels(images),
+            "input_ids": input_ids,
+            "labels": label_ids,
+        }
 
     def understanding_pixels(self, images: list) -> torch.Tensor:
         """Image-to-text pixels: [-1, 1] at the model's resolution (the authors resize LLaVA images to it)."""
@@ -236,7 +241,7 @@ class ShowoAdapter(UMMAdapter):
     @staticmethod
     def _texts(batch: dict[str, Any]) -> list[list[int]]:
         lengths = batch["text_lengths"].tolist()
-        return [row[:length] for row, length in zip(batch["text_ids"].tolist(), lengths)]
+        return [row[:length] for row, length in zip(batch["input_ids"].tolist(), lengths)]
 
     def _draws(self, showo, target: torch.Tensor, noise: LossNoise | None):
         """The masked target, its labels (LLM ids), from fresh draws or from ``noise`` (``timesteps`` are the
@@ -305,7 +310,7 @@ class ShowoAdapter(UMMAdapter):
     def image_to_text_loss(self, model, batch: dict[str, Any]) -> torch.Tensor:
         """The authors' image-to-text CE through Phi's head: ``<|mmu|> <|soi|> image <|eoi|> text``, shifted."""
         showo = unwrap_model(model)
-        image = showo.image_ids(batch["pixel_values"].to(showo.device))
+        image = showo.image_ids(batch["condition_pixel_values"].to(showo.device))
         input_ids, labels = P.mmu_inputs(showo.config, image, batch["input_ids"], batch["labels"])
         logits = showo(input_ids, P.mmu_attention_mask(showo.config, input_ids)).logits
         return P.mmu_loss(logits, labels)
@@ -474,7 +479,7 @@ class ShowoClipAdapter(ShowoAdapter):
     def image_to_text_loss(self, model, batch: dict[str, Any]) -> torch.Tensor:
         """The authors' ``llava_tuning`` rows: ``<|mmu|> system <|soi|> [CLIP features] <|eoi|> text``, shifted CE."""
         showo = unwrap_model(model)
-        features = showo.clip_features(batch["pixel_values"].to(showo.device))
+        features = showo.clip_features(batch["condition_pixel_values"].to(showo.device))
         system = batch["system_ids"][0].tolist()
         input_ids, labels = P.clip_mmu_inputs(
             showo.config, batch["input_ids"].to(showo.device), batch["labels"], system
