@@ -181,3 +181,48 @@ def test_cached_frozen_features_give_the_same_loss_without_running_the_towers(ar
         for hook in hooks:
             hook.remove()
         torch.testing.assert_close(with_cache, adapter.loss(model, batch, reduction="none", noise=noise))
+
+
+def _parity_images():
+    """The two raw images of the adapter golden (/work/parity/showo/adapter_export.py makes the same)."""
+    import numpy as np
+
+    rng = np.random.default_rng(21)
+    images = []
+    for w, h in [(90, 70), (70, 110)]:
+        base = rng.integers(0, 256, size=(h // 10 + 1, w // 10 + 1, 3), dtype=np.uint8)
+        image = Image.fromarray(base).resize((w, h), Image.Resampling.NEAREST)
+        noisy = np.asarray(image).astype(int) + rng.integers(-20, 21, size=(h, w, 3))
+        images.append(Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)))
+    return images
+
+
+def test_raw_images_to_loss_match_the_authors_data_path():
+    """Raw images -> RecACollator -> ShowoAdapter.loss against the authors' MidjourneyDataset + train_recon.py step
+    (tests/golden/showo_adapter_step.json)."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from reca_hf import RecACollator
+
+    golden = json.loads((Path(__file__).parent / "golden" / "showo_adapter_step.json").read_text())
+    images = _parity_images()
+    assert hashlib.sha256(b"".join(np.asarray(i).tobytes() for i in images)).hexdigest() == golden["pixels_sha256"]
+    model, tokenizer = tiny_umm("showo")
+    adapter = get_adapter(model, tokenizer)
+    batch = RecACollator(adapter, prompts=[golden["instruction"]])([{"image": image} for image in images])
+    offset = model.config.code_offset
+    assert (model.image_ids(batch["target_pixel_values"]) - offset).tolist() == golden["target_codes"]
+    assert (model.image_ids(batch["condition_pixel_values"]) - offset).tolist() == golden["condition_codes"]
+    model.train()
+    noise = LossNoise(golden["seed"])
+    with torch.no_grad():
+        assert adapter.loss(model, batch, noise=noise).item() == pytest.approx(golden["loss_recon"], rel=1e-5)
+        rows = adapter.loss(model, batch, reduction="none", noise=noise).double()
+    model.eval()
+    counts = torch.tensor(golden["masked_counts"], dtype=torch.float64)
+    row_means = rows * counts.sum() / (len(counts) * counts)  # "none": each row's sum over the mean count
+    assert row_means.tolist() == pytest.approx(golden["loss_recon_per_row"], rel=1e-5)
