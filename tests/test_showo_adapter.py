@@ -226,3 +226,21 @@ def test_raw_images_to_loss_match_the_authors_data_path():
     counts = torch.tensor(golden["masked_counts"], dtype=torch.float64)
     row_means = rows * counts.sum() / (len(counts) * counts)  # "none": each row's sum over the mean count
     assert row_means.tolist() == pytest.approx(golden["loss_recon_per_row"], rel=1e-5)
+
+
+def test_load_adds_the_special_tokens_to_a_converted_folder_without_tokenizer(tmp_path, monkeypatch):
+    from reca_hf.models.showo.tiny import tiny_showo_text_tokenizer
+
+    model, tokenizer = tiny_umm("showo")
+    model.save_pretrained(tmp_path / "converted")  # what `reca convert showo` writes: no tokenizer
+    tiny_showo_text_tokenizer().save_pretrained(tmp_path / "phi")
+    monkeypatch.setattr(ShowoAdapter, "text_tokenizer_source", str(tmp_path / "phi"))
+    loaded, loaded_tokenizer = ShowoAdapter.load(str(tmp_path / "converted"))
+    assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
+    tokenizer.save_pretrained(tmp_path / "converted")  # a folder reca_hf saved has its own
+    monkeypatch.setattr(ShowoAdapter, "text_tokenizer_source", str(tmp_path / "missing"))
+    assert len(ShowoAdapter.load(str(tmp_path / "converted"))[1]) == len(tokenizer)
+    model.save_pretrained(tmp_path / "short")
+    tiny_showo_text_tokenizer().save_pretrained(tmp_path / "short")  # without Show-o's special tokens
+    with pytest.raises(ValueError, match="llm_vocab_size"):
+        ShowoAdapter.load(str(tmp_path / "short"))

@@ -95,7 +95,7 @@ class ShowoAdapter(UMMAdapter):
     understanding_template = "USER: {question} ASSISTANT:"
     # The VQ script draws one instruction per batch (``random.choice`` then ``* B``); False: one per row.
     one_instruction_per_batch = True
-    maskgit_steps = 18  # the authors' ``generation_timesteps``
+    maskgit_steps = 12  # the authors' ``generation_timesteps`` in their RecA configs
 
     def __new__(cls, config=None, *args, **kwargs):
         if cls is ShowoAdapter and getattr(config, "w_clip_vit", False):
@@ -112,6 +112,37 @@ class ShowoAdapter(UMMAdapter):
         super().__init__(config, processor, model)
 
     _clip = False
+
+    # Where a converted release (``reca convert showo``: weights and config, no tokenizer) takes its text tokenizer:
+    # Phi-1.5's, with Show-o's special tokens added as the authors' prompting adds them.
+    text_tokenizer_source = "microsoft/phi-1_5"
+
+    @classmethod
+    def load(cls, name_or_path: str, dtype: str = "float32", **kwargs):
+        """The `ShowoModel` folder, and its tokenizer: the folder's own (a folder reca_hf saved), else
+        :attr:`text_tokenizer_source`'s with Show-o's special tokens added (a converted release)."""
+        from transformers import AutoTokenizer
+
+        from .modeling_showo import ShowoModel
+        from .tiny import add_showo_tokens
+
+        revision, attention = kwargs.get("revision"), kwargs.get("attn_implementation")
+        extra = {"attn_implementation": attention} if attention is not None else {}
+        torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+        model = ShowoModel.from_pretrained(name_or_path, dtype=torch_dtype, revision=revision, **extra)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
+        except (OSError, ValueError, KeyError):
+            tokenizer = add_showo_tokens(AutoTokenizer.from_pretrained(cls.text_tokenizer_source))
+        expected = model.config.llm_vocab_size + model.config.num_new_special_tokens
+        if len(tokenizer) != expected:
+            raise ValueError(
+                f"{name_or_path}: the tokenizer has {len(tokenizer)} tokens, but the model's config expects "
+                f"{expected} (llm_vocab_size {model.config.llm_vocab_size} + {model.config.num_new_special_tokens} "
+                f"special tokens); save the tokenizer Show-o was trained with into the folder, or set "
+                f"{cls.__name__}.text_tokenizer_source to its text tokenizer."
+            )
+        return model, tokenizer
 
     # ---- what this model's config says ----
 
