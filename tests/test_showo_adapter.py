@@ -244,3 +244,19 @@ def test_load_adds_the_special_tokens_to_a_converted_folder_without_tokenizer(tm
     tiny_showo_text_tokenizer().save_pretrained(tmp_path / "short")  # without Show-o's special tokens
     with pytest.raises(ValueError, match="llm_vocab_size"):
         ShowoAdapter.load(str(tmp_path / "short"))
+
+
+def test_gpu_step_builds_the_released_shapes_and_runs_the_tiny_show_o(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_step.py"
+    spec = importlib.util.spec_from_file_location("gpu_step", script)
+    gpu_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_step)
+    (result,) = gpu_step.main(["--tiny", "--tiny-arch", "showo", "--steps", "2", "--warmup", "1", "--out", ""])
+    assert result["parameters"] == sum(p.numel() for p in tiny_umm("showo")[0].parameters())
+    for size, parameters in (("showo_vq_512", 1_543_563_774), ("showo_clip_512", 1_853_366_782)):
+        model, tokenizer = gpu_step.showo_shape(size, device="meta")
+        assert sum(p.numel() for p in model.parameters()) == parameters  # benchmarks/results/showo_params.md
+        assert len(tokenizer) == 50_305 and get_adapter(model, tokenizer).native_generation_resolution == 512
