@@ -96,6 +96,7 @@ class ShowoAdapter(UMMAdapter):
     # The VQ script draws one instruction per batch (``random.choice`` then ``* B``); False: one per row.
     one_instruction_per_batch = True
     maskgit_steps = 12  # the authors' ``generation_timesteps`` in their RecA configs
+    _clip = False  # which variant's config the class takes (``w_clip_vit``)
 
     def __new__(cls, config=None, *args, **kwargs):
         if cls is ShowoAdapter and getattr(config, "w_clip_vit", False):
@@ -110,8 +111,6 @@ class ShowoAdapter(UMMAdapter):
                 f"has w_clip_vit={getattr(config, 'w_clip_vit', None)!r}: use {want}, or leave adapter unset."
             )
         super().__init__(config, processor, model)
-
-    _clip = False
 
     # Where a converted release (``reca convert showo``: weights and config, no tokenizer) takes its text tokenizer:
     # Phi-1.5's, with Show-o's special tokens added as the authors' prompting adds them.
@@ -372,12 +371,10 @@ class ShowoAdapter(UMMAdapter):
     def decode_codes(self, showo, codes: torch.Tensor) -> list[Image.Image]:
         return to_pil(showo.decode_image_ids(codes).clamp(-1, 1), _VQ_MEAN, _VQ_STD)
 
-    def _maskgit(self, showo, inputs, mask, uncond, guidance, temperature, generator):
-        if "inputs_embeds" in inputs:
-            raise NotImplementedError  # the CLIP variant overrides sample_codes
+    def _maskgit(self, showo, input_ids, mask, uncond, guidance, temperature, generator):
         scale = guidance - 1.0  # reca_hf's w (uncond + w (cond - uncond)) as Show-o's s ((1 + s) cond - s uncond)
         return showo.t2i_generate(
-            inputs["input_ids"],
+            input_ids,
             mask,
             uncond if guidance != 1.0 else None,
             guidance_scale=scale,
@@ -411,7 +408,7 @@ class ShowoAdapter(UMMAdapter):
         else:
             mask = P.recon_attention_mask(config, input_ids)
         temperature = temperature if do_sample else 0.0
-        return self._maskgit(showo, {"input_ids": input_ids}, mask, uncond, guidance, temperature, generator)
+        return self._maskgit(showo, input_ids, mask, uncond, guidance, temperature, generator)
 
     def sample_text_codes(
         self, showo, prompts, resolution, guidance, generator, *, temperature: float = 1.0, do_sample: bool = True
@@ -426,7 +423,7 @@ class ShowoAdapter(UMMAdapter):
         rows = input_ids if uncond is None else torch.cat([input_ids, uncond])
         mask = P.t2i_attention_mask(config, rows)
         temperature = temperature if do_sample else 0.0
-        return self._maskgit(showo, {"input_ids": input_ids}, mask, uncond, guidance, temperature, generator)
+        return self._maskgit(showo, input_ids, mask, uncond, guidance, temperature, generator)
 
 
 @register_adapter(tiny=_build_tiny_showo_clip)
