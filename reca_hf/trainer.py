@@ -24,7 +24,7 @@ from .collator import SKIPPED_KEY, RecACollator
 from .config import RecAConfig
 from .data import ROW_KEY, SOURCE_KEY
 from .factory import load_model_and_processor, processor_of
-from .freeze import apply_freeze, format_table, parameter_table
+from .freeze import apply_freeze, format_table, matches, parameter_table
 from .frozen_cache import FrozenCacheMixin, FrozenFeatureCache
 from .hub import HubPushError, HubResilienceMixin
 from .images import ViewSpec
@@ -252,6 +252,13 @@ class RecATrainer(
         if self._signature_columns is None:
             self._signature_columns = [*dict.fromkeys(self.args.image_columns.values()), self.args.caption_column,
                                        INDEX_KEY, TASK_KEY, SOURCE_KEY, ROW_KEY]  # fmt: skip
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        """transformers' rule (no decay on biases and norm weights), less the adapter's ``no_weight_decay`` modules."""
+        names = super().get_decay_parameter_names(model)
+        if not self.adapter.no_weight_decay:
+            return names
+        return [n for n in names if not matches(n.removeprefix("base_model.model."), self.adapter.no_weight_decay)]
 
     def _get_dataloader(self, dataset, *args, **kwargs):
         return super()._get_dataloader(indexed(dataset), *args, **kwargs)  # also a dataset given to evaluate()

@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
+from transformers import Trainer
 
-from reca_hf import RecACollator
+from reca_hf import RecACollator, RecATrainer
 from reca_hf.adapters import LossNoise, get_adapter
 from reca_hf.freeze import apply_freeze
 from reca_hf.images import resolve_views
@@ -125,3 +126,22 @@ def test_image_to_text_scores_the_answer_and_its_end_with_the_text_head(harmon, 
     expected = model.image_to_text_loss(batch["input_ids"], batch["attention_mask"], batch["labels"], latents)
     assert torch.equal(adapter.image_to_text_loss(model, batch), expected)
     assert adapter.supports("image_to_text") and not adapter.supports("text_to_image")
+
+
+def test_the_optimizer_decays_what_the_authors_decay(make_args, shapes):
+    """transformers' rule plus the adapter's no_weight_decay gives the authors' MAROptimWrapperConstructor set (no
+    decay on 1-D tensors, biases and the diffusion head); an adapter declaring none keeps transformers' rule."""
+    model, tokenizer = tiny_umm("harmon")
+    trainer = RecATrainer(model, args=make_args(weight_decay=0.02, collapse_action="off"), train_dataset=shapes,
+                          processing_class=tokenizer)  # fmt: skip
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    authors = {n for n in trainable if dict(model.named_parameters())[n].dim() > 1 and not n.endswith(".bias")}
+    authors = {n for n in authors if "diffloss" not in n}
+    assert set(trainer.get_decay_parameter_names(model)) & trainable == authors
+    optimizer = trainer.create_optimizer()
+    decayed = {id(p) for group in optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]}
+    assert {n for n, p in model.named_parameters() if id(p) in decayed} == authors
+    flow, flow_processor = tiny_umm("flow")
+    plain = RecATrainer(flow, args=make_args(collapse_action="off"), train_dataset=shapes,
+                        processing_class=flow_processor)  # fmt: skip
+    assert plain.get_decay_parameter_names(flow) == Trainer.get_decay_parameter_names(plain, flow)

@@ -82,6 +82,7 @@ class HarmonAdapter(UMMAdapter):
         r"mar\.diffloss\.net\.final_layer\.(linear|adaLN_modulation\.1)",
         r"proj_out\.[02]",
     )
+    no_weight_decay = (r"mar\.diffloss",)  # the authors' optimizer constructor: no decay on the diffusion head
     default_instruction = "Describe this image in details."  # the authors' sample_recon prompt
     default_guidance_scale = 3.0  # the authors' sample_recon: CFG 3.0 against the null prompt without the image
     text_to_image_template = "Generate an image: {caption}"
