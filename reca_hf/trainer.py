@@ -137,6 +137,10 @@ class RecATrainer(
             self.views = data_collator.views
         data = prepare_datasets(self.adapter, args, train_dataset, eval_dataset, i2t_dataset, t2i_dataset)
         self.task_ratios, self.task_weights = data.task_ratios, data.task_weights
+        if args.ddp_find_unused_parameters is None and sum(r > 0 for r in self.task_ratios.values()) > 1:
+            # A micro-batch may hold one task's rows only, leaving the other tasks' modules without a gradient, which
+            # DDP refuses unless it looks for unused parameters (transformers turns that off under checkpointing).
+            args.ddp_find_unused_parameters = True
         self._train_source = data.sources.get("train")  # the rows the frozen-tower cache is keyed by
         self.frozen_cache: FrozenFeatureCache | None = None
         if is_reca_collator:  # where bad_image_policy="skip" finds replacement rows
