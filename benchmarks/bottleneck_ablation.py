@@ -1,5 +1,6 @@
 """Why the bottleneck: RecA's copy-and-paste collapse, reproduced in miniature on a tiny random Emu3 (token
-targets) and on a tiny flow-matching UMM (continuous targets, ``--kind flow``).
+targets), on a tiny flow-matching UMM (continuous targets, ``--kind flow``) and on a tiny Show-o (masked tokens,
+``--kind showo``: the guide's own collapse example).
 
 Emu3 reads its condition and writes its target in one representation (VQ ids of one codebook). Four
 runs train the same tiny model on the same synthetic shapes for the same steps, through `RecATrainer`:
@@ -19,6 +20,11 @@ through the learnable queries and on its latent grid. Its loss is the flow-match
 copy is read by the loss-based probe, ``condition_swap_loss``: ``condition_gain = 1 - own / swapped`` on
 held-out images. This run calibrates the detector's ``GAIN_THRESHOLD``: (a) must cross it, the others not.
 
+``--kind showo`` runs them on ``tiny_umm("showo")`` (VQ variant, 64-px targets: 16 MAGVIT-v2 codes from 256):
+condition and target are codes of one tokenizer in one vocabulary, as Emu3's, but the target is predicted by
+masked-token prediction (bidirectional over the target), so the token probe reads an all-masked target. The
+condition views are made the authors' way, from the target tensor (bilinear; the blur 4x down and back up).
+
 Writes to --output-dir: losses.csv (train and held-out loss per logged step), summary.csv (final losses,
 the detector's firing step, the final swap-probe reading), probes.csv (flow: every detector probe, its step
 and gain) and bottleneck_ablation.png (the curves, the firing step marked).
@@ -26,6 +32,8 @@ and gain) and bottleneck_ablation.png (the curves, the firing step marked).
     python benchmarks/bottleneck_ablation.py                  # 4 runs x 400 steps, seed 0 (~2-4 min on 2 cores)
     python benchmarks/bottleneck_ablation.py --seeds 0 1 2    # the figures in docs/method.md
     python benchmarks/bottleneck_ablation.py --kind flow --seeds 0 1 2   # the flow figures (~3-4 min a seed)
+    python benchmarks/bottleneck_ablation.py --kind showo --steps 2000 --lr 3e-3 --eval-every 250
+        # Show-o: the copy takes ~1300 steps to appear (seed 0: detector at 1281); ~14 min a condition on 2 cores
 """
 
 from __future__ import annotations
@@ -47,14 +55,22 @@ from reca_hf.callbacks import condition_swap_loss, swap_probe
 from reca_hf.data import synthetic_shapes
 from reca_hf.testing import tiny_umm
 
-CONDITIONS = {
-    "a_no_bottleneck": {"condition_resolution": 32, "condition_bottleneck": "none", "allow_shortcut": True},
-    "b_resize": {"condition_resolution": "auto", "condition_bottleneck": "resize"},
-    "c_blur": {"condition_resolution": 32, "condition_bottleneck": "blur", "blur_factor": 4},
-    "d_control_other_image": {"condition_resolution": 32, "condition_bottleneck": "none", "allow_shortcut": True},
-}
+
+def conditions(side: int) -> dict[str, dict]:
+    """The four settings for targets of ``side`` px (the conditions a, c and d at the target's own side)."""
+    return {
+        "a_no_bottleneck": {"condition_resolution": side, "condition_bottleneck": "none", "allow_shortcut": True},
+        "b_resize": {"condition_resolution": "auto", "condition_bottleneck": "resize"},
+        "c_blur": {"condition_resolution": side, "condition_bottleneck": "blur", "blur_factor": 4},
+        "d_control_other_image": {"condition_resolution": side, "condition_bottleneck": "none", "allow_shortcut": True},
+    }
+
+
+CONDITIONS = conditions(32)
 CONTROL = "d_control_other_image"
-ARCH = {"tokens": "emu3", "flow": "flow_latents"}
+ARCH = {"tokens": "emu3", "flow": "flow_latents", "showo": "showo"}
+SIDE = {"tokens": 32, "flow": 32, "showo": 64}  # each tiny model's generation resolution
+TITLE = {"tokens": "Tiny Emu3", "flow": "Tiny flow UMM", "showo": "Tiny Show-o"}
 
 
 class OtherImageCollator(RecACollator):
@@ -70,9 +86,10 @@ def run(name: str, *, steps: int, seed: int, train_images: int, held_out: int, b
         eval_every: int, output_dir: Path, kind: str = "tokens") -> dict:  # fmt: skip
     """Train one condition; returns its loss curves, the detector's firing step and probe readings, and the
     final swap probe (token agreement, or for ``kind="flow"`` the loss-based condition gain)."""
-    settings = CONDITIONS[name]
+    side = SIDE[kind]
+    settings = conditions(side)[name]
     model, processor = tiny_umm(ARCH[kind], seed=seed)
-    data = synthetic_shapes(train_images + held_out, size=32, seed=seed)
+    data = synthetic_shapes(train_images + held_out, size=side, seed=seed)
     train = data.select(range(train_images)).remove_columns("caption")
     held = data.select(range(train_images, train_images + held_out)).remove_columns("caption")
     args = RecAConfig(
@@ -94,12 +111,13 @@ def run(name: str, *, steps: int, seed: int, train_images: int, held_out: int, b
         cond_dropout_prob=0.0,
         collapse_probe_steps=eval_every,
         seed=seed,
+        cpu_threads=0,  # the thread count the caller set (OMP_NUM_THREADS), as before cpu_threads existed
         **settings,
     )
     collator = None
     if name == CONTROL:
         collator = OtherImageCollator(
-            get_adapter(model, processor), condition_resolution=32, condition_bottleneck="none",
+            get_adapter(model, processor), condition_resolution=side, condition_bottleneck="none",
             cond_dropout_prob=0.0, seed=seed, allow_shortcut=True,
         )  # fmt: skip
     trainer = RecATrainer(model, args=args, data_collator=collator, train_dataset=train, eval_dataset=held,
@@ -203,7 +221,7 @@ def plot(results: list[dict], path: Path, kind: str = "tokens") -> Path:
         if flow:
             axis.set_title(f"Tiny flow UMM, {title} (velocity MSE)")
         else:
-            axis.set_title(f"Tiny Emu3, {title} (code cross-entropy, nats)")
+            axis.set_title(f"{TITLE[kind]}, {title} (code cross-entropy, nats)")
         axis.set_xlabel("step")
         axis.set_yscale("log")
     axes[0].set_ylabel("loss")
@@ -249,22 +267,23 @@ def _quiet(logger_name: str):
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kind", choices=list(ARCH), default="tokens", help="tokens: tiny Emu3; flow: tiny flow UMM")
+    parser.add_argument("--kind", choices=list(ARCH), default="tokens",
+                        help="tokens: tiny Emu3; flow: tiny flow UMM; showo: tiny Show-o (VQ)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
     parser.add_argument("--train-images", type=int, default=1024)
     parser.add_argument("--held-out", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=None, help="default: 1e-3 (tokens), 3e-3 (flow)")
+    parser.add_argument("--lr", type=float, default=None, help="default: 1e-3 (tokens, showo), 3e-3 (flow)")
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--output-dir", type=Path, default=None, help="default: benchmarks/results/bottleneck_ablation"
-                        " (flow: bottleneck_ablation_flow)")  # fmt: skip
+                        " (flow, showo: bottleneck_ablation_flow, bottleneck_ablation_showo)")  # fmt: skip
     options = parser.parse_args(argv)
     if options.lr is None:
         options.lr = 3e-3 if options.kind == "flow" else 1e-3
     if options.output_dir is None:
-        suffix = "_flow" if options.kind == "flow" else ""
+        suffix = "" if options.kind == "tokens" else f"_{options.kind}"
         options.output_dir = Path(f"benchmarks/results/bottleneck_ablation{suffix}")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     results = []
@@ -282,7 +301,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 print(f"{name} seed {seed}: train {result['train'][-1][1]:.4f}, held-out "
                       f"{result['held_out'][-1][1]:.4f}, detector {result['fired_at_step']}, {probe}, "
                       f"{result['ms_per_step']:.0f} ms/step", flush=True)  # fmt: skip
-    uniform = math.log(get_adapter(tiny_umm("emu3")[0]).codebook_size) if options.kind == "tokens" else None
+    token_arch = {"tokens": "emu3", "showo": "showo"}.get(options.kind)
+    uniform = math.log(get_adapter(tiny_umm(token_arch)[0]).codebook_size) if token_arch else None
     rows = summarise(results, uniform)
     figure = write_outputs(results, rows, options.output_dir, options.kind)
     header = "| " + " | ".join(rows[0]) + " |"

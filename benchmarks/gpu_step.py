@@ -1,4 +1,5 @@
-"""GPU step: bf16 samples/s, MFU and peak memory of Janus-Pro-1B- and 7B-shaped random models, through RecATrainer.
+"""GPU step: bf16 samples/s, MFU and peak memory of Janus-Pro-1B- and 7B-shaped and Show-o-512-shaped random models,
+through RecATrainer.
 
 The models are built in code with the public configs' shapes (``janus_shapes.SHAPES``; random weights, no
 download) and trained with RecA's defaults (``freeze: auto``, reconstruction at 384/384, dataloader workers
@@ -11,6 +12,12 @@ allocated. The goal for the 1B shape on an H100/H200-class GPU is an MFU of at l
     python benchmarks/gpu_step.py                      # both sizes, default batch sizes
     python benchmarks/gpu_step.py --sizes 1b --batch-size 16
     python benchmarks/gpu_step.py --tiny               # a tiny CPU run that checks the script itself
+    python benchmarks/gpu_step.py --sizes showo_vq_512 showo_clip_512   # Show-o (Phi-1.5, 1024 codes per image)
+    python benchmarks/gpu_step.py --tiny --tiny-arch showo              # the Show-o path on the tiny Show-o
+
+The Show-o shapes (``showo_shape``) are the released 512-px models' (``ShowoConfig`` defaults: Phi-1.5, MAGVIT-v2,
+CLIP ViT-L/14-336; 1024 codes, the RecA text budget of 381) with a synthetic word-level tokenizer of Phi-1.5's
+50,295 text tokens; the step is reconstruction only (the authors add 2 image-to-text rows per 2 recon rows).
 
 Without a CUDA GPU it exits with a message (``--tiny`` runs anywhere). Writes ``benchmarks/results/gpu_step.json``
 and ``.md`` (``--out`` elsewhere, ``--out ''`` for none).
@@ -39,7 +46,31 @@ from reca_hf.testing import tiny_umm  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 # Per size: (batch size, weights dtype, activation checkpointing). The 7B shape keeps bf16 weights (fp32 master
 # weights plus AdamW states would not fit beside its activations) and checkpoints activations.
-DEFAULTS = {"1b": (16, "float32", False), "7b": (8, "bfloat16", True), "tiny": (2, "float32", False)}
+DEFAULTS = {
+    "1b": (16, "float32", False),
+    "7b": (8, "bfloat16", True),
+    "showo_vq_512": (4, "float32", False),
+    "showo_clip_512": (4, "float32", False),
+    "tiny": (2, "float32", False),
+}
+SHOWO = ("showo_vq_512", "showo_clip_512")
+
+
+def showo_shape(size: str, device=None):
+    """``(model, tokenizer)``: a random Show-o shaped like the released 512-px VQ or CLIP model (no download)."""
+    from reca_hf.models.showo import ShowoConfig, ShowoModel
+    from reca_hf.models.showo.tiny import add_showo_tokens
+    from reca_hf.tiny_text import word_level_tokenizer
+
+    end = "<|endoftext|>"
+    words = [f"w{i}" for i in range(50295 - 1)] + ["user", "assistant"]
+    text = word_level_tokenizer([end], words[: 50295 - 1], bos=end, eos=end, pad=end, unk=end,
+                                extra_special_tokens={}, add_bos=False)  # fmt: skip
+    config = ShowoConfig(w_clip_vit=size == "showo_clip_512", llm_vocab_size=len(text), num_vq_tokens=1024,
+                         max_seq_length=381)  # fmt: skip
+    with torch.device(device or "cpu"):
+        model = ShowoModel(config)
+    return model, add_showo_tokens(text)
 
 
 class _Clock(TrainerCallback):
@@ -56,13 +87,19 @@ class _Clock(TrainerCallback):
 
 
 def run(size: str, batch_size: int, steps: int, warmup: int, model_dtype: str, checkpointing: bool,
-        peak: float | None) -> dict:  # fmt: skip
+        peak: float | None, tiny_arch: str = "janus") -> dict:  # fmt: skip
     tiny = size == "tiny"
     device = None if tiny else "cuda"
-    model, processor = tiny_umm("janus") if tiny else janus_pro_like(size, device=device)
+    if tiny:
+        model, processor = tiny_umm(tiny_arch)
+    elif size in SHOWO:
+        model, processor = showo_shape(size, device=device)
+    else:
+        model, processor = janus_pro_like(size, device=device)
     if model_dtype == "bfloat16":
         model = model.to(torch.bfloat16)
-    resolution = model.config.vision_config.image_size
+    vision = getattr(model.config, "vision_config", None)
+    resolution = model.config.image_size if hasattr(model.config, "num_vq_tokens") else vision.image_size
     data = synthetic_shapes(batch_size * (steps + warmup + 1), size=resolution, seed=0)
     trainer_ref: list = []
     clock = _Clock(trainer_ref)
@@ -98,12 +135,13 @@ def run(size: str, batch_size: int, steps: int, warmup: int, model_dtype: str, c
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=["1b", "7b"], choices=["1b", "7b"])
-    parser.add_argument("--batch-size", type=int, help="per size default: 1b 16, 7b 8")
+    parser.add_argument("--sizes", nargs="+", default=["1b", "7b"], choices=["1b", "7b", *SHOWO])
+    parser.add_argument("--batch-size", type=int, help="per size default: 1b 16, 7b 8, Show-o 4")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="steps before the timing starts")
     parser.add_argument("--peak", type=float, help="the GPU's dense bf16 peak FLOP/s (default: the known one)")
     parser.add_argument("--tiny", "--dry-run", action="store_true", help="a tiny Janus on the CPU: checks the script")
+    parser.add_argument("--tiny-arch", default="janus", choices=["janus", "showo"], help="the --tiny model")
     parser.add_argument("--out", default=str(RESULTS), help="folder for gpu_step.json/.md ('' for none)")
     args = parser.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
@@ -115,7 +153,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         batch_size, dtype, checkpointing = DEFAULTS[size]
         batch_size = args.batch_size or batch_size
         try:
-            result = run(size, batch_size, args.steps, args.warmup, dtype, checkpointing, peak)
+            result = run(size, batch_size, args.steps, args.warmup, dtype, checkpointing, peak, args.tiny_arch)
         except torch.cuda.OutOfMemoryError as error:
             result = {"size": size, "batch_size": batch_size, "error": f"out of memory: {error}"[:300]}
             torch.cuda.empty_cache()
@@ -131,7 +169,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def _markdown(results: list[dict]) -> str:
     lines = [
-        "# GPU step: Janus-Pro-shaped random models through RecATrainer (bf16)",
+        "# GPU step: Janus-Pro- and Show-o-shaped random models through RecATrainer (bf16)",
         "",
         f"Device: {results[0]['device']}. Command: `python benchmarks/gpu_step.py`.",
         "",

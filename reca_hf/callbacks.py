@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
@@ -21,8 +20,8 @@ from .adapters.base import UMMAdapter
 from .adapters.helpers import cached_key, eval_mode
 from .adapters.targets import LossNoise
 from .config import COLLAPSE_ACTIONS, MAX_GRID_IMAGES
-from .data import synthetic_shapes
-from .images import ViewSpec, load_image, view_image
+from .data import synthetic_shapes, undecoded
+from .images import BadImageError, ViewSpec, load_image, source_file, view_image
 from .sharding import from_rank_zero
 
 ShardedForward = Callable[[Callable[[torch.nn.Module], Any]], Any]  # runs function(model) on every rank together
@@ -58,22 +57,31 @@ class PromptEpochCallback(TrainerCallback):
 class RunTotals(TrainerCallback, ExportableState):
     """What a run has done, over all its processes and all its resumed parts: the training samples per task
     (``task_counts``, which the trainer adds to), the training wall time (:meth:`elapsed`), the skipped
-    non-finite steps and the bad images skipped per dataset (``skipped_rows``). Saved into every checkpoint's
-    ``trainer_state.json`` (``stateful_callbacks``) and taken up again when training resumes from one, so the card
-    of a resumed run counts the whole run."""
+    non-finite steps and the bad rows skipped per dataset (:meth:`add_skipped`; ``skipped_rows`` counts each
+    distinct row once, however often it was drawn). Saved into every checkpoint's ``trainer_state.json``
+    (``stateful_callbacks``) and taken up again when training resumes from one, so the card of a resumed run
+    counts the whole run."""
 
     def __init__(
         self,
         task_counts: dict[str, int] | None = None,
         seconds: float = 0.0,
         nonfinite_skipped_steps: int = 0,
-        skipped_rows: dict[str, int] | None = None,
+        skipped_row_numbers: dict[str, list[int]] | None = None,
     ):
         self.task_counts = dict(task_counts or {})
-        self.skipped_rows = dict(skipped_rows or {})
+        self.skipped_row_numbers = {name: set(rows) for name, rows in (skipped_row_numbers or {}).items()}
         self.seconds = float(seconds)  # wall time of the parts that ended (or were checkpointed) before this one
         self.nonfinite_skipped_steps = int(nonfinite_skipped_steps)
         self._started: float | None = None
+
+    @property
+    def skipped_rows(self) -> dict[str, int]:
+        """Distinct bad rows skipped per dataset."""
+        return {name: len(rows) for name, rows in sorted(self.skipped_row_numbers.items()) if rows}
+
+    def add_skipped(self, name: str, rows) -> None:
+        self.skipped_row_numbers.setdefault(name, set()).update(int(row) for row in rows)
 
     def elapsed(self) -> float | None:
         """Training wall time in seconds, the earlier parts included; None before training started."""
@@ -88,7 +96,7 @@ class RunTotals(TrainerCallback, ExportableState):
                 "task_counts": dict(self.task_counts),
                 "seconds": self.elapsed() or 0.0,
                 "nonfinite_skipped_steps": self.nonfinite_skipped_steps,
-                "skipped_rows": dict(self.skipped_rows),
+                "skipped_row_numbers": {name: sorted(rows) for name, rows in self.skipped_row_numbers.items()},
             },
         }
 
@@ -99,7 +107,8 @@ class RunTotals(TrainerCallback, ExportableState):
             self.task_counts = {**dict.fromkeys(self.task_counts, 0), **attributes.get("task_counts", {})}
             self.seconds = float(attributes.get("seconds", 0.0))
             self.nonfinite_skipped_steps = int(attributes.get("nonfinite_skipped_steps", 0))
-            self.skipped_rows = dict(attributes.get("skipped_rows", {}))
+            numbers = attributes.get("skipped_row_numbers", {})
+            self.skipped_row_numbers = {name: set(rows) for name, rows in numbers.items()}
         self._started = time.time()
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -123,6 +132,31 @@ class StreamPosition(TrainerCallback, ExportableState):
 
     def state(self) -> dict:
         return {"args": {}, "attributes": {"epoch": self.epoch, "epoch_start_step": self.epoch_start_step}}
+
+
+def first_good_images(dataset, column: str, count: int, name: str, args) -> list[Image.Image]:
+    """The first ``count`` images of ``dataset`` (map-style or a stream), decoded as the collator decodes them:
+    a bad one stops with the dataset, row and file named (``bad_image_policy: error``) or is passed over with a
+    warning (``skip``), so the grid and the probe never meet an undecodable image later."""
+    dataset = undecoded(dataset, column)  # decoded here, not by datasets (whose errors name no row)
+    rows = iter(dataset) if isinstance(dataset, torch.utils.data.IterableDataset) else (
+        dataset[i] for i in range(len(dataset))
+    )  # fmt: skip
+    images = []
+    for number, row in enumerate(rows):
+        if len(images) == count:
+            break
+        value = row[column]
+        try:
+            images.append(load_image(value, args.max_image_pixels))
+        except Exception as error:  # noqa: BLE001 - any decoding failure is a bad image
+            file = source_file(value)
+            problem = (f"{name} dataset row {number}: column {column!r}{f' (file {file})' if file else ''} could not be "
+                       f"decoded as an image ({type(error).__name__}: {error})")  # fmt: skip
+            if args.bad_image_policy != "skip":
+                raise BadImageError(f"{problem}; fix or remove that row, or set bad_image_policy: skip", file) from error
+            logger.warning("Skipped a bad image for the reconstruction grid and the probe: %s", problem)
+    return images
 
 
 class ReconstructionGridCallback(TrainerCallback):
@@ -202,14 +236,8 @@ class ReconstructionGridCallback(TrainerCallback):
         count = args.num_reconstruction_images if source is not None else 0
         if count == 0 and not prompts:
             return None
-        column = args.image_columns["eval" if source is eval_dataset else "train"]
-        if source is None:
-            rows = []
-        elif isinstance(source, torch.utils.data.IterableDataset):  # a stream: its first rows
-            rows = list(itertools.islice(iter(source), count))
-        else:
-            rows = [source[i] for i in range(min(count, len(source)))]
-        images = [row[column] for row in rows]
+        name = "eval" if source is eval_dataset else "train"
+        images = first_good_images(source, args.image_columns[name], count, name, args) if source is not None else []
         if not images and not prompts:
             return None
         generation = dict(args.reconstruction_kwargs or {})
@@ -661,7 +689,7 @@ class CollapseDetector(TrainerCallback):
             return None
         count = args.collapse_probe_images
         if eval_dataset is not None and not isinstance(eval_dataset, torch.utils.data.IterableDataset):
-            images = [eval_dataset[i][args.image_columns["eval"]] for i in range(min(count, len(eval_dataset)))]
+            images = first_good_images(eval_dataset, args.image_columns["eval"], count, "eval", args)
         else:
             images = []
         if len(images) < 2:  # no held-out images: shapes this model has never seen
@@ -705,6 +733,38 @@ class CollapseDetector(TrainerCallback):
         if detected and self.fired_at_step is None:
             self.fired_at_step = step
         return detected
+
+    def describe(self) -> dict[str, Any] | None:
+        """What the probe's readings are, for the probe plot and the card: the logged metric, the threshold at which
+        it reads as copying, and what it measures in words (None before the first probe)."""
+        if not self.history:
+            return None
+        if "condition_gain" in self.history[-1]:
+            return {"metric": "condition_gain", "threshold": self.gain_threshold, "fired_at_step": self.fired_at_step,
+                    "meaning": "condition_gain: how much lower the reconstruction loss is with each image's own "
+                    "condition than with another image's. It rises as the model learns to use its condition, which "
+                    "is what RecA trains; it signals copying only near 1 and together with a collapsing loss."}  # fmt: skip
+        return {"metric": "swap_copy_rate", "threshold": self.copy_threshold, "fired_at_step": self.fired_at_step,
+                "meaning": "swap_copy_rate: the share of the predicted image tokens that follow another image's "
+                "condition swapped in, instead of the image being reconstructed. A model that copies its condition "
+                "follows the swap; one that reconstructs from its understanding does not."}  # fmt: skip
+
+    def verdict(self) -> str:
+        """What the detector concluded, in words (the card's "collapse detector" line)."""
+        if not self.history:
+            return "on; no probe had run yet"
+        last = self.history[-1]
+        if "condition_gain" in last:
+            reading = (f"condition_gain {last['condition_gain']:.2f} (how much lower the loss is with the image's own "
+                       f"condition than with another's; copying reads at least {self.gain_threshold})")  # fmt: skip
+        else:
+            reading = (f"{last['swap_copy_rate']:.0%} of the predictions followed a swapped-in condition (copying: at "
+                       f"least {self.copy_threshold:.0%})")  # fmt: skip
+        if self.fired_at_step is not None:
+            return (f"fired at step {self.fired_at_step}: the loss collapsed and the probe found the model copying its "
+                    f"condition; last probe (step {last['step']}): {reading}")  # fmt: skip
+        return (f"did not fire: {len(self.history)} probes, none with both signals (a collapsing loss and a copying "
+                f"probe); last probe (step {last['step']}): {reading}")  # fmt: skip
 
     def pop_metrics(self) -> dict[str, float]:
         """The probe metrics not yet logged (the trainer adds them to its next training log)."""

@@ -140,6 +140,9 @@ def render_model_card(
     template: str | Path | None = None,
     lora: dict[str, Any] | None = None,
     loss_plot: str | None = None,
+    probe_plot: str | None = None,
+    probe_caption: str | None = None,
+    local_path: str | None = None,
     eval_results: dict[str, Any] | None = None,
     license: str | None = None,  # noqa: A002 - the card field's name
     pipeline_tag: str = "any-to-any",
@@ -148,7 +151,9 @@ def render_model_card(
 
     ``lora`` (``lora_target_modules`` and ``generation_scoped``) marks a LoRA adapter: the card then uses the adapter
     template, says ``library_name: peft`` and shows how to apply the adapter instead of how to load a full model.
-    ``loss_plot`` and ``grid_file`` are PNG files beside the card; ``eval_results`` ({benchmark: score}) become
+    ``loss_plot``, ``probe_plot`` (with ``probe_caption`` saying what it measures) and ``grid_file`` are PNG files
+    beside the card; ``local_path`` is the run folder the usage snippet loads when there is no ``repo_id`` yet
+    (the path the run was written to, so the snippet works from where the run was started); ``eval_results`` ({benchmark: score}) become
     ``model-index`` metadata and a table. ``pipeline_tag`` is the base model's (the architecture adapter's); the
     usage section generates an image with the architecture adapter's snippet.
     """
@@ -176,9 +181,11 @@ def render_model_card(
         parameter_table=parameter_table,
         grid_file=grid_file,
         loss_plot=loss_plot,
+        probe_plot=probe_plot,
+        probe_caption=probe_caption,
         eval_results={name: score_of(entry) for name, entry in (eval_results or {}).items()} or None,
         model_class=model_class,
-        usage=usage_snippet(architecture, repo_id or model_name, lora=bool(lora)),
+        usage=usage_snippet(architecture, repo_id or local_path or model_name, lora=bool(lora)),
         repo_id=repo_id or model_name,
         versions=framework_versions(),
         citation=CITATION,

@@ -30,6 +30,11 @@ CONVERTERS = {
         "Convert a released Harmon .pth (harmon_0.5b.pth, harmon_1.5b.pth, or a RecA release in that format) and the "
         "MAR kl16.ckpt autoencoder into a HarmonModel folder.",
     ),
+    "bagel": (
+        "the authors' BAGEL folder (llm/vit configs, ema or RecA weights, ae.safetensors)",
+        "Convert the authors' BAGEL folder (llm_config.json, vit_config.json, ema.safetensors or --weights, "
+        "ae.safetensors) into a BagelModel folder.",
+    ),
     "openuni": (
         "an OpenUni .pth on top of InternVL3 and SANA",
         "Convert a released OpenUni .pth (meta_queries, connector, projector, transformer) on top of the public "
@@ -438,7 +443,7 @@ def sample(args) -> None:
             args.layout,
             num_images_per_prompt=args.num_images_per_prompt,
             batch_size=args.batch_size,
-            seed=args.seed,
+            seed=args.seed if args.seed is not None else 0,
             guidance_scale=args.guidance_scale,
             resolution=args.resolution,
             **_json_mapping(args.sampler, "--sampler"),
@@ -452,37 +457,55 @@ def sample(args) -> None:
 
 
 def reconstruct(args) -> None:
-    """`reca reconstruct MODEL IMAGES... --out DIR`: each image through the model's understanding and back."""
+    """`reca reconstruct MODEL IMAGES... --out DIR`: each image through the model's understanding and back, by
+    default with the run's own views, seed and grid settings (its reca_run.json), as the card's grid was made."""
     from .images import resolve_views
-    from .sampling import reconstruct_files
+    from .sampling import reconstruct_files, sampler_settings
 
     _, _, adapter = _load_for_generation(args.model, args.dtype, args.device)
-    generation = _json_mapping(args.sampler, "--sampler")
+    settings = _run_reca_settings(args.model)
+    grid = settings.get("reconstruction_kwargs") or {}
+    generation = {k: v for k, v in grid.items() if k in {"guidance_scale", *sampler_settings(adapter)}}
+    generation.update(_json_mapping(args.sampler, "--sampler"))
     if args.guidance_scale is not None:
         generation["guidance_scale"] = args.guidance_scale
+    seed = args.seed if args.seed is not None else int(settings.get("seed", 0))
     try:
-        views = resolve_views(adapter, *_reconstruction_views(args))
-        written = reconstruct_files(
-            adapter, args.images, args.out, views=views, batch_size=args.batch_size, seed=args.seed, **generation
-        )
+        views = resolve_views(adapter, *_reconstruction_views(args, settings))
+        written = reconstruct_files(adapter, args.images, args.out, views=views, batch_size=args.batch_size,
+                                    seed=seed, side_by_side=args.side_by_side, **generation)  # fmt: skip
     except (OSError, ValueError, TypeError) as error:
         raise SystemExit(f"reca reconstruct: {error}") from None
     print(f"{args.out}: {len(written)} reconstructions")
 
 
-def _reconstruction_views(args) -> tuple:
-    """(condition resolution, generation resolution, bottleneck): the flags, else the run's own (its
-    reca_run.json), else 'auto' and resize."""
+def _run_reca_settings(model: str) -> dict:
+    """The ``reca`` block of a saved run's reca_run.json ({} for a model that is not a run folder)."""
     import json
 
-    from .config import parse_resolution
     from .hub import RUN_FILE
 
-    run = Path(args.model).expanduser() / RUN_FILE
-    settings = json.loads(run.read_text()).get("reca", {}) if run.is_file() else {}
+    run = Path(model).expanduser() / RUN_FILE
+    return json.loads(run.read_text()).get("reca", {}) if run.is_file() else {}
+
+
+def _reconstruction_views(args, settings: dict) -> tuple:
+    """:func:`~reca_hf.images.resolve_views`'s arguments: the flags, else the run's own, else 'auto' and resize."""
+    from .config import parse_resolution
+
     condition = args.condition_resolution or settings.get("condition_resolution", "auto")
     bottleneck = args.condition_bottleneck or settings.get("condition_bottleneck", "resize")
-    return parse_resolution(condition), settings.get("generation_resolution", "auto"), bottleneck
+    return (
+        parse_resolution(condition),
+        settings.get("generation_resolution", "auto"),
+        bottleneck,
+        settings.get("blur_factor", 4),
+        False,
+        settings.get("target_fit") or "auto",
+        settings.get("condition_fit") or "auto",
+        settings.get("condition_source") or "auto",
+        settings.get("condition_interpolation") or "auto",
+    )
 
 
 def _generation_parser(commands, name: str, **kwargs):
@@ -490,7 +513,8 @@ def _generation_parser(commands, name: str, **kwargs):
     parser = commands.add_parser(name, **kwargs)
     parser.add_argument("model", help="a saved run folder, a Hub id, a LoRA adapter folder or 'tiny:<arch>'")
     parser.add_argument("--out", required=True, help="the folder to write into")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first batch (batch b draws with seed + b)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the first batch (batch b draws with seed + "
+                        "b); default: the run's seed for a run folder, else 0")  # fmt: skip
     parser.add_argument(
         "--batch_size", type=int, default=1 if name == "sample" else 4, help="prompts or images per call"
     )
@@ -514,9 +538,17 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _main(argv[1:] if debug else argv)
     except Exception as error:  # SystemExit and KeyboardInterrupt pass through
+        _close_progress_bars()
         if debug:
             raise
         raise SystemExit(f"reca: {type(error).__name__}: {error}\n(run `reca --debug ...` for the traceback)") from None
+
+
+def _close_progress_bars() -> None:
+    """End the progress bars an error interrupted, so that the error starts on a line of its own."""
+    tqdm = sys.modules.get("tqdm.auto") or sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 def environment() -> str:
@@ -664,6 +696,9 @@ def _main(argv: list[str]) -> None:
         "trains; writes OUT/<file stem>.png.",
     )  # fmt: skip
     reconstruct_parser.add_argument("images", nargs="+", help="image files")
+    reconstruct_parser.add_argument(
+        "--side_by_side", action="store_true", help="write each input (its target view) and its reconstruction side by side"
+    )
     reconstruct_parser.add_argument(
         "--condition_resolution", default=None, help="the condition view's size (default: the run's, else auto)"
     )

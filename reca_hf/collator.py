@@ -36,8 +36,9 @@ from .tasks import (
 
 logger = logging.getLogger(__name__)
 _CROP_STREAM = 1  # keeps the crop draws apart from the instruction draws of the same (seed, epoch, row)
+_REPLACEMENT_STREAM = 2  # and the replacement draws of a bad row
 BAD_IMAGE_POLICIES = ("error", "skip")
-SKIPPED_KEY = "reca_skipped_rows"  # a batch's {dataset: bad rows skipped}, popped by the trainer (not a model input)
+SKIPPED_KEY = "reca_skipped_rows"  # a batch's {dataset: [bad row numbers]}, popped by the trainer (not a model input)
 
 
 def resolve_dropout(adapter: UMMAdapter, cond_dropout_prob: float | str) -> float:
@@ -73,10 +74,11 @@ class RecACollator:
     An image that cannot be used (undecodable, truncated, over ``max_image_pixels``) raises
     :class:`~reca_hf.images.BadImageError` naming the dataset, its original row and the file, for rows
     from :func:`~reca_hf.data.as_source` datasets. With ``bad_image_policy="skip"`` such a row is
-    replaced by the next good row of the same dataset (registered with :meth:`add_sources`; for a streamed
+    replaced by a good row drawn at random from the same dataset (seeded by seed, epoch and slot; registered with :meth:`add_sources`; for a streamed
     dataset, by another good row of that dataset in the same batch), so batches keep their size and every
-    prompt its image. Skips are counted per dataset in :attr:`skipped_rows`, and each batch carries its own
-    counts under ``reca_skipped_rows`` (so that counts made in dataloader workers reach the trainer).
+    prompt its image. Each bad row is counted once per dataset in :attr:`skipped_rows`, and each batch carries the bad rows
+    it found under ``reca_skipped_rows`` (so that those found in dataloader workers reach the trainer, which
+    counts distinct rows).
 
     ``image_columns`` names the image column of each dataset (``train``, ``i2t``, ``t2i``, ``eval``, the names
     :func:`~reca_hf.data.as_source` tags rows with); rows of other datasets read ``image_column``.
@@ -110,8 +112,9 @@ class RecACollator:
         self.bad_image_policy = bad_image_policy
         self.max_image_pixels = int(max_image_pixels)
         self.sources: dict[str, Any] = {}
-        self.skipped_rows: Counter[str] = Counter()  # in this process (dataloader workers count their own)
-        self._batch_skips: Counter[str] = Counter()
+        self.skipped_rows: Counter[str] = Counter()  # distinct bad rows found by this process (workers: their own)
+        self._bad_rows: dict[str, set[int]] = {}  # dataset -> rows known bad here: never drawn as replacements
+        self._batch_skips: dict[str, set[int]] = {}  # bad rows first found while making this batch
         self.adapter = adapter
         self.views: ViewSpec = views or resolve_views(
             adapter,
@@ -189,6 +192,8 @@ class RecACollator:
         self.sources.update(
             {name: data for name, data in sources.items() if hasattr(data, "__getitem__") and hasattr(data, "__len__")}
         )
+        for name in sources:  # another dataset under that name: its own rows are not known to be bad
+            self._bad_rows.pop(name, None)
 
     def _image(self, example: dict[str, Any], index: int, draft: int, fit: str):
         source = example.get(SOURCE_KEY)
@@ -217,7 +222,7 @@ class RecACollator:
         rows, images, streamed_bad = [], [], []
         for example, index in zip(examples, [self._row_index(example) for example in examples]):
             row = {**example, INDEX_KEY: index}
-            for _ in range(_MAX_REPLACEMENTS):
+            for attempt in range(_MAX_REPLACEMENTS):
                 try:
                     image = self._image(row, index, draft, fit)
                     break
@@ -225,14 +230,14 @@ class RecACollator:
                     if self.bad_image_policy == "error":
                         raise
                     if row.get(SOURCE_KEY) is not None and row.get(SOURCE_KEY) not in self.sources:
-                        image = None  # a streamed dataset has no next row to read: filled from this batch below
+                        image = None  # a streamed dataset has no row to draw: filled from this batch below
                         streamed_bad.append((len(rows), error))
                         self._count_skip(row, error)
                         break
-                    row = self._replacement(row, error)
+                    row = self._replacement(row, error, attempt)
             else:
                 raise BadImageError(
-                    f"{_MAX_REPLACEMENTS} consecutive bad images from {_row_name(example, index)} on; that dataset "
+                    f"{_MAX_REPLACEMENTS} bad images drawn in a row for {_row_name(example, index)}; that dataset "
                     "looks broken (check it with reca validate --check-images)"
                 )
             rows.append(row)
@@ -256,22 +261,42 @@ class RecACollator:
         ) from error
 
     def _count_skip(self, row: dict[str, Any], error: BadImageError) -> None:
-        self.skipped_rows[row[SOURCE_KEY]] += 1
-        self._batch_skips[row[SOURCE_KEY]] += 1
+        """Remember a bad row; the first time this process finds it, count it and say so (a bad row drawn again
+        is neither counted nor logged again)."""
+        source, number = row[SOURCE_KEY], int(row[ROW_KEY])
+        known = self._bad_rows.setdefault(source, set())
+        if number in known:
+            return
+        known.add(number)
+        self.skipped_rows[source] += 1
+        self._batch_skips.setdefault(source, set()).add(number)
         logger.warning("Skipped a bad image (bad_image_policy: skip): %s", error)
 
-    def _replacement(self, row: dict[str, Any], error: BadImageError) -> dict[str, Any]:
-        """The row after ``row`` in its source dataset, keeping ``row``'s task and slot index; counts the skip."""
+    def _replacement(self, row: dict[str, Any], error: BadImageError, attempt: int) -> dict[str, Any]:
+        """A row of ``row``'s source dataset drawn at random from those not known to be bad, keeping ``row``'s
+        task and slot index; records the bad row. The draw is seeded by (seed, epoch, slot, attempt), so a run
+        is reproducible and no neighbour of a bad row trains more often than the other rows."""
         source = self.sources.get(row.get(SOURCE_KEY))
         if source is None or ROW_KEY not in row:
             raise BadImageError(
-                f"{error} (bad_image_policy: skip replaces a bad row by the next row of its dataset, which this "
+                f"{error} (bad_image_policy: skip replaces a bad row by another row of its dataset, which this "
                 "collator does not know: wrap the dataset with reca_hf.data.as_source and pass it to add_sources)",
                 error.file,
             ) from error
         self._count_skip(row, error)
-        nxt = (int(row[ROW_KEY]) + 1) % len(source)
-        return {**source[nxt], **{key: row[key] for key in (INDEX_KEY, TASK_KEY) if key in row}}
+        known = self._bad_rows[row[SOURCE_KEY]]
+        if len(known) >= len(source):
+            raise BadImageError(f"{error} (every row of that dataset is bad: check it with reca validate "
+                                "--check-images)", error.file) from error  # fmt: skip
+        rng = np.random.default_rng([self.sampler.seed, self.epoch, int(row[INDEX_KEY]), attempt, _REPLACEMENT_STREAM])
+        drawn = int(rng.integers(len(source)))
+        for _ in range(64):  # uniform over the rows not known to be bad (rejection; a mostly bad dataset: below)
+            if drawn not in known:
+                break
+            drawn = int(rng.integers(len(source)))
+        else:
+            drawn = int(rng.choice([number for number in range(len(source)) if number not in known]))
+        return {**source[drawn], **{key: row[key] for key in (INDEX_KEY, TASK_KEY) if key in row}}
 
     def _text(self, example: dict[str, Any], index: int, task: str):
         """``(question, answer)`` of an image-to-text row, or ``(caption, None)`` of a text-to-image row.
@@ -378,7 +403,7 @@ class RecACollator:
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         """A RecA batch: reconstruction inputs at the top level, other tasks' inputs under their task name."""
-        self._batch_skips = Counter()
+        self._batch_skips = {}
         by_task: dict[str, list[dict[str, Any]]] = {}
         for example in examples:
             task = example.get(TASK_KEY, RECONSTRUCTION)
@@ -390,8 +415,8 @@ class RecACollator:
             batch[IMAGE_TO_TEXT] = self._image_to_text(by_task[IMAGE_TO_TEXT])
         if TEXT_TO_IMAGE in by_task:
             batch[TEXT_TO_IMAGE] = self._text_to_image(by_task[TEXT_TO_IMAGE])
-        if self._batch_skips:  # counted here, in the worker that decoded them; the trainer adds them up
-            batch[SKIPPED_KEY] = dict(self._batch_skips)
+        if self._batch_skips:  # found here, in the worker that decoded them; the trainer counts distinct rows
+            batch[SKIPPED_KEY] = {source: sorted(rows) for source, rows in self._batch_skips.items()}
         return batch
 
 

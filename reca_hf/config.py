@@ -82,8 +82,8 @@ class RecAConfig(TrainingArguments):
             Column holding the images (PIL images, file paths, or datasets Image values).
         bad_image_policy (`str`, *optional*, defaults to `"error"`):
             What an image that cannot be decoded (corrupt, truncated, over max_image_pixels) does: 'error' stops with
-            the dataset, row and file named; 'skip' replaces the row by the next good row of the same dataset, counts
-            and logs it.
+            the dataset, row and file named; 'skip' replaces the row by a good row drawn at random from the same
+            dataset, counts and logs each bad row once.
         max_image_pixels (`int`, *optional*, defaults to `89478485`):
             Largest image (width x height) decoded; larger ones are bad images (a decompression-bomb guard).
         cpu_threads (`int` or `str`, *optional*, defaults to `"auto"`):
@@ -393,8 +393,8 @@ class RecAConfig(TrainingArguments):
         default="error",
         metadata={
             "help": "What an image that cannot be decoded (corrupt, truncated, over max_image_pixels) does: 'error' "
-            "stops with the dataset, row and file named; 'skip' replaces the row by the next good row of the same "
-            "dataset, counts and logs it."
+            "stops with the dataset, row and file named; 'skip' replaces the row by a good row drawn at random from the "
+            "same dataset, counts and logs each bad row once."
         },
     )
     max_image_pixels: int = field(

@@ -244,7 +244,7 @@ class SourceRows(Dataset):
     """A map-style dataset whose rows carry their dataset's name and their own index (``SOURCE_KEY``, ``ROW_KEY``).
 
     The task mix and the trainer re-index rows; these two keys survive that, so an error names the row of
-    the dataset the user gave, and ``bad_image_policy: skip`` can read the next row of the same dataset.
+    the dataset the user gave, and ``bad_image_policy: skip`` can draw another row of the same dataset.
     """
 
     def __init__(self, dataset, name: str):

@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 RUN_FILE = "reca_run.json"
 CARD_FILE = "README.md"
 LOSS_PLOT_FILE = "training_loss.png"
+PROBE_PLOT_FILE = "collapse_probe.png"
 STATE_FILE = "trainer_state.json"
 MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                "pytorch_model.bin.index.json")  # fmt: skip
@@ -478,6 +479,41 @@ def write_loss_plot(
     return path
 
 
+def write_probe_plot(log_history: list[dict[str, Any]], path: str | Path, probe: dict[str, Any]) -> Path | None:
+    """Draw the collapse probe's logged readings (``probe["metric"]``) against the step, with the threshold at
+    which they read as copying and the step the detector fired; None (and no file) when no reading was logged."""
+    metric = probe["metric"]
+    points = [(entry["step"], float(entry[metric])) for entry in log_history if metric in entry and "step" in entry]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, 3.0), dpi=100)
+    try:
+        steps, values = zip(*points, strict=True)
+        axes.plot(steps, values, marker="o", markersize=3, linewidth=1.4, label=metric)
+        axes.axhline(probe["threshold"], color="red", linestyle="--", linewidth=1.0,
+                     label=f"copying at {probe['threshold']:g} (with a collapsing loss)")  # fmt: skip
+        if probe.get("fired_at_step") is not None:
+            axes.axvline(probe["fired_at_step"], color="red", alpha=0.5, label="detector fired")
+        axes.set_xlabel("step")
+        axes.set_ylabel(metric)
+        axes.set_ylim(min(0.0, min(values)) - 0.05, max(1.0, max(values)) + 0.05)
+        axes.set_title("Collapse probe")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+        figure.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path)
+    finally:
+        plt.close(figure)
+    return path
+
+
 def read_log_history(output_dir: str | Path) -> list[dict[str, Any]] | None:
     """The log history of ``trainer_state.json`` in the folder, else in its newest checkpoint; None without one."""
     folder = Path(output_dir)
@@ -522,6 +558,9 @@ def _render(folder: Path, run: dict[str, Any]) -> ModelCard:
         parameter_table=run.get("parameter_table"),
         grid_file=GRID_FILE if (folder / GRID_FILE).is_file() else None,
         loss_plot=LOSS_PLOT_FILE if (folder / LOSS_PLOT_FILE).is_file() else None,
+        probe_plot=PROBE_PLOT_FILE if (folder / PROBE_PLOT_FILE).is_file() and run.get("collapse_probe") else None,
+        probe_caption=(run.get("collapse_probe") or {}).get("meaning"),
+        local_path=run.get("output_dir"),
         lora=run.get("lora"),
         eval_results=run.get("eval_results"),
         license=run.get("license"),
@@ -537,6 +576,8 @@ def write_run_card(output_dir: str | Path, run: dict[str, Any], log_history: lis
     (folder / RUN_FILE).write_text(text)
     if log_history:
         write_loss_plot(log_history, folder / LOSS_PLOT_FILE, run.get("generation_target"))
+        if run.get("collapse_probe"):
+            write_probe_plot(log_history, folder / PROBE_PLOT_FILE, run["collapse_probe"])
     for name, results in eval_result_files(run.get("eval_results")).items():
         (folder / name).parent.mkdir(exist_ok=True)
         (folder / name).write_text(results)
@@ -596,8 +637,9 @@ def push_run(
     check_publishable(folder)
     allow = None
     if adapter_only:
-        allow = [*ADAPTER_FILES, RUN_FILE, CARD_FILE, LOSS_PLOT_FILE, GRID_FILE, f"{EVAL_RESULTS_FOLDER}/*"]
-    with _restored_on_failure(folder, [RUN_FILE, CARD_FILE, LOSS_PLOT_FILE], EVAL_RESULTS_FOLDER):
+        allow = [*ADAPTER_FILES, RUN_FILE, CARD_FILE, LOSS_PLOT_FILE, PROBE_PLOT_FILE, GRID_FILE,
+                 f"{EVAL_RESULTS_FOLDER}/*"]  # fmt: skip
+    with _restored_on_failure(folder, [RUN_FILE, CARD_FILE, LOSS_PLOT_FILE, PROBE_PLOT_FILE], EVAL_RESULTS_FOLDER):
         update_run_card(folder, repo_id=repo_id, eval_results=eval_results, license=license)
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id

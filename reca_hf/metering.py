@@ -13,10 +13,10 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 
 from .adapters.helpers import IGNORE_INDEX, unwrap_model
 from .callbacks import RunTotals
-from .data import IMAGE_COLUMN_FIELDS
 from .flops import FlopCounter, resolve_peak_flops
 from .tasks import IMAGE_TO_TEXT, TASKS, EvalTasksDataset
 
@@ -31,7 +31,7 @@ class TaskMeteringMixin:
         self.run_totals = RunTotals(dict.fromkeys(TASKS, 0))  # samples per task, wall time: saved in checkpoints
         self.add_callback(self.run_totals)
         self._pending_losses = {"train": [], "eval": []}  # per step: (device loss sums per task, host counts)
-        self._pending_skipped: list[list[int]] = []  # per step, with several processes: skipped images per dataset
+        self._pending_skipped: list[dict[str, list[int]]] = []  # per step, with several processes: bad rows found
         self.flop_counter = FlopCounter().attach(unwrap_model(self.model))
         self.task_flos = dict.fromkeys(TASKS, 0)  # FLOPs of the training steps per task (this process)
         self._step_flos = self._window_flos = 0
@@ -49,21 +49,20 @@ class TaskMeteringMixin:
         self._metrics[mode].clear()
         return {f"eval_{name}": value for name, value in metrics.items()} if mode == "eval" else metrics
 
-    def _count_skipped(self, skipped: dict[str, int] | None) -> None:
-        """Add a batch's skipped bad images (counted by the collator, in whichever worker made the batch) to
-        :attr:`skipped_rows`. Host numbers: one process adds them at once; several keep them until the next
-        :meth:`_flush_task_losses` sums them over the processes (no device read in the step)."""
-        counts = [int((skipped or {}).get(name, 0)) for name in IMAGE_COLUMN_FIELDS]
+    def _count_skipped(self, skipped: dict[str, list[int]] | None) -> None:
+        """Add a batch's bad rows (found by the collator, in whichever worker made the batch) to the run's
+        :attr:`skipped_rows`, each distinct row once. Host objects: one process adds them at once; several keep
+        them until the next :meth:`_flush_task_losses` gathers them from every process (no device read in the
+        step)."""
         if self.accelerator.num_processes > 1:
-            self._pending_skipped.append(counts)
+            self._pending_skipped.append(dict(skipped or {}))
         else:
-            self._add_skipped(counts)
+            self._add_skipped(skipped or {})
 
-    def _add_skipped(self, counts) -> None:
-        totals = self._totals().skipped_rows
-        for name, count in zip(IMAGE_COLUMN_FIELDS, counts):
-            if count:
-                totals[name] = totals.get(name, 0) + int(count)
+    def _add_skipped(self, skipped: dict[str, list[int]]) -> None:
+        totals = self._totals()
+        for name, rows in skipped.items():
+            totals.add_skipped(name, rows)
 
     @property
     def skipped_rows(self) -> dict[str, int]:
@@ -133,10 +132,9 @@ class TaskMeteringMixin:
         must call it at the same points: log() and checkpoints) into the metrics and ``task_counts``."""
         device = self.accelerator.device
         skipped, self._pending_skipped = self._pending_skipped, []
-        if skipped:  # several processes: each one's skipped images of the steps since the last flush
-            summed = self.accelerator.gather(torch.tensor(skipped, dtype=torch.float32, device=device)[None]).sum(0)
-            for counts in summed.tolist():
-                self._add_skipped(counts)
+        if skipped:  # several processes (each appends every step, so all gather): their bad rows since the last flush
+            for found in gather_object(skipped):
+                self._add_skipped(found)
         pending, self._pending_losses[mode] = self._pending_losses[mode], []
         if not pending:
             return

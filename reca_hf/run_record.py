@@ -67,6 +67,7 @@ class RunRecordMixin:
             "reca_hf_version": __version__,
             "model_name": model_name or Path(self.args.hub_model_id or self.args.output_dir).name,
             "repo_id": self.hub_model_id or self.args.hub_model_id,
+            "output_dir": str(self.args.output_dir),  # the usage snippet of a card not pushed yet loads from here
             "base_model": known_base_model(self.base_model_id or loaded_from),
             "pipeline_tag": self.adapter.pipeline_tag,
             "architecture": self.adapter.name,
@@ -81,6 +82,7 @@ class RunRecordMixin:
             "eval_results": self.args.eval_results,
             "lora": lora_record(self.model, self.adapter),
             "skipped_rows": dict(self.skipped_rows),
+            "collapse_probe": self.collapse_detector.describe() if self.collapse_detector is not None else None,
         }
 
     @property
@@ -107,6 +109,8 @@ class RunRecordMixin:
             "num_prompts": len(sampler.prompts) if sampler else None,
             "null_prompt": self.adapter.null_prompt,
             "cond_dropout_prob": self.cond_dropout_prob,
+            "seed": self.args.seed,
+            "reconstruction_kwargs": dict(self.args.reconstruction_kwargs or {}),  # what the grid generated with
         }
 
     def run_settings(self) -> dict[str, Any]:
@@ -143,6 +147,9 @@ class RunRecordMixin:
             settings["non-finite steps skipped"] = totals.nonfinite_skipped_steps
         if args.bad_image_policy == "skip":
             settings["bad images skipped"] = self.skipped_summary() or "none"
+        settings.update(final_losses(self.state.log_history))
+        detector = self.collapse_detector
+        settings["collapse detector"] = detector.verdict() if detector is not None else "off"
         grid = next((c for c in self.callback_handler.callbacks if isinstance(c, ReconstructionGridCallback)), None)
         if grid is not None and grid.seconds:
             seconds = sum(grid.seconds.values())
@@ -195,6 +202,25 @@ def _own_parameter_names(model):
         yield
     finally:
         del model.save_pretrained
+
+
+def final_losses(log_history: list[dict[str, Any]]) -> dict[str, str]:
+    """``{"final training loss": "reconstruction 0.41, image_to_text 2.03 (step 300)", "final eval loss": ...}``:
+    the last logged value of each task's loss, training and eval, with the step it was logged at."""
+    lines = {}
+    for label, prefix in (("final training loss", ""), ("final eval loss", "eval_")):
+        last: dict[str, tuple[int, float]] = {}
+        for entry in log_history:
+            for key, value in entry.items():
+                if key.startswith(prefix) and key.endswith("_loss") and key not in (f"{prefix}loss", "train_loss"):
+                    task = key[len(prefix) : -len("_loss")]
+                    if prefix or not key.startswith("eval_"):
+                        last[task] = (entry.get("step", 0), float(value))
+        if last:
+            step = max(step for step, _ in last.values())
+            values = ", ".join(f"{task} {value:.4g}" for task, (_, value) in last.items())
+            lines[label] = f"{values} (step {step})"
+    return lines
 
 
 def _null_prompt_text(null_prompt: str | None) -> str:

@@ -205,9 +205,13 @@ def reconstruct_files(
     views=None,
     batch_size: int = 4,
     seed: int = 0,
+    side_by_side: bool = False,
     **generation,
 ) -> list[Path]:
-    """Reconstructions of image files, written as ``OUT/<file stem>.png``; returns the paths written."""
+    """Reconstructions of image files, written as ``OUT/<file stem>.png`` (with ``side_by_side``: the input's
+    target view on the left, its reconstruction on the right); returns the paths written."""
+    from PIL import Image
+
     from .images import load_image
 
     out = Path(out)
@@ -219,13 +223,19 @@ def reconstruct_files(
     stems = [p.stem for p in paths]
     if len(set(stems)) != len(stems):
         raise ValueError("two images share a file name; their reconstructions would overwrite each other")
+    views = views or adapter.default_views()
     written = []
     for batch_index, start in enumerate(range(0, len(paths), batch_size)):
         batch = paths[start : start + batch_size]
-        results = adapter.reconstruct(
-            [load_image(str(p)) for p in batch], views=views, seed=seed + batch_index, **generation
-        )
-        for path, image in zip(batch, results):
+        inputs = [load_image(str(p)) for p in batch]
+        results = adapter.reconstruct(inputs, views=views, seed=seed + batch_index, **generation)
+        for path, source, image in zip(batch, inputs, results):
+            if side_by_side:
+                shown = views.target_view(source).resize(image.size)
+                pair = Image.new("RGB", (2 * image.width, image.height), "white")
+                pair.paste(shown, (0, 0))
+                pair.paste(image.convert("RGB"), (image.width, 0))
+                image = pair
             target = out / f"{path.stem}.png"
             image.save(target)
             written.append(target)

@@ -163,6 +163,8 @@ class RecATrainer(
             **kwargs,
         )
         apply_cpu_threads(getattr(args, "cpu_threads", "auto"), model, self.args.device)
+        if self.args.dataloader_pin_memory and self.args.device.type == "cpu":
+            self.args.dataloader_pin_memory = False  # pinning only speeds copies to an accelerator; torch warns on CPU
         # Our loss is a mean over the batch: let the Trainer divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         self._init_metering()
@@ -402,8 +404,11 @@ def _has_rows(dataset) -> bool:
     return dataset is not None and hasattr(dataset, "__len__") and len(dataset) > 0
 
 
+LOG_HANDLER = "reca_hf"  # the name of the stderr handler reca_hf's log lines go through
+
+
 def follow_transformers_logging(log_level: str = "passive") -> None:
-    """Make reca_hf's loggers log where transformers' do, and ``log_level`` set reca_hf's level with
+    """Give reca_hf's loggers a stderr handler of their own ("[reca_hf] ..."), and ``log_level`` set reca_hf's level with
     transformers' (``"passive"`` changes no level), so that ``--log_level info`` shows reca_hf's INFO too."""
     from transformers.utils import logging as hf_logging
 
@@ -411,9 +416,11 @@ def follow_transformers_logging(log_level: str = "passive") -> None:
     if log_level != "passive":  # "passive" leaves every level as the user (or a test harness) set it
         hf_logging.set_verbosity(hf_logging.log_levels[log_level])
         library.setLevel(hf_logging.log_levels[log_level])
-    for handler in hf_logging.get_logger("transformers").handlers:
-        if handler not in library.handlers:
-            library.addHandler(handler)
+    if not any(handler.get_name() == LOG_HANDLER for handler in library.handlers):
+        handler = logging.StreamHandler()  # stderr, as transformers' own, but under reca_hf's name
+        handler.set_name(LOG_HANDLER)
+        handler.setFormatter(logging.Formatter("[reca_hf] %(message)s"))
+        library.addHandler(handler)
 
 
 def _as_reca_config(args, model_id: str) -> RecAConfig:

@@ -270,3 +270,29 @@ def test_a_card_written_at_a_checkpoint_says_the_run_had_not_ended(make_args, sh
     finished.train()
     finished.save_model()
     assert json.loads((tmp_path / "run" / "reca_run.json").read_text())["settings"]["steps"] == 2
+
+
+def test_the_card_states_the_final_losses_and_the_detectors_verdict(make_args, shapes, tmp_path):
+    model, processor = tiny_umm("janus")
+    args = make_args(max_steps=4, logging_steps=2, eval_strategy="steps", eval_steps=4, collapse_probe_steps=2,
+                     collapse_probe_images=2, num_reconstruction_images=0)  # fmt: skip
+    trainer = RecATrainer(model, args=args, train_dataset=shapes, eval_dataset=shapes.select(range(4)),
+                          processing_class=processor)  # fmt: skip
+    trainer.train()
+    trainer.save_model()
+    settings = json.loads((tmp_path / "run" / "reca_run.json").read_text())["settings"]
+    last = [log for log in trainer.state.log_history if "reconstruction_loss" in log][-1]
+    assert settings["final training loss"] == f"reconstruction {last['reconstruction_loss']:.4g} (step 4)"
+    assert settings["final eval loss"].startswith("reconstruction ") and settings["final eval loss"].endswith("(step 4)")
+    assert settings["collapse detector"].startswith("did not fire: ")
+    assert "of the predictions followed a swapped-in condition" in settings["collapse detector"]
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "did not fire" in card and "final training loss" in card
+    probe = json.loads((tmp_path / "run" / "reca_run.json").read_text())["collapse_probe"]
+    assert probe["metric"] == "swap_copy_rate" and probe["threshold"] == 0.5 and probe["fired_at_step"] is None
+    assert Image.open(tmp_path / "run" / "collapse_probe.png").format == "PNG"
+    assert "## Collapse probe" in card and "(collapse_probe.png)" in card and "swap_copy_rate: the share" in card
+    assert f'from_pretrained("{tmp_path / "run"}"' in card  # a card not pushed yet: its snippet loads the folder
+    off = RecATrainer(model, args=make_args(max_steps=1, collapse_action="off"), train_dataset=shapes,
+                      processing_class=processor)  # fmt: skip
+    assert off.run_settings()["collapse detector"] == "off"

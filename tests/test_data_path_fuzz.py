@@ -154,7 +154,7 @@ def _tensors(batch):
 @given(drawn=st.lists(st.tuples(image_values(), st.sampled_from(TASKS)), min_size=1, max_size=4))
 def test_skip_always_gives_a_whole_batch_with_its_own_captions(arch, drawn):
     """Under bad_image_policy=skip, any mix of good and bad rows (the dataset ends with one good row) comes out
-    as a batch of exactly one example per row, each bad row replaced by a later good one."""
+    as a batch of exactly one example per row, each bad row replaced by a good one."""
     collator = _skipping_collator(arch)
     drawn = [(value, genuine, task) for (value, genuine), task in drawn if collator.adapter.supports(task)]
     good = {"bytes": _encoded(_picture("RGB", 20, 30, 0)), "path": None}

@@ -207,15 +207,43 @@ def test_skip_replaces_bad_rows_keeping_the_batch_whole_and_aligned(adapter, cap
     rows = [{**train[i], INDEX_KEY: 10 + i} for i in (1, 2)] + [{**i2t[5], INDEX_KEY: 20, TASK_KEY: IMAGE_TO_TEXT}]
     batch = collator(rows)
     assert batch["condition_pixel_values"].shape[0] == 2 and batch["dataset_index"].tolist() == [11, 12]
-    expected = collator([{**train[i], INDEX_KEY: 10 + n} for n, i in ((1, 1), (2, 4))])  # row 2 -> 3 (bad) -> 4
-    torch.testing.assert_close(batch["condition_pixel_values"], expected["condition_pixel_values"])
-    assert batch["instructions"] == expected["instructions"]
+    # Slot 12 (row 2, bad) holds a good row drawn from the others, with slot 12's own instruction.
+    candidates = [collator([{**train[i], INDEX_KEY: 12}]) for i in (0, 1, 4, 5)]
+    matches = [c for c in candidates if torch.equal(c["condition_pixel_values"][0], batch["condition_pixel_values"][1])]
+    assert len(matches) == 1 and matches[0]["instructions"] == batch["instructions"][1:]
+    assert torch.equal(collator(rows)["condition_pixel_values"], batch["condition_pixel_values"])  # reproducible
     i2t_batch = batch[IMAGE_TO_TEXT]
     assert i2t_batch["condition_pixel_values"].shape[0] == 1 and i2t_batch["dataset_index"].tolist() == [20]
     answer = adapter._tokenizer().decode(i2t_batch["input_ids"][0][i2t_batch["labels"][0] != -100])
-    assert answer.startswith("a red circle")  # i2t row 5 is bad: replaced by row 0 with its own caption
-    assert dict(collator.skipped_rows) == {"train": 2, "i2t": 1}
-    assert "train dataset row 3" in caplog.text and "i2t dataset row 5" in caplog.text
+    colours = {_COLOURS[i % 6] for i in range(5)}  # i2t row 5 is bad: the replacement's own caption comes with it
+    assert any(answer.startswith(f"a {colour} circle") for colour in colours)
+    assert collator.skipped_rows["i2t"] == 1 and collator.skipped_rows["train"] in (1, 2)
+    assert "train dataset row 2" in caplog.text and "i2t dataset row 5" in caplog.text
+
+
+def test_bad_rows_are_counted_once_and_replaced_by_rows_drawn_from_all_good_ones(adapter):
+    """7 bad files drawn 25 times each count as 7 bad rows; their replacements spread over the good rows instead
+    of all going to the row after them (which then trained several times as often as the others)."""
+    bad = {i: b"junk" for i in range(10, 17)}
+    train = as_source(_captioned(40, bad=bad), "train", "image")
+    collator = RecACollator(adapter, bad_image_policy="skip", cond_dropout_prob=0.0)
+    collator.add_sources({"train": train})
+    picked = []
+    original = collator._replacement
+
+    def recording(row, error, attempt):
+        replacement = original(row, error, attempt)
+        picked.append(replacement["__reca_row__"])
+        return replacement
+
+    collator._replacement = recording
+    for epoch in range(25):
+        collator.epoch = epoch
+        collator([{**train[i], INDEX_KEY: i} for i in bad])
+    assert dict(collator.skipped_rows) == {"train": 7}
+    good = [row for row in picked if row not in bad]
+    assert len(good) == 25 * 7 and 17 in good
+    assert good.count(17) < 0.1 * len(good) and len(set(good)) > 20  # about 1/33 each, not all on row 17
 
 
 def test_skip_without_a_source_says_how_to_register_one(adapter):

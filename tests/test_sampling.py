@@ -164,3 +164,33 @@ def test_read_prompts_reads_every_format(tmp_path):
         ("a_red_circle", "a red circle"),
     ]
     assert [p.metadata for p in read_prompts(_geneval_prompts(tmp_path), "geneval")] == GENEVAL_LINES
+
+
+def test_reconstruct_of_a_run_uses_its_views_seed_and_grid_settings(make_args, shapes, tmp_path, monkeypatch):
+    """`reca reconstruct RUN` generates as the run's grid did: its seed, its reconstruction_kwargs and its views
+    (fits, condition source); flags still win, and --side_by_side puts the input beside its reconstruction."""
+    model, processor = tiny_umm("janus")
+    args = make_args(max_steps=1, seed=7, reconstruction_kwargs={"guidance_scale": 1.5, "do_sample": False},
+                     target_fit="stretch", num_reconstruction_images=0, collapse_action="off")  # fmt: skip
+    trainer = RecATrainer(model, args=args, train_dataset=shapes, processing_class=processor)
+    trainer.train()
+    trainer.save_model()
+    image = tmp_path / "shape.png"
+    shapes[0]["image"].save(image)
+    calls = []
+    adapter_class = type(trainer.adapter)
+    original = adapter_class.reconstruct
+
+    def recording(self, images, **kwargs):
+        calls.append(kwargs)
+        return original(self, images, **kwargs)
+
+    monkeypatch.setattr(adapter_class, "reconstruct", recording)
+    main(["reconstruct", str(tmp_path / "run"), str(image), "--out", str(tmp_path / "rec"), "--side-by-side"])
+    (call,) = calls
+    assert call["seed"] == 7 and call["guidance_scale"] == 1.5 and call["do_sample"] is False
+    assert call["views"].target_fit == "stretch" and call["views"] == trainer.views
+    assert Image.open(tmp_path / "rec" / "shape.png").size == (64, 32)  # input | reconstruction
+    main(["reconstruct", str(tmp_path / "run"), str(image), "--out", str(tmp_path / "rec2"), "--seed", "3",
+          "--guidance_scale", "1"])  # fmt: skip
+    assert calls[-1]["seed"] == 3 and calls[-1]["guidance_scale"] == 1.0

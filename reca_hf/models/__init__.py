@@ -9,6 +9,8 @@ from importlib import import_module
 _EXPORTS = {
     "HarmonConfig": "harmon",
     "HarmonModel": "harmon",
+    "BagelConfig": "bagel",
+    "BagelModel": "bagel",
     "OpenUniConfig": "openuni",
     "OpenUniModel": "openuni",
     "MagvitV2": "showo",

@@ -1,14 +1,22 @@
-"""Show-o (Phi-1.5 over MAGVIT-v2 codes, masked-token image generation; VQ and CLIP variants)."""
+"""Show-o (Phi-1.5 over MAGVIT-v2 codes, masked-token image generation; VQ and CLIP variants).
 
-from transformers import AutoConfig, AutoModel
+The configs and models load on first use (``reca_hf.models.showo.ShowoModel``), so that registering the adapter
+(:mod:`.adapter`) imports no model code; importing them registers ``model_type`` "showo" and "showo_magvitv2"
+with the Auto classes.
+"""
 
-from .configuration_showo import MagvitV2Config, ShowoConfig
-from .magvit import MagvitV2
-from .modeling_showo import ShowoModel
+from importlib import import_module
 
-# So a saved folder's `model_type` ("showo", "showo_magvitv2") resolves through the Auto classes once imported.
-for _config, _model in ((ShowoConfig, ShowoModel), (MagvitV2Config, MagvitV2)):
-    AutoConfig.register(_config.model_type, _config, exist_ok=True)
-    AutoModel.register(_config, _model, exist_ok=True)
+_EXPORTS = {
+    "MagvitV2": "magvit",
+    "MagvitV2Config": "configuration_showo",
+    "ShowoConfig": "configuration_showo",
+    "ShowoModel": "modeling_showo",
+}
+__all__ = list(_EXPORTS)
 
-__all__ = ["MagvitV2", "MagvitV2Config", "ShowoConfig", "ShowoModel"]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -8,7 +8,7 @@ MAGVIT-v2 codes and one mask token (58,498 in all).
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig
+from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.clip import CLIPVisionConfig
 from transformers.models.phi import PhiConfig
@@ -200,3 +200,8 @@ class ShowoConfig(PreTrainedConfig):
     def image_size(self) -> int:
         """The generation side in pixels."""
         return round(self.num_vq_tokens**0.5) * self.vq_config.stride
+
+
+# A saved folder's `model_type` resolves through the Auto classes once this module is imported.
+AutoConfig.register(ShowoConfig.model_type, ShowoConfig, exist_ok=True)
+AutoConfig.register(MagvitV2Config.model_type, MagvitV2Config, exist_ok=True)

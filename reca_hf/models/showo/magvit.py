@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoModel, PreTrainedModel
 from transformers import initialization as init
 
 from .configuration_showo import MagvitV2Config
@@ -282,3 +282,6 @@ class MagvitV2(PreTrainedModel):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The codes of ``pixel_values`` (as `encode`)."""
         return self.encode(pixel_values)
+
+
+AutoModel.register(MagvitV2Config, MagvitV2, exist_ok=True)  # `AutoModel.from_pretrained` of a MAGVIT-v2 folder

@@ -20,7 +20,7 @@ import math
 
 import torch
 from torch import nn
-from transformers import CLIPVisionModel, PhiForCausalLM, PreTrainedModel
+from transformers import AutoModel, CLIPVisionModel, PhiForCausalLM, PreTrainedModel
 from transformers import initialization as init
 
 from .configuration_showo import ShowoConfig
@@ -203,3 +203,6 @@ def _mask_by_random_topk(
     confidence = _log(probs) + temperature * -_log(-_log(uniform))
     cut_off = torch.gather(torch.sort(confidence, dim=-1).values, 1, mask_len.long())
     return confidence < cut_off
+
+
+AutoModel.register(ShowoConfig, ShowoModel, exist_ok=True)  # `AutoModel.from_pretrained` of a Show-o folder
