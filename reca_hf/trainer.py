@@ -24,7 +24,7 @@ from .collator import SKIPPED_KEY, RecACollator
 from .config import RecAConfig
 from .data import ROW_KEY, SOURCE_KEY
 from .factory import load_model_and_processor, processor_of
-from .freeze import apply_freeze, format_table, parameter_table
+from .freeze import apply_freeze, format_table, matches, parameter_table
 from .frozen_cache import FrozenCacheMixin, FrozenFeatureCache
 from .hub import HubPushError, HubResilienceMixin
 from .images import ViewSpec
@@ -137,6 +137,10 @@ class RecATrainer(
             self.views = data_collator.views
         data = prepare_datasets(self.adapter, args, train_dataset, eval_dataset, i2t_dataset, t2i_dataset)
         self.task_ratios, self.task_weights = data.task_ratios, data.task_weights
+        if args.ddp_find_unused_parameters is None and sum(r > 0 for r in self.task_ratios.values()) > 1:
+            # A micro-batch may hold one task's rows only, leaving the other tasks' modules without a gradient, which
+            # DDP refuses unless it looks for unused parameters (transformers turns that off under checkpointing).
+            args.ddp_find_unused_parameters = True
         self._train_source = data.sources.get("train")  # the rows the frozen-tower cache is keyed by
         self.frozen_cache: FrozenFeatureCache | None = None
         if is_reca_collator:  # where bad_image_policy="skip" finds replacement rows
@@ -254,6 +258,13 @@ class RecATrainer(
         if self._signature_columns is None:
             self._signature_columns = [*dict.fromkeys(self.args.image_columns.values()), self.args.caption_column,
                                        INDEX_KEY, TASK_KEY, SOURCE_KEY, ROW_KEY]  # fmt: skip
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        """transformers' rule (no decay on biases and norm weights), less the adapter's ``no_weight_decay`` modules."""
+        names = super().get_decay_parameter_names(model)
+        if not self.adapter.no_weight_decay:
+            return names
+        return [n for n in names if not matches(n.removeprefix("base_model.model."), self.adapter.no_weight_decay)]
 
     def _get_dataloader(self, dataset, *args, **kwargs):
         return super()._get_dataloader(indexed(dataset), *args, **kwargs)  # also a dataset given to evaluate()

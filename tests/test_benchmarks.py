@@ -1,8 +1,9 @@
-"""The throughput benchmarks run: gpu_step.py's tiny CPU check and its refusal without a GPU, and
-trainer_overhead.py at its smallest."""
+"""The benchmarks run: gpu_step.py's tiny CPU check and its refusal without a GPU, trainer_overhead.py and
+harmon_derived.py at their smallest."""
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -47,3 +48,9 @@ def test_janus_pro_shapes_have_the_public_sizes():
 def test_trainer_overhead_runs(tmp_path):
     result = _load("trainer_overhead").main(["--steps", "1", "--out", str(tmp_path)])
     assert result["ratio"] > 0 and (tmp_path / "trainer_overhead.md").exists()
+
+
+def test_harmon_derived_runs_at_its_smallest():
+    (row,) = _load("harmon_derived").main(["--steps", "2", "--train-images", "16", "--held-out", "2",
+                                           "--batch-size", "4", "--settings", "half_res"])  # fmt: skip
+    assert row["condition px"] == 32 and math.isfinite(row["condition_gain"]) and row["last loss"] > 0

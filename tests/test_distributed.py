@@ -214,3 +214,33 @@ def test_the_probes_and_the_grid_run_on_an_fsdp2_sharded_model_on_every_rank(tmp
         assert result["left_whole"] == [], arch
         assert result["losses"][1] == pytest.approx(result["losses"][0], rel=1e-6) and result["same_gradients"], arch
     assert set(ranks[0]["janus"]["sharded"]) == {"loss_probe", "token_probe", "grid"}
+
+
+def test_a_run_of_several_tasks_lets_ddp_find_unused_parameters(make_args, shapes):
+    """A micro-batch may hold one task's rows only; DDP then needs to look for the other tasks' unused parameters
+    (transformers leaves that off under gradient checkpointing). A user's explicit setting stays."""
+    from reca_hf import RecATrainer
+    from reca_hf.testing import tiny_umm
+
+    for setting, expected in ((None, True), (False, False)):
+        model, processor = tiny_umm("harmon")
+        args = make_args(task_ratios={"reconstruction": 1, "image_to_text": 1}, ddp_find_unused_parameters=setting,
+                         collapse_action="off")  # fmt: skip
+        trainer = RecATrainer(model, args=args, train_dataset=shapes, i2t_dataset=shapes, processing_class=processor)
+        assert trainer.args.ddp_find_unused_parameters is expected
+    model, processor = tiny_umm("harmon")
+    alone = RecATrainer(model, args=make_args(collapse_action="off"), train_dataset=shapes, processing_class=processor)
+    assert alone.args.ddp_find_unused_parameters is None  # one task: transformers decides
+
+
+@pytest.mark.slow
+def test_two_process_ddp_trains_micro_batches_of_one_task(tmp_path):
+    """Harmon's tiny demo on 2 processes, one sample per micro-batch (so each holds one task: an image-to-text one
+    leaves the MAR decoder and diffusion head without a gradient) under activation checkpointing."""
+    run = _reca(tmp_path, "train", str(ROOT / "recipes" / "harmon" / "tiny_demo.yaml"), "--accelerate_config",
+                "multi_cpu", "--num_processes", "2", "--main_process_port", "0", *SHORT_RUN, "--eval_strategy", "no",
+                "--per_device_train_batch_size", "1", "--activation_checkpointing", "true",
+                "--activation_checkpointing_kwargs", '{"use_reentrant": false}', "--output_dir", "out")  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    assert [log["step"] for log in history if "loss" in log] == [1, 2, 3, 4]

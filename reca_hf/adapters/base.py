@@ -89,6 +89,9 @@ class UMMAdapter(ABC):
     lora_llm_targets: ClassVar[tuple[str, ...]] = ()  # the shared LLM's attention and MLP projections
     understanding_entry: ClassVar[str | None] = None  # module whose forward() is the text path (LoRA scoping)
     lora_modules_to_save: ClassVar[tuple[str, ...]] = ()  # trainable non-Linear parts saved with a LoRA adapter
+    # Modules (full regular expressions on dotted name prefixes) trained without weight decay, beyond transformers'
+    # rule (biases and norm weights), e.g. Harmon's diffusion head as its authors' optimizer constructor.
+    no_weight_decay: ClassVar[tuple[str, ...]] = ()
     default_instruction: ClassVar[str] = "Describe the image in detail."  # reconstruct()'s instruction
     default_guidance_scale: ClassVar[float] = 1.0  # reconstruct()'s classifier-free guidance
     text_to_image_guidance_scale: ClassVar[float | None] = None  # text_to_image()'s (None: default_guidance_scale)
