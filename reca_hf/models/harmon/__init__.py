@@ -1,12 +1,16 @@
-"""Harmon (Qwen2.5 shared by understanding and generation, a MAR encoder-decoder, a per-token diffusion head)."""
+"""Harmon (Qwen2.5 shared by understanding and generation, a MAR encoder-decoder, a per-token diffusion head).
 
-from transformers import AutoConfig, AutoModel
+The config and model load on first use (``reca_hf.models.harmon.HarmonModel``), so that registering the adapter
+(:mod:`.adapter`) imports no model code; importing them registers ``model_type: "harmon"`` with the Auto classes.
+"""
 
-from .configuration_harmon import HarmonConfig
-from .modeling_harmon import HarmonModel
+from importlib import import_module
 
-# So a saved folder's `model_type: "harmon"` resolves through the Auto classes once this package is imported.
-AutoConfig.register(HarmonConfig.model_type, HarmonConfig, exist_ok=True)
-AutoModel.register(HarmonConfig, HarmonModel, exist_ok=True)
+_EXPORTS = {"HarmonConfig": "configuration_harmon", "HarmonModel": "modeling_harmon"}
+__all__ = list(_EXPORTS)
 
-__all__ = ["HarmonConfig", "HarmonModel"]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -8,7 +8,7 @@ so this module imports no diffusers. The MAR fields keep the names of the author
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig
+from transformers import AutoConfig, PreTrainedConfig
 from transformers.models.qwen2 import Qwen2Config
 
 # The MAR "kl16" autoencoder of the authors' configs (`AutoencoderKL(embed_dim=16, ch_mult=(1, 1, 2, 2, 4))`, the
@@ -178,3 +178,7 @@ class HarmonConfig(PreTrainedConfig):
     def harmon_1_5b(cls, **kwargs) -> HarmonConfig:
         """Harmon-1.5B: Qwen2.5-1.5B-Instruct with MAR-H and the kl16 VAE."""
         return cls(llm_config=dict(QWEN25_1_5B), **(MAR_HUGE | kwargs))
+
+
+# A saved folder's `model_type: "harmon"` resolves through the Auto classes once this module is imported.
+AutoConfig.register(HarmonConfig.model_type, HarmonConfig, exist_ok=True)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel, Qwen2ForCausalLM
+from transformers import AutoModel, PreTrainedModel, Qwen2ForCausalLM
 from transformers import initialization as init
 
 from .configuration_harmon import HarmonConfig
@@ -493,3 +493,6 @@ def _stack_prompts(ids, mask, negative_ids, negative_mask, pad_id) -> tuple[torc
 
     pad_id = 0 if pad_id is None else pad_id
     return torch.cat([pad(ids, pad_id), pad(negative_ids, pad_id)]), torch.cat([pad(mask, 0), pad(negative_mask, 0)])
+
+
+AutoModel.register(HarmonConfig, HarmonModel, exist_ok=True)  # `AutoModel.from_pretrained` of a Harmon folder
