@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import sys
 import time
 
 import torch
@@ -407,6 +408,19 @@ def _has_rows(dataset) -> bool:
 LOG_HANDLER = "reca_hf"  # the name of the stderr handler reca_hf's log lines go through
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler writing to ``sys.stderr`` as it is when a line is logged (so a redirection made after
+    set-up, a notebook's or a test's capture, is followed)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the current sys.stderr is always used
+        pass
+
+
 def follow_transformers_logging(log_level: str = "passive") -> None:
     """Give reca_hf's loggers a stderr handler of their own ("[reca_hf] ..."), and ``log_level`` set reca_hf's level with
     transformers' (``"passive"`` changes no level), so that ``--log_level info`` shows reca_hf's INFO too."""
@@ -417,7 +431,7 @@ def follow_transformers_logging(log_level: str = "passive") -> None:
         hf_logging.set_verbosity(hf_logging.log_levels[log_level])
         library.setLevel(hf_logging.log_levels[log_level])
     if not any(handler.get_name() == LOG_HANDLER for handler in library.handlers):
-        handler = logging.StreamHandler()  # stderr, as transformers' own, but under reca_hf's name
+        handler = _StderrHandler()  # stderr, as transformers' own, but under reca_hf's name
         handler.set_name(LOG_HANDLER)
         handler.setFormatter(logging.Formatter("[reca_hf] %(message)s"))
         library.addHandler(handler)
