@@ -434,6 +434,29 @@ def loss_axis_label(generation_target: str | None, series: list[str]) -> str:
     return name
 
 
+@contextlib.contextmanager
+def _step_plot(path: str | Path, title: str, ylabel: str, height: float):
+    """A figure of something against the step, saved as ``path`` (a PNG) when the block ends; yields its axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; before pyplot is imported anywhere in this process
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, height), dpi=100)
+    try:
+        yield axes
+        axes.set_xlabel("step")
+        axes.set_ylabel(ylabel, fontsize=8)
+        axes.set_title(title)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+        figure.tight_layout()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path)
+    finally:
+        plt.close(figure)
+
+
 def write_loss_plot(
     log_history: list[dict[str, Any]], path: str | Path, generation_target: str | None = None
 ) -> Path | None:
@@ -442,18 +465,12 @@ def write_loss_plot(
     series = loss_series(log_history)
     if not series:
         return None
-    import matplotlib
 
-    matplotlib.use("Agg")  # no display; before pyplot is imported anywhere in this process
-    import matplotlib.pyplot as plt
+    def order(name: str) -> tuple:  # reconstruction first, the total after the task losses, eval last
+        task = name.removeprefix("eval_")
+        return (name.startswith("eval_"), task != "reconstruction_loss", task == "loss", name)
 
-    figure, axes = plt.subplots(figsize=(6.4, 3.6), dpi=100)
-    try:
-
-        def order(name: str) -> tuple:  # reconstruction first, the total after the task losses, eval last
-            task = name.removeprefix("eval_")
-            return (name.startswith("eval_"), task != "reconstruction_loss", task == "loss", name)
-
+    with _step_plot(path, "RecA training loss", loss_axis_label(generation_target, list(series)), 3.6) as axes:
         for name in sorted(series, key=order):
             steps, values = zip(*series[name], strict=True)
             style = {"linestyle": "--", "marker": "o", "markersize": 3} if name.startswith("eval_") else {}
@@ -465,18 +482,7 @@ def write_loss_plot(
         bad = sorted({step for points in series.values() for step, value in points if not math.isfinite(value)})
         for index, step in enumerate(bad):
             axes.axvline(step, color="red", alpha=0.5, linewidth=1.0, label="non-finite loss" if index == 0 else None)
-        axes.set_xlabel("step")
-        axes.set_ylabel(loss_axis_label(generation_target, list(series)), fontsize=8)
-        axes.set_title("RecA training loss")
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=8)
-        figure.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path)
-    finally:
-        plt.close(figure)
-    return path
+    return Path(path)
 
 
 def write_probe_plot(log_history: list[dict[str, Any]], path: str | Path, probe: dict[str, Any]) -> Path | None:
@@ -486,32 +492,15 @@ def write_probe_plot(log_history: list[dict[str, Any]], path: str | Path, probe:
     points = [(entry["step"], float(entry[metric])) for entry in log_history if metric in entry and "step" in entry]
     if not points:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6.4, 3.0), dpi=100)
-    try:
-        steps, values = zip(*points, strict=True)
+    steps, values = zip(*points, strict=True)
+    with _step_plot(path, "Collapse probe", metric, 3.0) as axes:
         axes.plot(steps, values, marker="o", markersize=3, linewidth=1.4, label=metric)
         axes.axhline(probe["threshold"], color="red", linestyle="--", linewidth=1.0,
                      label=f"copying at {probe['threshold']:g} (with a collapsing loss)")  # fmt: skip
         if probe.get("fired_at_step") is not None:
             axes.axvline(probe["fired_at_step"], color="red", alpha=0.5, label="detector fired")
-        axes.set_xlabel("step")
-        axes.set_ylabel(metric)
         axes.set_ylim(min(0.0, min(values)) - 0.05, max(1.0, max(values)) + 0.05)
-        axes.set_title("Collapse probe")
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=8)
-        figure.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path)
-    finally:
-        plt.close(figure)
-    return path
+    return Path(path)
 
 
 def read_log_history(output_dir: str | Path) -> list[dict[str, Any]] | None:
