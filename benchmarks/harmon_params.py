@@ -16,10 +16,15 @@ size (img_size 256 / stride 16) and diffusion heads are the authors' `configs/mo
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
-from reca_hf.models.harmon import HarmonConfig, HarmonModel
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from param_table import table  # noqa: E402
+
+from reca_hf.models.harmon import HarmonConfig, HarmonModel  # noqa: E402
 
 CONFIGS = {"Harmon-0.5B": HarmonConfig.harmon_0_5b, "Harmon-1.5B": HarmonConfig.harmon_1_5b}
 
@@ -52,15 +57,6 @@ def module_counts(model: HarmonModel) -> dict[str, int]:
     return counts
 
 
-def table(all_counts: dict[str, dict[str, int]]) -> str:
-    names = list(all_counts)
-    lines = ["| part | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for row in next(iter(all_counts.values())):
-        cells = [f"{all_counts[n][row]:,} ({all_counts[n][row] / 1e6:.1f}M)" for n in names]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", help="also write the Markdown table to this file")
@@ -73,7 +69,7 @@ def main() -> None:
     text = (
         "# Harmon parameter counts (meta device, `python benchmarks/harmon_params.py`)\n\n"
         "Configs from the authors' model configs and Qwen2.5's published ones (sources in the script's docstring). "
-        "Not checked against downloaded weights.\n\n" + table(all_counts) + "\n"
+        "Not checked against downloaded weights.\n\n" + table(all_counts, "part") + "\n"
     )
     print(text)
     if args.output:

@@ -28,10 +28,15 @@ Where each number comes from (nothing here was read from a downloaded config; th
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
-from reca_hf.models.openuni import OpenUniConfig, OpenUniModel
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from param_table import table  # noqa: E402
+
+from reca_hf.models.openuni import OpenUniConfig, OpenUniModel  # noqa: E402
 
 _VISION = {"attention_bias": True}  # InternVLVisionConfig defaults are InternViT-300M-448px's
 _VOCAB = 151_674
@@ -122,15 +127,6 @@ def module_counts(model: OpenUniModel) -> dict[str, int]:
     counts["total without the DC-AE"] = counts["total"] - counts["vae (DC-AE)"]
     counts["total without the DC-AE, LM head tied"] = counts["total without the DC-AE"] - counts["lmm.lm_head"]
     return counts
-
-
-def table(all_counts: dict[str, dict[str, int]]) -> str:
-    names = list(all_counts)
-    lines = ["| module | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for row in next(iter(all_counts.values())):
-        cells = [f"{all_counts[n][row]:,} ({all_counts[n][row] / 1e6:.1f}M)" for n in names]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def main() -> None:

@@ -24,10 +24,15 @@ RecA (MAGVIT-v2 and CLIP are frozen).
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
-from reca_hf.models.showo import ShowoConfig, ShowoModel
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from param_table import table  # noqa: E402
+
+from reca_hf.models.showo import ShowoConfig, ShowoModel  # noqa: E402
 
 CONFIGS = {
     "show-o (VQ, 256 / 512 px)": ShowoConfig(),
@@ -50,15 +55,6 @@ def module_counts(model: ShowoModel) -> dict[str, int]:
     counts["total"] = sum(p.numel() for p in model.parameters())
     counts["trained in RecA (Phi + projector)"] = sum(p.numel() for p in phi.parameters()) + counts["mm_projector"]
     return counts
-
-
-def table(all_counts: dict[str, dict[str, int]]) -> str:
-    names = list(all_counts)
-    lines = ["| module | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for row in next(iter(all_counts.values())):
-        cells = [f"{all_counts[n][row]:,} ({all_counts[n][row] / 1e6:.1f}M)" for n in names]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def main() -> None:
