@@ -21,7 +21,7 @@ from .adapters.helpers import cached_key, eval_mode
 from .adapters.targets import LossNoise
 from .config import COLLAPSE_ACTIONS, MAX_GRID_IMAGES
 from .data import synthetic_shapes, undecoded
-from .images import BadImageError, ViewSpec, load_image, source_file, view_image
+from .images import BadImageError, ViewSpec, decode_image, load_image, view_image
 from .sharding import from_rank_zero
 
 ShardedForward = Callable[[Callable[[torch.nn.Module], Any]], Any]  # runs function(model) on every rank together
@@ -146,16 +146,12 @@ def first_good_images(dataset, column: str, count: int, name: str, args) -> list
     for number, row in enumerate(rows):
         if len(images) == count:
             break
-        value = row[column]
         try:
-            images.append(load_image(value, args.max_image_pixels))
-        except Exception as error:  # noqa: BLE001 - any decoding failure is a bad image
-            file = source_file(value)
-            problem = (f"{name} dataset row {number}: column {column!r}{f' (file {file})' if file else ''} could not be "
-                       f"decoded as an image ({type(error).__name__}: {error})")  # fmt: skip
+            images.append(decode_image(row[column], f"{name} dataset row {number}", column, args.max_image_pixels))
+        except BadImageError as error:
             if args.bad_image_policy != "skip":
-                raise BadImageError(f"{problem}; fix or remove that row, or set bad_image_policy: skip", file) from error
-            logger.warning("Skipped a bad image for the reconstruction grid and the probe: %s", problem)
+                raise
+            logger.warning("Skipped a bad image for the reconstruction grid and the probe: %s", error)
     return images
 
 

@@ -18,9 +18,8 @@ from .images import (
     DEFAULT_MAX_IMAGE_PIXELS,
     BadImageError,
     ViewSpec,
-    load_image,
+    decode_image,
     resolve_views,
-    source_file,
 )
 from .prompts import PromptSampler, load_prompts
 from .tasks import (
@@ -205,17 +204,7 @@ class RecACollator:
                 f"{sorted(k for k in example if not k.startswith('__reca'))}); "
                 f"set {field} to the column that holds the images"
             )
-        value = example[column]
-        try:
-            return load_image(value, self.max_image_pixels, draft, fit)
-        except Exception as error:
-            file = source_file(value)
-            where = f" (file {file})" if file else ""
-            raise BadImageError(
-                f"{_row_name(example, index)}: column {column!r}{where} could not be decoded as an image "
-                f"({type(error).__name__}: {error}); fix or remove that row, or set bad_image_policy: skip",
-                file,
-            ) from error
+        return decode_image(example[column], _row_name(example, index), column, self.max_image_pixels, draft, fit)
 
     def _decoded(self, examples: list[dict[str, Any]], draft: int, fit: str) -> tuple[list[dict[str, Any]], list]:
         """``(rows, images)``: each row with its decoded image; under ``skip``, bad rows replaced (see class doc)."""

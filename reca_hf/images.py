@@ -140,6 +140,27 @@ def load_image(
     return to_rgb(ImageOps.exif_transpose(image))
 
 
+def decode_image(
+    value: Any,
+    where: str,
+    column: str,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    draft: int | None = None,
+    fit: str = "pad",
+) -> Image.Image:
+    """:func:`load_image`, any failure raised as a :class:`BadImageError` naming ``where`` (the dataset and row),
+    the column and the file, with the fix."""
+    try:
+        return load_image(value, max_pixels, draft, fit)
+    except Exception as error:
+        file = source_file(value)
+        raise BadImageError(
+            f"{where}: column {column!r}{f' (file {file})' if file else ''} could not be decoded as an image "
+            f"({type(error).__name__}: {error}); fix or remove that row, or set bad_image_policy: skip",
+            file,
+        ) from error
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB; transparency is composited on white, high bit depths are rescaled."""
     if image.mode == "RGB":
