@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .callbacks import StreamPosition
 from .config import RESUME_LATEST
+from .hub import ADAPTER_FILES, MODEL_FILES
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +74,7 @@ class ResumeMixin:
         return epochs, batches
 
 
-CHECKPOINT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                      "pytorch_model.bin.index.json", "adapter_model.safetensors")  # fmt: skip
+CHECKPOINT_WEIGHTS = (*MODEL_FILES, ADAPTER_FILES[0])  # a full model's weights, or a LoRA adapter's
 
 
 def last_complete_checkpoint(output_dir: str | Path) -> str | None:
