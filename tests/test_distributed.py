@@ -27,8 +27,8 @@ SHORT_RUN = ["--max_steps", "4", "--logging_steps", "1", "--warmup_steps", "0", 
 # each process averaged over its own caption tokens and the gaps were 4.7e-5 (image_to_text_loss), 2.5e-5 (loss),
 # 6.0e-7 (reconstruction_loss) and 1.8e-2 (grad_norm).
 RTOL = {"reconstruction_loss": 1e-6, "loss": 1e-6, "image_to_text_loss": 1e-6, "grad_norm": 1e-5}
-SHIPPED = {"multi_gpu": "MULTI_GPU", "multi_cpu": "MULTI_GPU", "fsdp2": "FSDP", "zero2": "DEEPSPEED",
-           "zero3": "DEEPSPEED"}  # fmt: skip
+SHIPPED = {"multi_gpu": "MULTI_GPU", "multi_cpu": "MULTI_GPU", "fsdp2": "FSDP", "fsdp2_bagel": "FSDP",
+           "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
@@ -37,6 +37,22 @@ def test_shipped_accelerate_configs_load_and_leave_precision_to_the_recipe(name)
     assert config.distributed_type == SHIPPED[name]
     assert config.mixed_precision == "no"  # bf16 / fp16 come from the recipe, not from the launch
     assert config.use_cpu == (name == "multi_cpu")
+
+
+def test_the_bagel_fsdp2_config_wraps_classes_the_model_has():
+    """The wrap units are classes BagelModel has (a renamed class would make accelerate fail at launch), named
+    explicitly: the default (the model's ``_no_split_modules``, which transformers also collects from the diffusers
+    VAE) would wrap every VAE ResNet block as well."""
+    from reca_hf.models.bagel import BagelModel
+    from reca_hf.models.bagel.tiny import build_tiny_bagel
+
+    config = load_config_from_file(str(cli.accelerate_config_path("fsdp2_bagel"))).fsdp_config
+    assert config["fsdp_version"] == 2 and config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    wrapped = set(config["fsdp_transformer_layer_cls_to_wrap"].split(","))
+    model, _ = build_tiny_bagel()
+    assert isinstance(model, BagelModel)
+    assert wrapped == {"BagelMoTDecoderLayer", "SiglipEncoderLayer"}
+    assert wrapped <= {type(m).__name__ for m in model.modules()} and wrapped < set(model._no_split_modules)
 
 
 def test_accelerate_config_is_a_shipped_name_or_a_path(tmp_path):
