@@ -161,6 +161,10 @@ class RecAConfig(TrainingArguments):
             square a random-crop target would take) or 'keep' (the aspect kept, the long side at most
             condition_resolution). 'auto' follows the model's understanding processor (the adapter's condition_fit:
             'pad' for Janus, 'stretch' for OpenUni, 'keep' for BAGEL).
+        group_by_aspect (`bool`, *optional*, defaults to `False`):
+            Batch training images of similar aspect ratio together (a map-style train set; the sizes come from the
+            image headers, read once at the start): with a 'keep' fit every image has its own size, and a batch of a
+            tall and a wide image pads both to the larger height and width.
         condition_source (`str`, *optional*, defaults to `"auto"`):
             Where the condition view's pixels come from: 'image' (the source image, resized by PIL bicubic with
             antialiasing in 8 bit, the way an understanding processor resizes a picture), 'target' (the target
@@ -539,6 +543,14 @@ class RecAConfig(TrainingArguments):
                 "condition_fit: 'pad' for Janus, 'stretch' for OpenUni, 'keep' for BAGEL)."
             ),
             "choices": [AUTO, *FITS],
+        },
+    )
+    group_by_aspect: bool = field(
+        default=False,
+        metadata={
+            "help": "Batch training images of similar aspect ratio together (a map-style train set; the sizes come "
+            "from the image headers, read once at the start): with a 'keep' fit every image has its own size, and a "
+            "batch of a tall and a wide image pads both to the larger height and width."
         },
     )
     condition_source: str = field(
