@@ -1,6 +1,9 @@
 """The ``keep`` fit: each image keeps its aspect ratio inside its view's bounds (BAGEL's sizes), the views of one
 batch differ in size, and adapters that stack their views refuse it."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -98,3 +101,21 @@ def test_the_grid_letterboxes_images_that_are_not_square():
     assert grid.size == (20, 34)
     assert grid.getpixel((10, 14 + 2)) == (255, 255, 255)  # above the letterboxed image: the white background
     assert grid.getpixel((10, 14 + 10)) == (255, 0, 0)
+
+
+KEEP_GOLDEN = json.loads((Path(__file__).parent / "golden" / "bagel_keep_sizes.json").read_text())
+
+
+def test_keep_sizes_are_the_authors_code():
+    """The sizes their own transform class gives (golden note), through each BAGEL adapter's bounds: the real
+    configuration's (VAE target 1024, ViT 224) and the tiny model's (32, 112)."""
+    from reca_hf.models.bagel import BagelConfig
+    from reca_hf.models.bagel.adapter import BagelAdapter
+
+    real = BagelAdapter(BagelConfig())
+    tiny = get_adapter(*tiny_umm("bagel"))
+    cases = {"vae_1024": (1024, real.target_keep), "vit_224": (224, real.condition_keep),
+             "tiny_vae_32": (32, tiny.target_keep), "tiny_vit_112": (112, tiny.condition_keep)}  # fmt: skip
+    for name, (resolution, bounds) in cases.items():
+        for width, height, *expected in KEEP_GOLDEN[name]:
+            assert keep_size(width, height, resolution, bounds) == tuple(expected), (name, width, height)
