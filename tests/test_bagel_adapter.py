@@ -2,6 +2,7 @@
 the authors' view sizes, timesteps, and the global token count of a multi-process step."""
 
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 
 from reca_hf.adapters import LossNoise, get_adapter
+from reca_hf.callbacks import condition_swap_loss, image_grid
 from reca_hf.freeze import apply_freeze, matches
 from reca_hf.metering import TaskMeteringMixin
 from reca_hf.models.bagel import BagelConfig
@@ -139,3 +141,18 @@ def test_several_processes_divide_by_the_global_token_count():
         trained.append(local_losses[rank] * share * factor)
     global_mean = (local_losses[0] * 56 + local_losses[1] * 32) / 88
     assert (sum(trained) / 2).item() == pytest.approx(global_mean.item(), rel=1e-6)
+
+
+def test_the_probe_and_the_grid_take_images_of_different_shapes():
+    """The condition-swap probe swaps conditions of different sizes between samples; reconstructions keep each
+    condition's aspect at the target bounds, and the grid letterboxes them."""
+    model, tokenizer = build_tiny_bagel(seed=0)
+    adapter = get_adapter(model, tokenizer)
+    views = adapter.default_views()
+    images = [Image.effect_noise(size, 50).convert("RGB") for size in ((96, 48), (40, 80), (64, 64))]
+    reading = condition_swap_loss(adapter, model, images, views)
+    assert all(math.isfinite(value) for value in reading.values())
+    adapter.num_inference_steps = 2
+    reconstructions = adapter.reconstruct(images, seed=0)
+    assert [image.size for image in reconstructions] == [(32, 16), (16, 32), (32, 32)]
+    assert image_grid({"input": [views.target_view(i) for i in images], "step 0": reconstructions}).size == (192, 302)
