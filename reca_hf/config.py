@@ -1032,6 +1032,11 @@ class RecAConfig(TrainingArguments):
                 f"max_steps={self.max_steps!r}: dataset_streaming needs max_steps (a positive number of optimizer "
                 "steps), since a stream has no length to count epochs in; set max_steps, or dataset_streaming: false."
             )
+        if self.group_by_aspect and self.dataset_streaming:
+            errors.append(
+                "group_by_aspect=True: it reads every training image's size before the first step, and a streamed "
+                "dataset (dataset_streaming: true) is read in its own order; set one of them to false."
+            )
         if self.max_train_samples is not None and self.max_train_samples < 1:
             errors.append(f"max_train_samples={self.max_train_samples!r}: use a positive integer or leave it unset.")
         errors += self._lora_errors()

@@ -71,3 +71,8 @@ def test_a_bagel_run_on_images_of_many_shapes_groups_them_by_aspect(make_args):
     assert all(
         np.isfinite(log["reconstruction_loss"]) for log in trainer.state.log_history if "reconstruction_loss" in log
     )
+
+
+def test_group_by_aspect_refuses_a_stream_by_name(make_args):
+    with pytest.raises(ValueError, match=r"group_by_aspect=True: .*\(dataset_streaming: true\)"):
+        make_args(group_by_aspect=True, dataset_streaming=True)
