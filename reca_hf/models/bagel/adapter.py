@@ -100,7 +100,7 @@ class BagelAdapter(UMMAdapter):
         patch = int(config.vit_config.patch_size)
         # The authors' bounds: targets short side >= half the long-side bound, in VAE-token strides; conditions
         # with max = min (long side at the resolution), in ViT patches.
-        self.target_keep = KeepBounds(config.latent_downsample, 0.5, _AUTHORS_MAX_PIXELS)
+        self.target_keep = KeepBounds(int(config.latent_downsample), 0.5, _AUTHORS_MAX_PIXELS)
         self.condition_keep = KeepBounds(patch, 1.0, _AUTHORS_MAX_PIXELS)
 
     # ---- what this model's config says ----
@@ -182,6 +182,8 @@ class BagelAdapter(UMMAdapter):
         its own tokens times its share of the batch's tokens times the batch size, so that their mean is the
         ``"mean"`` loss (each sample weighs as its tokens do). ``noise`` fixes the VAE posterior draw, the timesteps
         (``noise.timesteps`` as the final ``t``) and the flow noise, drawn in that order from its generator."""
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction={reduction!r}: choose 'mean' or 'none'")
         bagel = unwrap_model(model)
         device, dtype = bagel.device, bagel.dtype
         generator = noise.generator(device) if noise is not None else None
@@ -192,12 +194,10 @@ class BagelAdapter(UMMAdapter):
         timestep_logits = self.timestep_logits(levels) if levels is not None else None
         out = bagel.flow_loss(
             batch["prompt_ids"], conditions, latents, timestep_logits=timestep_logits, generator=generator,
-            reduction="none" if reduction == "none" else "mean",
+            reduction=reduction,
         )  # fmt: skip
         if reduction == "mean":
             return out.loss
-        if reduction != "none":
-            raise ValueError(f"reduction={reduction!r}: choose 'mean' or 'none'")
         counts = out.tokens_per_sample.to(out.loss)
         return out.loss * counts * (len(counts) / counts.sum())
 
@@ -206,7 +206,7 @@ class BagelAdapter(UMMAdapter):
         return bagel.generate_latents(
             context, grid,
             cfg_text_context=cfg_text_context if guided else None,
-            cfg_img_context=cfg_img_context if guided and cfg_img_context is not None else None,
+            cfg_img_context=cfg_img_context if guided else None,
             cfg_text_scale=guidance if guided else 1.0,
             cfg_img_scale=self.cfg_img_scale if guided and cfg_img_context is not None else 1.0,
             cfg_interval=self.cfg_interval, cfg_renorm_type=self.cfg_renorm_type,
@@ -259,7 +259,8 @@ class BagelAdapter(UMMAdapter):
 
     @torch.no_grad()
     def round_trip(self, images, *, model=None, views: ViewSpec | None = None) -> list[Image.Image]:
-        """The target views through the VAE alone (one at a time, the posterior mean's neighbourhood sampled)."""
+        """The target views through the VAE alone: each encoded on its own (the posterior sampled from a fixed seed)
+        and decoded."""
         bagel = unwrap_model(self._bound_model(model))
         views = views or self.default_views()
         targets = to_tensors([views.target_view(load_image(image)) for image in images], _PIXEL_MEAN, _PIXEL_STD)
