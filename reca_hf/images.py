@@ -595,13 +595,9 @@ def resolve_views(
         adapter.target_fit if target_fit == AUTO else target_fit,
         adapter.condition_fit if condition_fit == AUTO else condition_fit,
     )
-    for name, fit_policy in zip(("target_fit", "condition_fit"), fits):
-        if fit_policy == "keep" and not adapter.variable_size:
-            raise ValueError(
-                f"{name}='keep': the {adapter.name} architecture adapter batches views of one size (its prepare "
-                "stacks them), and 'keep' gives every image its own size; choose 'center_crop', 'random_crop', "
-                "'pad' or 'stretch' (or leave it 'auto')."
-            )
+    errors = keep_errors(adapter, *fits)
+    if errors:
+        raise ValueError("\n".join(errors))
     source = resolve_condition_source(adapter, condition_source, condition_interpolation)
     views = ViewSpec(
         condition, generation, bottleneck, blur_factor, adapter.background_color, *fits, *source,
@@ -609,6 +605,21 @@ def resolve_views(
     )  # fmt: skip
     check_shortcut(adapter, views, allow_shortcut)
     return views
+
+
+def keep_errors(adapter, target_fit: str = AUTO, condition_fit: str = AUTO) -> list[str]:
+    """The fits set to ``"keep"`` (``"auto"`` resolved by the adapter) that an adapter stacking its views (not
+    ``variable_size``) cannot take, each naming its field."""
+    errors = []
+    for name, fit_policy in (("target_fit", target_fit), ("condition_fit", condition_fit)):
+        resolved = getattr(adapter, name) if fit_policy == AUTO else fit_policy
+        if resolved == "keep" and not adapter.variable_size:
+            errors.append(
+                f"{name}='keep': the {adapter.name} architecture adapter batches views of one size (its prepare "
+                "stacks them), and 'keep' gives every image its own size; choose 'center_crop', 'random_crop', "
+                "'pad' or 'stretch' (or leave it 'auto')."
+            )
+    return errors
 
 
 def views_from_config(adapter, args) -> ViewSpec:

@@ -119,3 +119,17 @@ def test_keep_sizes_are_the_authors_code():
     for name, (resolution, bounds) in cases.items():
         for width, height, *expected in KEEP_GOLDEN[name]:
             assert keep_size(width, height, resolution, bounds) == tuple(expected), (name, width, height)
+
+
+def test_reca_validate_names_a_keep_fit_the_adapter_cannot_take(tmp_path):
+    from reca_hf.cli import validate
+
+    recipe = tmp_path / "keep.yaml"
+    recipe.write_text("model_name_or_path: tiny:janus\ndataset_name: synthetic_shapes\ncondition_fit: keep\n")
+    assert [e for e in validate(str(recipe)) if "keep" in e] == [
+        "condition_fit='keep': the janus architecture adapter batches views of one size (its prepare stacks them), "
+        "and 'keep' gives every image its own size; choose 'center_crop', 'random_crop', 'pad' or 'stretch' (or leave "
+        "it 'auto')."
+    ]
+    recipe.write_text("model_name_or_path: tiny:bagel\ndataset_name: synthetic_shapes\n")
+    assert validate(str(recipe)) == []
