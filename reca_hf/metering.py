@@ -1,5 +1,5 @@
-"""Per-task metering of a RecA run: task losses, sample counts, skipped bad images, the global caption-token share,
-and FLOPs with the model FLOPs utilisation.
+"""Per-task metering of a RecA run: task losses, sample counts, skipped bad images, the global token shares (captions,
+and token-weighted reconstruction losses), and FLOPs with the model FLOPs utilisation.
 
 A mixin of :class:`~reca_hf.RecATrainer`. Losses and counts stay on the device and the host during steps and are
 gathered over the processes at log and checkpoint time (:meth:`TaskMeteringMixin._flush_task_losses`), so a step
