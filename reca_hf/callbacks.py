@@ -459,7 +459,8 @@ def log_images(callbacks: list, images: dict[str, Image.Image], step: int) -> li
 
 
 def image_grid(columns: dict[str, list[Image.Image]], cell: int = 96) -> Image.Image:
-    """Lay out equally long image lists as labelled columns."""
+    """Lay out equally long image lists as labelled columns; an image that is not square is letterboxed in its
+    cell (its longer side fills the cell, centred on white)."""
     rows = len(next(iter(columns.values())))
     header = 14
     grid = Image.new("RGB", (cell * len(columns), header + cell * rows), (255, 255, 255))
@@ -467,10 +468,10 @@ def image_grid(columns: dict[str, list[Image.Image]], cell: int = 96) -> Image.I
     for c, (label, images) in enumerate(columns.items()):
         draw.text((c * cell + 3, 1), label, fill=(0, 0, 0))
         for r, image in enumerate(images):
-            grid.paste(
-                image.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST),
-                (c * cell, header + r * cell),
-            )
+            width, height = image.size
+            size = (max(1, round(cell * width / max(width, height))), max(1, round(cell * height / max(width, height))))
+            left, top = c * cell + (cell - size[0]) // 2, header + r * cell + (cell - size[1]) // 2
+            grid.paste(image.convert("RGB").resize(size, Image.Resampling.NEAREST), (left, top))
     return grid
 
 
@@ -515,7 +516,10 @@ def _own_and_swapped(adapter: UMMAdapter, model, conditions: list, targets: list
         return {**own, **target}, {**prepared([conditions[j] for j in partner]), **target}, partner
     own = {**own, **condition, **target}
     rows = {**condition, "condition_pixel_values": own["condition_pixel_values"]}
-    return own, {**own, **{key: value[partner] for key, value in rows.items()}}, partner
+    # A list holds one entry per row (views of different sizes, the keep fit), a tensor one row per sample
+    swapped = {key: [value[j] for j in partner] if isinstance(value, list) else value[partner]
+               for key, value in rows.items()}  # fmt: skip
+    return own, {**own, **swapped}, partner
 
 
 @torch.no_grad()
