@@ -56,8 +56,11 @@ def main() -> None:
     adapter.num_inference_steps = 4  # the grid's sampler, shortened (the authors' 50 steps read the same way)
     model = trainer.model.train()
     batches = [
-        adapter.prepare([views.condition_view(i) for i in part], [views.target_view(i) for i in part],
-                        [adapter.default_instruction] * len(part))  # fmt: skip
+        adapter.prepare(
+            [views.condition_view(i) for i in part],
+            [views.target_view(i) for i in part],
+            [adapter.default_instruction] * len(part),
+        )
         for part in (images[:2], images[2:])
     ]
 
@@ -88,9 +91,7 @@ def main() -> None:
     mean = loss.detach().clone()
     dist.all_reduce(mean)
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
-    worst = max(
-        float((grads[n] - g).abs().max() / g.abs().max().clamp(min=1e-12)) for n, g in reference_grads.items()
-    )
+    worst = max(float((grads[n] - g).abs().max() / g.abs().max().clamp(min=1e-12)) for n, g in reference_grads.items())
     result = {
         "tokens": tokens,
         "losses": [float(reference.detach()), float(mean / world)],
