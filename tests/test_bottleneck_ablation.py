@@ -1,6 +1,6 @@
 """The guide's claim in miniature (slow): without a bottleneck a same-space model copies, and only then
-does the collapse detector fire, for token targets and (--kind flow) for continuous ones. Runs
-benchmarks/bottleneck_ablation.py."""
+does the collapse detector fire, for token targets (Emu3, and --kind showo for masked tokens) and (--kind flow)
+for continuous ones. Runs benchmarks/bottleneck_ablation.py."""
 
 import csv
 import importlib.util
