@@ -38,7 +38,7 @@ step marked; flow and showo: the detector's probe readings).
     python benchmarks/bottleneck_ablation.py --seeds 0 1 2    # the figures in docs/method.md
     python benchmarks/bottleneck_ablation.py --kind flow --seeds 0 1 2   # the flow figures (~3-4 min a seed)
     python benchmarks/bottleneck_ablation.py --kind showo --single-instruction --steps 300 --lr 3e-3 \
-        --eval-every 50 --held-out 32                         # the Show-o figures (~12 min on 2 shared cores)
+        --eval-every 50 --held-out 32 --seeds 0 1 2           # the Show-o figures (~12 min a seed on 2 cores)
 """
 
 from __future__ import annotations
