@@ -54,7 +54,9 @@ def test_harmon_shapes_have_the_published_sizes_and_train_at_512_px(tmp_path):
         assert tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
     # benchmarks/results/harmon_params.md: 771.4M and 2561.2M in all
     assert round(sizes["harmon_0_5b"] / 1e5) == 7714 and round(sizes["harmon_1_5b"] / 1e5) == 25612
-    (result,) = gpu_step.main(["--tiny", "--tiny-arch", "harmon", "--steps", "1", "--warmup", "1", "--out", str(tmp_path)])
+    (result,) = gpu_step.main(
+        ["--tiny", "--tiny-arch", "harmon", "--steps", "1", "--warmup", "1", "--out", str(tmp_path)]
+    )
     assert result["samples_per_second"] > 0 and result["trainable_parameters"] < result["parameters"]
 
 
