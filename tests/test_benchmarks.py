@@ -68,5 +68,5 @@ def test_trainer_overhead_runs(tmp_path):
 
 def test_harmon_derived_runs_at_its_smallest():
     (row,) = _load("harmon_derived").main(["--steps", "2", "--train-images", "16", "--held-out", "2",
-                                           "--batch-size", "4", "--settings", "half_res"])  # fmt: skip
+                                           "--batch-size", "4", "--settings", "half_res", "--out", ""])  # fmt: skip
     assert row["condition px"] == 32 and math.isfinite(row["condition_gain"]) and row["last loss"] > 0
