@@ -191,6 +191,42 @@ LAUNCH_TIMEOUT = 240  # a hang in a collective fails the test instead of stallin
 
 
 @pytest.mark.slow
+def test_two_process_deepspeed_zero2_on_cpu(tmp_path):
+    """The shipped zero2 config on 2 CPU processes (DeepSpeed's CPU accelerator, gloo) trains as one process on the
+    same global batch does, with the optimizer states sharded one file per rank. accelerate 1.16 finds no process
+    group backend on a machine without an accelerator (each process would train alone) unless transformers'
+    ddp_backend names gloo; use_cpu would drop DeepSpeed altogether. Reconstruction only: a micro-batch of one task
+    leaves the other task's parameters without a gradient, and ZeRO-2's bucketed reduction then differs between
+    ranks (gloo: "Received data size doesn't match expected size")."""
+    pytest.importorskip("deepspeed")
+    run_args = [RECIPE, "--max_steps", "4", "--logging_steps", "1", "--warmup_steps", "0", "--lr_scheduler_type",
+                "constant", "--num_reconstruction_images", "0", "--task_ratios",
+                '{"reconstruction": 1, "image_to_text": 0, "text_to_image": 0}']  # fmt: skip
+    single = _reca(tmp_path, "train", *run_args, "--save_strategy", "no", "--per_device_train_batch_size", "8",
+                   "--output_dir", "single")  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(cli.accelerate_config_path("zero2")), "--num_processes", "2", "--main_process_port", "0", "-m",
+               "reca_hf.cli", "train", *run_args, "--ddp_backend", "gloo", "--save_strategy", "steps", "--save_steps",
+               "4", "--per_device_train_batch_size", "4", "--output_dir", "zero2"]  # fmt: skip
+    run = _run(tmp_path, command, timeout=LAUNCH_TIMEOUT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    states = tmp_path / "zero2" / "checkpoint-4" / "global_step4"
+    assert sorted(p.name for p in states.glob("*optim_states.pt")) == [
+        f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)
+    ]
+    history = {
+        name: [log for log in json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
+               if "grad_norm" in log]
+        for name in ("zero2", "single")
+    }  # fmt: skip
+    assert len(history["zero2"]) == len(history["single"]) == 4
+    for a, b in zip(history["zero2"], history["single"]):
+        for name in ("loss", "reconstruction_loss", "grad_norm"):
+            assert a[name] == pytest.approx(b[name], rel=RTOL[name]), f"{name} at step {a['step']}"
+
+
+@pytest.mark.slow
 def test_the_detector_fires_and_every_rank_stops_together_in_a_two_process_run(tmp_path):
     """Plain DDP (rank 0 probes, every rank acts on its reading) and the sharded path (every rank probes through
     RecATrainer.sharded_forward, which FSDP and DeepSpeed runs use): the detector's real loss probe runs, fires at
