@@ -1,5 +1,5 @@
-"""GPU step: bf16 samples/s, MFU and peak memory of Janus-Pro-1B- and 7B-shaped, Show-o-512-shaped and
-Harmon-0.5B- and 1.5B-shaped random models, through RecATrainer.
+"""GPU step: bf16 samples/s, MFU and peak memory of Janus-Pro-1B- and 7B-shaped, Show-o-512-shaped,
+Harmon-0.5B- and 1.5B-shaped and BAGEL-7B-MoT-wide random models, through RecATrainer.
 
 The models are built in code with the public configs' shapes (``janus_shapes.SHAPES``; random weights, no
 download) and trained with RecA's defaults (``freeze: auto``, reconstruction at 384/384, dataloader workers
@@ -16,6 +16,8 @@ allocated. The goal for the 1B shape on an H100/H200-class GPU is an MFU of at l
     python benchmarks/gpu_step.py --tiny --tiny-arch showo              # the Show-o path on the tiny Show-o
     python benchmarks/gpu_step.py --sizes harmon_0_5b harmon_1_5b     # Harmon (Qwen2.5 + MAR-B / MAR-H + kl16)
     python benchmarks/gpu_step.py --tiny --tiny-arch harmon             # the Harmon path on the tiny Harmon
+    python benchmarks/gpu_step.py --sizes bagel_7b_4_layers             # BAGEL-7B-MoT's widths, 4 layers
+    python benchmarks/gpu_step.py --tiny --tiny-arch bagel              # the BAGEL path on the tiny BAGEL
 
 The Show-o shapes (``showo_shape``) are the released 512-px models' (``ShowoConfig`` defaults: Phi-1.5, MAGVIT-v2,
 CLIP ViT-L/14-336; 1024 codes, the RecA text budget of 381) with a synthetic word-level tokenizer of Phi-1.5's
@@ -26,6 +28,12 @@ The Harmon shapes (``harmon_shape``) are ``HarmonConfig.harmon_0_5b`` / ``harmon
 the tiny Harmon's word-level tokenizer (the prompts' few text tokens; the LLM keeps Qwen2.5's 151,936-row
 embedding); the step is reconstruction only (the authors add 2 image-to-text micro-batches per 2 recon ones). The
 1.5B shape checkpoints activations (its fp32 weights, gradients and AdamW states take ~40 GB).
+
+The BAGEL shape (``bagel_shape``) is BAGEL-7B-MoT at its real widths (``BagelConfig`` defaults: Qwen2.5-7B's 3584-wide
+MoT layers with both experts, SigLIP so400m's 1152-wide layers, the FLUX VAE, the 152,064-row embedding and head) with
+4 of the 28 MoT layers and 4 of the 26 SigLIP layers, so that one GPU holds it unsharded (about 3.1B parameters); the
+tiny BAGEL's word-level tokenizer; 1024-px targets (4096 VAE tokens) and 224-px conditions, as the 7B recipe trains.
+Per-layer figures carry over to the full model; the full model itself trains sharded (``recipes/bagel/7b.yaml``).
 
 Without a CUDA GPU it exits with a message (``--tiny`` runs anywhere). Writes ``benchmarks/results/gpu_step.json``
 and ``.md`` (``--out`` elsewhere, ``--out ''`` for none).
@@ -61,10 +69,12 @@ DEFAULTS = {
     "showo_clip_512": (4, "float32", False),
     "harmon_0_5b": (8, "float32", False),
     "harmon_1_5b": (16, "float32", True),
+    "bagel_7b_4_layers": (4, "float32", False),
     "tiny": (2, "float32", False),
 }
 SHOWO = ("showo_vq_512", "showo_clip_512")
 HARMON = ("harmon_0_5b", "harmon_1_5b")
+BAGEL = ("bagel_7b_4_layers",)
 
 
 def showo_shape(size: str, device=None):
@@ -98,6 +108,29 @@ def harmon_shape(size: str, device=None):
     return model, tokenizer
 
 
+def bagel_shape(size: str, device=None, layers: int = 4):
+    """``(model, tokenizer)``: a random BAGEL at BAGEL-7B-MoT's widths with ``layers`` MoT and SigLIP layers (no
+    download), with the tiny BAGEL's tokenizer (its special-token ids become the config's)."""
+    from reca_hf.models.bagel import BagelConfig, BagelModel
+    from reca_hf.models.bagel.tiny import tiny_bagel_tokenizer
+
+    tokenizer = tiny_bagel_tokenizer()
+    real = BagelConfig()
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("im_start_token_id", "<|im_start|>"), ("im_end_token_id", "<|im_end|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}  # fmt: skip
+    fewer = {"num_hidden_layers": layers}
+    llm = {k: v for k, v in real.llm_config.to_dict().items() if k != "layer_types"}  # one entry per layer: rebuilt
+    config = BagelConfig(
+        llm_config=llm | fewer,
+        vit_config=real.vit_config.to_dict() | fewer,
+        **ids,
+    )
+    with torch.device(device or "cpu"):
+        model = BagelModel(config)
+    return model, tokenizer
+
+
 def image_resolution(model) -> int:
     """The pixel size of the synthetic training images: the model's native generation resolution."""
     config = model.config
@@ -105,6 +138,8 @@ def image_resolution(model) -> int:
         return 2 * config.img_size  # trains at twice MAR's table size (512 px), as the adapter
     if hasattr(config, "num_vq_tokens"):
         return config.image_size
+    if config.model_type == "bagel":
+        return config.max_latent_size * config.latent_downsample  # the VAE target's long-side bound (1024 px)
     return config.vision_config.image_size
 
 
@@ -131,6 +166,8 @@ def run(size: str, batch_size: int, steps: int, warmup: int, model_dtype: str, c
         model, processor = showo_shape(size, device=device)
     elif size in HARMON:
         model, processor = harmon_shape(size, device=device)
+    elif size in BAGEL:
+        model, processor = bagel_shape(size, device=device)
     else:
         model, processor = janus_pro_like(size, device=device)
     if model_dtype == "bfloat16":
@@ -170,13 +207,17 @@ def run(size: str, batch_size: int, steps: int, warmup: int, model_dtype: str, c
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=["1b", "7b"], choices=["1b", "7b", *SHOWO, *HARMON])
-    parser.add_argument("--batch-size", type=int, help="per size default: 1b 16, 7b 8, Show-o 4, Harmon 8 / 16")
+    parser.add_argument("--sizes", nargs="+", default=["1b", "7b"], choices=["1b", "7b", *SHOWO, *HARMON, *BAGEL])
+    parser.add_argument(
+        "--batch-size", type=int, help="per size default: 1b 16, 7b 8, Show-o 4, Harmon 8 / 16, BAGEL 4"
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="steps before the timing starts")
     parser.add_argument("--peak", type=float, help="the GPU's dense bf16 peak FLOP/s (default: the known one)")
     parser.add_argument("--tiny", "--dry-run", action="store_true", help="a tiny Janus on the CPU: checks the script")
-    parser.add_argument("--tiny-arch", default="janus", choices=["janus", "showo", "harmon"], help="the --tiny model")
+    parser.add_argument(
+        "--tiny-arch", default="janus", choices=["janus", "showo", "harmon", "bagel"], help="the --tiny model"
+    )
     parser.add_argument("--out", default=str(RESULTS), help="folder for gpu_step.json/.md ('' for none)")
     args = parser.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
@@ -204,7 +245,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def _markdown(results: list[dict]) -> str:
     lines = [
-        "# GPU step: Janus-Pro-, Show-o- and Harmon-shaped random models through RecATrainer (bf16)",
+        "# GPU step: Janus-Pro-, Show-o-, Harmon- and BAGEL-shaped random models through RecATrainer (bf16)",
         "",
         f"Device: {results[0]['device']}. Command: `python benchmarks/gpu_step.py`.",
         "",

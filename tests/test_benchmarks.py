@@ -60,6 +60,31 @@ def test_harmon_shapes_have_the_published_sizes_and_train_at_512_px(tmp_path):
     assert result["samples_per_second"] > 0 and result["trainable_parameters"] < result["parameters"]
 
 
+def test_the_bagel_shape_has_the_real_widths_and_the_tiny_bagel_runs_the_step(tmp_path):
+    from reca_hf.models.bagel import BagelConfig
+
+    gpu_step = _load("gpu_step")
+    model, tokenizer = gpu_step.bagel_shape("bagel_7b_4_layers", device="meta")
+    real, config = BagelConfig(), model.config
+    for part in ("llm_config", "vit_config"):
+        ours, theirs = getattr(config, part).to_dict(), getattr(real, part).to_dict()
+        assert ours["num_hidden_layers"] == 4
+        per_layer = ("num_hidden_layers", "layer_types")
+        assert {k: v for k, v in ours.items() if k not in per_layer} == {
+            k: v for k, v in theirs.items() if k not in per_layer
+        }
+    assert config.vae_config == real.vae_config
+    assert tokenizer.convert_tokens_to_ids("<|vision_start|>") == config.vision_start_token_id
+    assert gpu_step.image_resolution(model) == 1024
+    # benchmarks/results/bagel_params.md: 14.659B with 28 MoT layers (466M each, both experts) and 26 SigLIP ones
+    total = sum(p.numel() for p in model.parameters())
+    assert 3.0e9 < total < 3.2e9
+    (result,) = gpu_step.main(
+        ["--tiny", "--tiny-arch", "bagel", "--steps", "1", "--warmup", "1", "--out", str(tmp_path)]
+    )
+    assert result["samples_per_second"] > 0 and result["trainable_parameters"] < result["parameters"]
+
+
 @pytest.mark.slow
 def test_trainer_overhead_runs(tmp_path):
     result = _load("trainer_overhead").main(["--steps", "1", "--out", str(tmp_path)])
