@@ -711,10 +711,11 @@ class CollapseDetector(TrainerCallback):
       at least ``gain_threshold``. A memorising model has nothing to copy on images it has never seen; a
       copying one copies them all.
 
-    Logged with the next training log: ``collapse_score`` (0 healthy .. 1 copying: the copy rate, or the
-    condition gain) and the probe's own readings (``swap_copy_rate`` and ``swap_target_rate``, or
-    ``condition_gain``, ``swap_own_loss`` and ``swap_other_loss``). On detection it logs a warning naming
-    the cause and the fix; with ``action="stop"`` it also saves a checkpoint and ends training.
+    Logged with the next training log: the token probe's ``collapse_score`` (0 healthy .. 1 copying: the copy
+    rate), ``swap_copy_rate`` and ``swap_target_rate``; the loss probe's ``condition_gain`` (how much the model
+    uses its condition, which RecA raises: no collapse score), ``swap_own_loss`` and ``swap_other_loss``. On
+    detection it logs a warning naming the cause and the fix; with ``action="stop"`` it also saves a checkpoint
+    and ends training.
 
     In a multi-process run rank 0 probes and every rank acts on its reading (they stop at the same step); under
     FSDP and DeepSpeed, where no rank holds the whole model, every rank runs the probe (forward passes only) on
@@ -826,7 +827,7 @@ class CollapseDetector(TrainerCallback):
         """Record a probe result; returns whether collapse is detected (both signals agree)."""
         if "condition_gain" in result:
             gain = float(result["condition_gain"])
-            metrics = {"collapse_score": max(gain, 0.0), **{k: float(v) for k, v in result.items()}}
+            metrics = {k: float(v) for k, v in result.items()}  # a gain, named as such: RecA raises it
             copying = gain >= self.gain_threshold
         else:
             copy_rate, target_rate = float(result["swap_copy_rate"]), float(result["swap_target_rate"])
@@ -840,16 +841,18 @@ class CollapseDetector(TrainerCallback):
         return detected
 
     def describe(self) -> dict[str, Any] | None:
-        """What the probe's readings are, for the probe plot and the card: the logged metric, the threshold at which
-        it reads as copying, and what it measures in words (None before the first probe)."""
+        """What the probe's readings are, for the probe plot and the card: the logged metric, its plot label, the
+        threshold at which it reads as copying, and what it measures in words (None before the first probe)."""
         if not self.history:
             return None
         if "condition_gain" in self.history[-1]:
-            return {"metric": "condition_gain", "threshold": self.gain_threshold, "fired_at_step": self.fired_at_step,
+            return {"metric": "condition_gain", "label": "condition_gain: use of the condition (RecA raises it)",
+                    "threshold": self.gain_threshold, "fired_at_step": self.fired_at_step,
                     "meaning": "condition_gain: how much lower the reconstruction loss is with each image's own "
                     "condition than with another image's. It rises as the model learns to use its condition, which "
                     "is what RecA trains; it signals copying only near 1 and together with a collapsing loss."}  # fmt: skip
-        return {"metric": "swap_copy_rate", "threshold": self.copy_threshold, "fired_at_step": self.fired_at_step,
+        return {"metric": "swap_copy_rate", "label": "swap_copy_rate: share copying a swapped-in condition",
+                "threshold": self.copy_threshold, "fired_at_step": self.fired_at_step,
                 "meaning": "swap_copy_rate: the share of the predicted image tokens that follow another image's "
                 "condition swapped in, instead of the image being reconstructed. A model that copies its condition "
                 "follows the swap; one that reconstructs from its understanding does not."}  # fmt: skip
