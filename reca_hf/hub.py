@@ -487,15 +487,15 @@ def write_loss_plot(
 
 def write_probe_plot(log_history: list[dict[str, Any]], path: str | Path, probe: dict[str, Any]) -> Path | None:
     """Draw the collapse probe's logged readings (``probe["metric"]``) against the step, with the threshold at
-    which they read as copying and the step the detector fired, labelled with what they measure (``probe["label"]``);
-    None (and no file) when no reading was logged."""
+    which they read as copying and the step the detector fired, the line labelled with what it measures
+    (``probe["label"]``); None (and no file) when no reading was logged."""
     metric = probe["metric"]
     label = probe.get("label") or metric  # a run recorded before labels: the metric's name
     points = [(entry["step"], float(entry[metric])) for entry in log_history if metric in entry and "step" in entry]
     if not points:
         return None
     steps, values = zip(*points, strict=True)
-    with _step_plot(path, "Collapse probe", label, 3.0) as axes:
+    with _step_plot(path, "Collapse probe", metric, 3.0) as axes:
         axes.plot(steps, values, marker="o", markersize=3, linewidth=1.4, label=label)
         axes.axhline(probe["threshold"], color="red", linestyle="--", linewidth=1.0,
                      label=f"copying at {probe['threshold']:g} (with a collapsing loss)")  # fmt: skip
