@@ -213,7 +213,7 @@ def test_the_probes_and_the_grid_run_on_an_fsdp2_sharded_model_on_every_rank(tmp
         assert result["sharded"] == result["whole"], arch
         assert result["left_whole"] == [], arch
         assert result["losses"][1] == pytest.approx(result["losses"][0], rel=1e-6) and result["same_gradients"], arch
-    assert set(ranks[0]["janus"]["sharded"]) == {"loss_probe", "token_probe", "grid"}
+    assert set(ranks[0]["janus"]["sharded"]) == {"loss_probe", "token_probe", "grid", "text_to_image"}
 
 
 def test_a_run_of_several_tasks_lets_ddp_find_unused_parameters(make_args, shapes):
