@@ -24,16 +24,21 @@ held-out images. This run calibrates the detector's ``GAIN_THRESHOLD``: (a) must
 condition and target are codes of one tokenizer in one vocabulary, as Emu3's, but the target is predicted by
 masked-token prediction (bidirectional over the target), so the token probe reads an all-masked target. The
 condition views are made the authors' way, from the target tensor (bilinear; the blur 4x down and back up).
+Both probes are reported: the token probe's copy rate and the loss-based probe's condition gain.
+``--single-instruction`` trains with the probes' instruction only: Show-o's instruction sits between condition
+and target, so varied instructions move the condition's offset from the target, and the copy then takes the
+tiny model about 1300 steps to find instead of about 150.
 
 Writes to --output-dir: losses.csv (train and held-out loss per logged step), summary.csv (final losses,
-the detector's firing step, the final swap-probe reading), probes.csv (flow: every detector probe, its step
-and gain) and bottleneck_ablation.png (the curves, the firing step marked).
+the detector's firing step, the final swap-probe reading; showo also as summary.json and summary.md),
+probes.csv (flow: every detector probe, its step and gain) and bottleneck_ablation.png (the curves, the firing
+step marked; flow and showo: the detector's probe readings).
 
     python benchmarks/bottleneck_ablation.py                  # 4 runs x 400 steps, seed 0 (~2-4 min on 2 cores)
     python benchmarks/bottleneck_ablation.py --seeds 0 1 2    # the figures in docs/method.md
     python benchmarks/bottleneck_ablation.py --kind flow --seeds 0 1 2   # the flow figures (~3-4 min a seed)
-    python benchmarks/bottleneck_ablation.py --kind showo --steps 2000 --lr 3e-3 --eval-every 250
-        # Show-o: the copy takes ~1300 steps to appear (seed 0: detector at 1281); ~14 min a condition on 2 cores
+    python benchmarks/bottleneck_ablation.py --kind showo --single-instruction --steps 300 --lr 3e-3 \
+        --eval-every 50 --held-out 32 --seeds 0 1 2           # the Show-o figures (~12 min a seed on 2 cores)
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import json
 import logging
 import math
 import tempfile
@@ -83,7 +89,7 @@ class OtherImageCollator(RecACollator):
 
 
 def run(name: str, *, steps: int, seed: int, train_images: int, held_out: int, batch_size: int, lr: float,
-        eval_every: int, output_dir: Path, kind: str = "tokens") -> dict:  # fmt: skip
+        eval_every: int, output_dir: Path, kind: str = "tokens", single_instruction: bool = False) -> dict:  # fmt: skip
     """Train one condition; returns its loss curves, the detector's firing step and probe readings, and the
     final swap probe (token agreement, or for ``kind="flow"`` the loss-based condition gain)."""
     side = SIDE[kind]
@@ -92,6 +98,11 @@ def run(name: str, *, steps: int, seed: int, train_images: int, held_out: int, b
     data = synthetic_shapes(train_images + held_out, size=side, seed=seed)
     train = data.select(range(train_images)).remove_columns("caption")
     held = data.select(range(train_images, train_images + held_out)).remove_columns("caption")
+    prompt_templates = "default"
+    if single_instruction:  # the probes' instruction, and only it: the condition sits at one offset from the target
+        prompt_templates = output_dir / f"{name}-seed{seed}-instruction.json"
+        prompt_templates.parent.mkdir(parents=True, exist_ok=True)
+        prompt_templates.write_text(json.dumps([get_adapter(model, processor).default_instruction]))
     args = RecAConfig(
         output_dir=str(output_dir / f"{name}-seed{seed}"),
         max_steps=steps,
@@ -109,6 +120,7 @@ def run(name: str, *, steps: int, seed: int, train_images: int, held_out: int, b
         disable_tqdm=True,
         num_reconstruction_images=0,
         cond_dropout_prob=0.0,
+        prompt_templates=str(prompt_templates),
         collapse_probe_steps=eval_every,
         seed=seed,
         cpu_threads=0,  # the thread count the caller set (OMP_NUM_THREADS), as before cpu_threads existed
@@ -131,7 +143,10 @@ def run(name: str, *, steps: int, seed: int, train_images: int, held_out: int, b
         (log["step"], log["eval_reconstruction_loss"]) for log in history if "eval_reconstruction_loss" in log
     ]
     views = trainer.data_collator.views
-    probe = (condition_swap_loss if kind == "flow" else swap_probe)(trainer.adapter, model, list(held["image"]), views)
+    images = list(held["image"])
+    probe = {} if kind == "flow" else swap_probe(trainer.adapter, model, images, views)
+    if kind != "tokens":  # the loss-based probe (Show-o: its masked loss under fixed draws)
+        probe.update(condition_swap_loss(trainer.adapter, model, images, views))
     detector = trainer.collapse_detector
     return {
         "condition": name,
@@ -162,15 +177,16 @@ def summarise(results: list[dict], uniform: float | None) -> list[dict]:
         else:
             row["first_train_loss"] = round(result["train"][0][1], 4)
         row["detector_fired_at_step"] = result["fired_at_step"] if result["fired_at_step"] is not None else ""
-        if "condition_gain" in result:
-            gains = [probe["condition_gain"] for probe in result["probes"]]
-            row["condition_gain"] = round(result["condition_gain"], 3)
-            row["max_probe_gain"] = round(max(gains), 3) if gains else ""
-            row["swap_own_loss"] = round(result["swap_own_loss"], 4)
-            row["swap_other_loss"] = round(result["swap_other_loss"], 4)
-        else:
+        if "swap_copy_rate" in result:
             row["swap_copy_rate"] = round(result["swap_copy_rate"], 3)
             row["swap_target_rate"] = round(result["swap_target_rate"], 3)
+        if "condition_gain" in result:
+            row["condition_gain"] = round(result["condition_gain"], 3)
+            if "swap_copy_rate" not in result:  # the detector's probes were loss-based
+                gains = [probe["condition_gain"] for probe in result["probes"]]
+                row["max_probe_gain"] = round(max(gains), 3) if gains else ""
+            row["swap_own_loss"] = round(result["swap_own_loss"], 4)
+            row["swap_other_loss"] = round(result["swap_other_loss"], 4)
         row["ms_per_step"] = round(result["ms_per_step"], 1)
         rows.append(row)
     return rows
@@ -199,7 +215,15 @@ def write_outputs(results: list[dict], rows: list[dict], output_dir: Path, kind:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    if kind == "showo":
+        (output_dir / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
+        (output_dir / "summary.md").write_text(markdown_table(rows) + "\n")
     return plot(results, output_dir / "bottleneck_ablation.png", kind)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    return "\n".join(lines + ["| " + " | ".join(str(v) for v in row.values()) + " |" for row in rows])
 
 
 def plot(results: list[dict], path: Path, kind: str = "tokens") -> Path:
@@ -210,7 +234,8 @@ def plot(results: list[dict], path: Path, kind: str = "tokens") -> Path:
 
     colours = dict(zip(CONDITIONS, ("tab:red", "tab:blue", "tab:green", "tab:grey")))
     flow = kind == "flow"
-    figure, axes = plt.subplots(1, 3 if flow else 2, figsize=(16 if flow else 11, 4))
+    probed = kind in ("flow", "showo")  # a third panel: the detector's probe readings
+    figure, axes = plt.subplots(1, 3 if probed else 2, figsize=(16 if probed else 11, 4))
     for axis, split, title in zip(axes, ("train", "held_out"), ("training loss", "held-out loss")):
         for result in results:
             steps, losses = zip(*result[split])
@@ -228,18 +253,21 @@ def plot(results: list[dict], path: Path, kind: str = "tokens") -> Path:
     handles, labels = axes[0].get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     axes[1].legend(unique.values(), unique.keys(), fontsize=7, loc="lower left")
-    if flow:
-        from reca_hf.callbacks import GAIN_THRESHOLD
+    if probed:
+        from reca_hf.callbacks import COPY_THRESHOLD, GAIN_THRESHOLD
 
+        metric, threshold, name = ("condition_gain", GAIN_THRESHOLD, "GAIN_THRESHOLD") if flow else (
+            "swap_copy_rate", COPY_THRESHOLD, "COPY_THRESHOLD")  # fmt: skip
         for result in results:
             if result["probes"]:
-                steps, gains = zip(*[(probe["step"], probe["condition_gain"]) for probe in result["probes"]])
-                axes[2].plot(steps, gains, marker=".", color=colours[result["condition"]], alpha=0.85)
-        axes[2].axhline(GAIN_THRESHOLD, color="black", linestyle="--", linewidth=1, label="GAIN_THRESHOLD")
-        axes[2].set_title("condition_gain on held-out images (detector probes)")
+                steps, readings = zip(*[(probe["step"], probe[metric]) for probe in result["probes"]])
+                axes[2].plot(steps, readings, marker=".", color=colours[result["condition"]], alpha=0.85)
+        axes[2].axhline(threshold, color="black", linestyle="--", linewidth=1, label=name)
+        axes[2].set_title(f"{metric} on held-out images (detector probes)")
         axes[2].set_xlabel("step")
         axes[2].set_ylim(-0.1, 1.0)
         axes[2].legend(fontsize=7, loc="center right")
+    if flow:
         figure.suptitle(
             "Condition = the target's own latents: without a bottleneck the flow model copies (dotted: detector)"
         )
@@ -277,6 +305,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=None, help="default: 1e-3 (tokens, showo), 3e-3 (flow)")
     parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--single-instruction", action="store_true",
+                        help="train with the probes' instruction only (the adapter's default_instruction)")  # fmt: skip
     parser.add_argument("--output-dir", type=Path, default=None, help="default: benchmarks/results/bottleneck_ablation"
                         " (flow, showo: bottleneck_ablation_flow, bottleneck_ablation_showo)")  # fmt: skip
     options = parser.parse_args(argv)
@@ -292,12 +322,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for name in options.conditions:
                 result = run(name, steps=options.steps, seed=seed, train_images=options.train_images,
                              held_out=options.held_out, batch_size=options.batch_size, lr=options.lr,
-                             eval_every=options.eval_every, output_dir=Path(scratch), kind=options.kind)  # fmt: skip
+                             eval_every=options.eval_every, output_dir=Path(scratch), kind=options.kind,
+                             single_instruction=options.single_instruction)  # fmt: skip
                 results.append(result)
+                probes = []
+                if "swap_copy_rate" in result:
+                    probes.append(f"swap copy {result['swap_copy_rate']:.2f} / target {result['swap_target_rate']:.2f}")
                 if "condition_gain" in result:
-                    probe = f"condition gain {result['condition_gain']:.3f}"
-                else:
-                    probe = f"swap copy {result['swap_copy_rate']:.2f} / target {result['swap_target_rate']:.2f}"
+                    probes.append(f"condition gain {result['condition_gain']:.3f}")
+                probe = ", ".join(probes)
                 print(f"{name} seed {seed}: train {result['train'][-1][1]:.4f}, held-out "
                       f"{result['held_out'][-1][1]:.4f}, detector {result['fired_at_step']}, {probe}, "
                       f"{result['ms_per_step']:.0f} ms/step", flush=True)  # fmt: skip
@@ -305,10 +338,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     uniform = math.log(get_adapter(tiny_umm(token_arch)[0]).codebook_size) if token_arch else None
     rows = summarise(results, uniform)
     figure = write_outputs(results, rows, options.output_dir, options.kind)
-    header = "| " + " | ".join(rows[0]) + " |"
-    print("\n" + header + "\n|" + "---|" * len(rows[0]))
-    for row in rows:
-        print("| " + " | ".join(str(v) for v in row.values()) + " |")
+    print("\n" + markdown_table(rows))
     print(f"\nWrote {options.output_dir}/losses.csv, summary.csv and {figure.name}")
     return rows
 

@@ -1,5 +1,5 @@
-"""GPU step: bf16 samples/s, MFU and peak memory of Janus-Pro-1B- and 7B-shaped and Show-o-512-shaped random models,
-through RecATrainer.
+"""GPU step: bf16 samples/s, MFU and peak memory of Janus-Pro-1B- and 7B-shaped, Show-o-512-shaped and
+Harmon-0.5B- and 1.5B-shaped random models, through RecATrainer.
 
 The models are built in code with the public configs' shapes (``janus_shapes.SHAPES``; random weights, no
 download) and trained with RecA's defaults (``freeze: auto``, reconstruction at 384/384, dataloader workers
@@ -14,10 +14,18 @@ allocated. The goal for the 1B shape on an H100/H200-class GPU is an MFU of at l
     python benchmarks/gpu_step.py --tiny               # a tiny CPU run that checks the script itself
     python benchmarks/gpu_step.py --sizes showo_vq_512 showo_clip_512   # Show-o (Phi-1.5, 1024 codes per image)
     python benchmarks/gpu_step.py --tiny --tiny-arch showo              # the Show-o path on the tiny Show-o
+    python benchmarks/gpu_step.py --sizes harmon_0_5b harmon_1_5b     # Harmon (Qwen2.5 + MAR-B / MAR-H + kl16)
+    python benchmarks/gpu_step.py --tiny --tiny-arch harmon             # the Harmon path on the tiny Harmon
 
 The Show-o shapes (``showo_shape``) are the released 512-px models' (``ShowoConfig`` defaults: Phi-1.5, MAGVIT-v2,
 CLIP ViT-L/14-336; 1024 codes, the RecA text budget of 381) with a synthetic word-level tokenizer of Phi-1.5's
 50,295 text tokens; the step is reconstruction only (the authors add 2 image-to-text rows per 2 recon rows).
+
+The Harmon shapes (``harmon_shape``) are ``HarmonConfig.harmon_0_5b`` / ``harmon_1_5b`` (the parameter counts of
+``benchmarks/harmon_params.py``) at the authors' 512 px (32 x 32 latent tokens, 1088 image slots in the prompt), with
+the tiny Harmon's word-level tokenizer (the prompts' few text tokens; the LLM keeps Qwen2.5's 151,936-row
+embedding); the step is reconstruction only (the authors add 2 image-to-text micro-batches per 2 recon ones). The
+1.5B shape checkpoints activations (its fp32 weights, gradients and AdamW states take ~40 GB).
 
 Without a CUDA GPU it exits with a message (``--tiny`` runs anywhere). Writes ``benchmarks/results/gpu_step.json``
 and ``.md`` (``--out`` elsewhere, ``--out ''`` for none).
@@ -51,9 +59,12 @@ DEFAULTS = {
     "7b": (8, "bfloat16", True),
     "showo_vq_512": (4, "float32", False),
     "showo_clip_512": (4, "float32", False),
+    "harmon_0_5b": (8, "float32", False),
+    "harmon_1_5b": (16, "float32", True),
     "tiny": (2, "float32", False),
 }
 SHOWO = ("showo_vq_512", "showo_clip_512")
+HARMON = ("harmon_0_5b", "harmon_1_5b")
 
 
 def showo_shape(size: str, device=None):
@@ -71,6 +82,30 @@ def showo_shape(size: str, device=None):
     with torch.device(device or "cpu"):
         model = ShowoModel(config)
     return model, add_showo_tokens(text)
+
+
+def harmon_shape(size: str, device=None):
+    """``(model, tokenizer)``: a random Harmon shaped like Harmon-0.5B or 1.5B (no download), with the tiny
+    Harmon's tokenizer (its ``<image>`` id becomes the config's image token)."""
+    from reca_hf.models.harmon import HarmonConfig, HarmonModel
+    from reca_hf.models.harmon.tiny import tiny_harmon_tokenizer
+
+    tokenizer = tiny_harmon_tokenizer()
+    make = HarmonConfig.harmon_0_5b if size == "harmon_0_5b" else HarmonConfig.harmon_1_5b
+    config = make(image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    with torch.device(device or "cpu"):
+        model = HarmonModel(config)
+    return model, tokenizer
+
+
+def image_resolution(model) -> int:
+    """The pixel size of the synthetic training images: the model's native generation resolution."""
+    config = model.config
+    if config.model_type == "harmon":
+        return 2 * config.img_size  # trains at twice MAR's table size (512 px), as the adapter
+    if hasattr(config, "num_vq_tokens"):
+        return config.image_size
+    return config.vision_config.image_size
 
 
 class _Clock(TrainerCallback):
@@ -94,13 +129,13 @@ def run(size: str, batch_size: int, steps: int, warmup: int, model_dtype: str, c
         model, processor = tiny_umm(tiny_arch)
     elif size in SHOWO:
         model, processor = showo_shape(size, device=device)
+    elif size in HARMON:
+        model, processor = harmon_shape(size, device=device)
     else:
         model, processor = janus_pro_like(size, device=device)
     if model_dtype == "bfloat16":
         model = model.to(torch.bfloat16)
-    vision = getattr(model.config, "vision_config", None)
-    resolution = model.config.image_size if hasattr(model.config, "num_vq_tokens") else vision.image_size
-    data = synthetic_shapes(batch_size * (steps + warmup + 1), size=resolution, seed=0)
+    data = synthetic_shapes(batch_size * (steps + warmup + 1), size=image_resolution(model), seed=0)
     trainer_ref: list = []
     clock = _Clock(trainer_ref)
     if torch.cuda.is_available():
@@ -135,13 +170,13 @@ def run(size: str, batch_size: int, steps: int, warmup: int, model_dtype: str, c
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=["1b", "7b"], choices=["1b", "7b", *SHOWO])
-    parser.add_argument("--batch-size", type=int, help="per size default: 1b 16, 7b 8, Show-o 4")
+    parser.add_argument("--sizes", nargs="+", default=["1b", "7b"], choices=["1b", "7b", *SHOWO, *HARMON])
+    parser.add_argument("--batch-size", type=int, help="per size default: 1b 16, 7b 8, Show-o 4, Harmon 8 / 16")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="steps before the timing starts")
     parser.add_argument("--peak", type=float, help="the GPU's dense bf16 peak FLOP/s (default: the known one)")
     parser.add_argument("--tiny", "--dry-run", action="store_true", help="a tiny Janus on the CPU: checks the script")
-    parser.add_argument("--tiny-arch", default="janus", choices=["janus", "showo"], help="the --tiny model")
+    parser.add_argument("--tiny-arch", default="janus", choices=["janus", "showo", "harmon"], help="the --tiny model")
     parser.add_argument("--out", default=str(RESULTS), help="folder for gpu_step.json/.md ('' for none)")
     args = parser.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
@@ -169,7 +204,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def _markdown(results: list[dict]) -> str:
     lines = [
-        "# GPU step: Janus-Pro- and Show-o-shaped random models through RecATrainer (bf16)",
+        "# GPU step: Janus-Pro-, Show-o- and Harmon-shaped random models through RecATrainer (bf16)",
         "",
         f"Device: {results[0]['device']}. Command: `python benchmarks/gpu_step.py`.",
         "",

@@ -559,7 +559,8 @@ def image_grid(
     caption: str | None = None,
 ) -> Image.Image:
     """Lay out equally long image lists as labelled columns; ``row_labels`` (wrapped) in a column on the left and
-    ``caption`` (wrapped, in dark red) under the grid when given."""
+    ``caption`` (wrapped, in dark red) under the grid when given. An image that is not square is letterboxed in its
+    cell (its longer side fills the cell, centred on white)."""
     rows = len(next(iter(columns.values())))
     header, left = 14, ROW_LABEL_WIDTH if row_labels else 0
     width = left + cell * len(columns)
@@ -574,10 +575,10 @@ def image_grid(
     for c, (label, images) in enumerate(columns.items()):
         draw.text((left + c * cell + 3, 1), label, fill=(0, 0, 0))
         for r, image in enumerate(images):
-            grid.paste(
-                image.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST),
-                (left + c * cell, header + r * cell),
-            )
+            longest = max(image.size)
+            size = (max(1, round(cell * image.width / longest)), max(1, round(cell * image.height / longest)))
+            x, y = left + c * cell + (cell - size[0]) // 2, header + r * cell + (cell - size[1]) // 2
+            grid.paste(image.convert("RGB").resize(size, Image.Resampling.NEAREST), (x, y))
     for n, line in enumerate(caption_lines):
         draw.text((3, header + cell * rows + 3 + n * LINE_HEIGHT), line, fill=(150, 0, 0))
     return grid
@@ -624,7 +625,10 @@ def _own_and_swapped(adapter: UMMAdapter, model, conditions: list, targets: list
         return {**own, **target}, {**prepared([conditions[j] for j in partner]), **target}, partner
     own = {**own, **condition, **target}
     rows = {**condition, "condition_pixel_values": own["condition_pixel_values"]}
-    return own, {**own, **{key: value[partner] for key, value in rows.items()}}, partner
+    # A list holds one entry per row (views of different sizes, the keep fit), a tensor one row per sample
+    swapped = {key: [value[j] for j in partner] if isinstance(value, list) else value[partner]
+               for key, value in rows.items()}  # fmt: skip
+    return own, {**own, **swapped}, partner
 
 
 @torch.no_grad()

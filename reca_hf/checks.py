@@ -6,7 +6,8 @@ model's architecture adapter. `reca validate` and `RecATrainer` both run them, s
 - files: ``prompt_templates`` must exist, and ``base_model_id`` must not name a local folder;
 - the model: both resolutions must suit it (``"auto"`` resolved by its adapter), the condition view must not be
   one it can copy (the shortcut guard, unless ``allow_shortcut``), a ``condition_interpolation`` needs a condition
-  made from the target (``condition_source`` resolved by the adapter), and the LoRA target mode must exist for it.
+  made from the target (``condition_source`` resolved by the adapter), a ``keep`` fit needs an adapter that takes
+  views of different sizes, and the LoRA target mode must exist for it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from .adapters.base import UMMAdapter
 from .config import RecAConfig, base_model_id_error
-from .images import ViewSpec, resolve_condition_source, shortcut_error, views_from_config
+from .images import ViewSpec, keep_errors, resolve_condition_source, shortcut_error, views_from_config
 from .loading import is_hub_id
 from .lora import leaves_understanding_intact, resolve_target_modules
 from .tasks import IMAGE_TO_TEXT
@@ -49,6 +50,7 @@ def model_errors(args: RecAConfig, adapter: UMMAdapter) -> list[str]:
         shortcut = shortcut_error(adapter, condition, generation, args.condition_bottleneck)
         if shortcut and not args.allow_shortcut:
             errors.append(shortcut)
+    errors += keep_errors(adapter, args.target_fit, args.condition_fit)
     if args.condition_source == "auto":  # an explicit 'image' with an interpolation is RecAConfig's own error
         try:
             resolve_condition_source(adapter, args.condition_source, args.condition_interpolation)

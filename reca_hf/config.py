@@ -150,14 +150,21 @@ class RecAConfig(TrainingArguments):
         target_fit (`str`, *optional*, defaults to `"auto"`):
             How an image that is not square becomes the target view: 'center_crop' (the centred square of the shorter
             side), 'random_crop' (a square at a position drawn from seed, epoch and row), 'pad' (the whole image on a
-            square of the processor's background colour) or 'stretch' (resized to the square, aspect ignored). 'auto' is
-            the architecture adapter's target_fit: 'center_crop', 'random_crop' for OpenUni. No RecA author pads a
-            generation target: a generator trained on grey bars learns to draw them.
+            square of the processor's background colour), 'stretch' (resized to the square, aspect ignored) or 'keep'
+            (the aspect kept: the long side at most generation_resolution, the short side and the stride from the
+            architecture adapter's bounds, so sizes differ per image; BAGEL's). 'auto' is the architecture adapter's
+            target_fit: 'center_crop', 'random_crop' for OpenUni, 'keep' for BAGEL. No RecA author pads a generation
+            target: a generator trained on grey bars learns to draw them.
         condition_fit (`str`, *optional*, defaults to `"auto"`):
             How the condition view fits a square where the target does not crop (under a cropping target_fit the
-            condition is cut from the target's own square): 'pad', 'stretch', 'center_crop' or 'random_crop' (the same
-            square a random-crop target would take). 'auto' follows the model's understanding processor (the adapter's
-            condition_fit: 'pad' for Janus, 'stretch' for OpenUni).
+            condition is cut from the target's own square): 'pad', 'stretch', 'center_crop', 'random_crop' (the same
+            square a random-crop target would take) or 'keep' (the aspect kept, the long side at most
+            condition_resolution). 'auto' follows the model's understanding processor (the adapter's condition_fit:
+            'pad' for Janus, 'stretch' for OpenUni, 'keep' for BAGEL).
+        group_by_aspect (`bool`, *optional*, defaults to `False`):
+            Batch training images of similar aspect ratio together (a map-style train set; the sizes come from the
+            image headers, read once at the start): with a 'keep' fit every image has its own size, and a batch of a
+            tall and a wide image pads both to the larger height and width.
         condition_source (`str`, *optional*, defaults to `"auto"`):
             Where the condition view's pixels come from: 'image' (the source image, resized by PIL bicubic with
             antialiasing in 8 bit, the way an understanding processor resizes a picture), 'target' (the target
@@ -515,9 +522,11 @@ class RecAConfig(TrainingArguments):
             "help": (
                 "How an image that is not square becomes the target view: 'center_crop' (the centred square of the "
                 "shorter side), 'random_crop' (a square at a position drawn from seed, epoch and row), 'pad' (the "
-                "whole image on a square of the processor's background colour) or 'stretch' (resized to the square, "
-                "aspect ignored). 'auto' is the architecture adapter's target_fit: 'center_crop', 'random_crop' for "
-                "OpenUni. No RecA author pads a generation target: a generator trained on grey bars learns to draw "
+                "whole image on a square of the processor's background colour), 'stretch' (resized to the square, "
+                "aspect ignored) or 'keep' (the aspect kept: the long side at most generation_resolution, the short "
+                "side and the stride from the architecture adapter's bounds, so sizes differ per image; BAGEL's). "
+                "'auto' is the architecture adapter's target_fit: 'center_crop', 'random_crop' for OpenUni, 'keep' "
+                "for BAGEL. No RecA author pads a generation target: a generator trained on grey bars learns to draw "
                 "them."
             ),
             "choices": [AUTO, *FITS],
@@ -528,11 +537,20 @@ class RecAConfig(TrainingArguments):
         metadata={
             "help": (
                 "How the condition view fits a square where the target does not crop (under a cropping target_fit the"
-                " condition is cut from the target's own square): 'pad', 'stretch', 'center_crop' or 'random_crop' "
-                "(the same square a random-crop target would take). 'auto' follows the model's understanding "
-                "processor (the adapter's condition_fit: 'pad' for Janus, 'stretch' for OpenUni)."
+                " condition is cut from the target's own square): 'pad', 'stretch', 'center_crop', 'random_crop' "
+                "(the same square a random-crop target would take) or 'keep' (the aspect kept, the long side at most "
+                "condition_resolution). 'auto' follows the model's understanding processor (the adapter's "
+                "condition_fit: 'pad' for Janus, 'stretch' for OpenUni, 'keep' for BAGEL)."
             ),
             "choices": [AUTO, *FITS],
+        },
+    )
+    group_by_aspect: bool = field(
+        default=False,
+        metadata={
+            "help": "Batch training images of similar aspect ratio together (a map-style train set; the sizes come "
+            "from the image headers, read once at the start): with a 'keep' fit every image has its own size, and a "
+            "batch of a tall and a wide image pads both to the larger height and width."
         },
     )
     condition_source: str = field(
@@ -1014,6 +1032,11 @@ class RecAConfig(TrainingArguments):
             errors.append(
                 f"max_steps={self.max_steps!r}: dataset_streaming needs max_steps (a positive number of optimizer "
                 "steps), since a stream has no length to count epochs in; set max_steps, or dataset_streaming: false."
+            )
+        if self.group_by_aspect and self.dataset_streaming:
+            errors.append(
+                "group_by_aspect=True: it reads every training image's size before the first step, and a streamed "
+                "dataset (dataset_streaming: true) is read in its own order; set one of them to false."
             )
         if self.max_train_samples is not None and self.max_train_samples < 1:
             errors.append(f"max_train_samples={self.max_train_samples!r}: use a positive integer or leave it unset.")

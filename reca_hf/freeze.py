@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
-
 from torch import nn
 
 from .adapters.base import UMMAdapter
 from .adapters.helpers import unwrap_model
+from .dotted import matches
 
 _MANAGED = "_reca_freeze_managed"  # marks a parameter whose requires_grad a freeze policy has set
-
-
-def matches(name: str, patterns: Iterable[str]) -> bool:
-    """True when a pattern fully matches ``name`` or one of its dotted prefixes (module paths).
-
-    Full matching keeps a pattern like ``model.aligner`` from catching ``model.generation_aligner``.
-    """
-    parts = name.split(".")
-    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-    return any(re.fullmatch(pattern, prefix) for pattern in patterns for prefix in prefixes)
 
 
 def auto_freeze(adapter: UMMAdapter) -> tuple[str, ...]:
@@ -64,6 +52,7 @@ def apply_freeze(model: nn.Module, adapter: UMMAdapter, freeze: str | list[str] 
         setattr(parameter, _MANAGED, True)  # ours from now on: a later policy (a resume) may change it
         if not parameter.requires_grad:
             frozen.append(name)
+    adapter.after_freeze(model, frozen)
     return frozen
 
 

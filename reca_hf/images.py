@@ -11,7 +11,10 @@ view. ``"center_crop"`` cuts the centred square of the shorter side; ``"random_c
 position the collator draws from (seed, epoch, row), as OpenUni's authors do (the views of the grid and the
 probe, which have no row, use the centred square); ``"pad"`` resizes the longer side to the view's resolution
 and pads to a square with the model processor's background colour (what the Janus image processor does for
-understanding); ``"stretch"`` resizes both sides to the resolution, ignoring the aspect (Harmon, Show-o).
+understanding); ``"stretch"`` resizes both sides to the resolution, ignoring the aspect (Harmon, Show-o); ``"keep"`` keeps the
+aspect ratio and resizes the image into the view's bounds (:class:`KeepBounds`, :func:`keep_size`: the long side at
+most the resolution, the short side at least a fraction of it, both multiples of the model's stride; BAGEL), so
+views of one batch differ in size: only adapters with ``variable_size`` take it.
 The target's default is ``"center_crop"``: no RecA author pads a generation target, and a generator trained
 on grey bars learns to draw them. The condition shows what the target shows: under a cropping target fit it
 is cut from the target's own square (so ``condition_fit`` has nothing left to fit), under ``"pad"`` and
@@ -48,7 +51,7 @@ from PIL import Image, ImageOps
 logger = logging.getLogger(__name__)
 
 BOTTLENECKS = ("resize", "blur", "none")
-FITS = ("pad", "center_crop", "random_crop", "stretch")
+FITS = ("pad", "center_crop", "random_crop", "stretch", "keep")
 TARGET_FITS = FITS  # the old name: the fits a target view can take (a condition view takes the same)
 CROP_FITS = ("center_crop", "random_crop")  # the fits that cut a square of the shorter side
 SHORTER_SIDE_FITS = (*CROP_FITS, "stretch")  # the fits whose view side comes from the image's shorter side
@@ -58,6 +61,45 @@ _DERIVE_RATIO = 2  # a smaller view is resized from a larger one at least this m
 CONDITION_SOURCES = ("image", "target")  # where a condition view's pixels come from (see the module docstring)
 # Resamplers of a "target" condition: torch.nn.functional.interpolate modes, "_antialias" with antialias=True
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "area", "bilinear_antialias", "bicubic_antialias")
+
+
+@dataclass(frozen=True)
+class KeepBounds:
+    """Where the ``keep`` fit puts a view of resolution ``R`` (:func:`keep_size`): long side at most ``R``, short
+    side at least ``min_short * R``, both sides multiples of ``multiple``, at most ``max_pixels`` pixels (None: no
+    limit). An adapter declares one for its targets and one for its conditions."""
+
+    multiple: int = 1
+    min_short: float = 0.0
+    max_pixels: int | None = None
+
+
+def keep_size(width: int, height: int, resolution: int, bounds: KeepBounds) -> tuple[int, int]:
+    """``(width, height)`` of the ``keep`` view of a ``width x height`` image: BAGEL's rule (its authors'
+    ``MaxLongEdgeMinShortEdgeResize``). Scale so that the long side is at most ``resolution`` (never up) but the
+    short side at least ``bounds.min_short * resolution`` (up if needed); round each side to the nearest multiple
+    (at least one multiple); where that is over ``max_pixels``, scale by the pixel ratio (a ratio of areas, applied
+    to the sides, as theirs) and round again; where the long side is then over ``resolution``, scale it back to it
+    and round again. The short-side floor wins over the long-side bound only until that last step, so a very
+    elongated image ends with its long side at ``resolution`` and its short side under the floor."""
+    multiple = bounds.multiple
+
+    def scaled(w: float, h: float, scale: float) -> tuple[int, int]:
+        return tuple(max(multiple, int(round(round(v * scale) / multiple) * multiple)) for v in (w, h))
+
+    scale = max(min(resolution / max(width, height), 1.0), bounds.min_short * resolution / min(width, height))
+    w, h = scaled(width, height, scale)
+    if bounds.max_pixels is not None and w * h > bounds.max_pixels:
+        w, h = scaled(w, h, bounds.max_pixels / (w * h))
+    if max(w, h) > resolution:
+        w, h = scaled(w, h, resolution / max(w, h))
+    return w, h
+
+
+def keep(image: Image.Image, resolution: int, bounds: KeepBounds) -> Image.Image:
+    """``image`` resized (bicubic) to its :func:`keep_size`."""
+    size = keep_size(*image.size, resolution, bounds)
+    return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
 
 
 class BadImageError(ValueError):
@@ -233,6 +275,8 @@ class ViewSpec:
     # The resampler of a "target" condition (one of INTERPOLATIONS; None there means "bilinear"); None for "image",
     # whose condition PIL resizes (bicubic, antialiased)
     condition_interpolation: str | None = None
+    target_keep: KeepBounds = KeepBounds()  # the bounds of a "keep" target view
+    condition_keep: KeepBounds = KeepBounds()  # and of a "keep" condition view
 
     def __post_init__(self):
         if self.bottleneck not in BOTTLENECKS:
@@ -265,8 +309,13 @@ class ViewSpec:
 
     def square(self, image: Image.Image, resolution: int, fit_policy: str | None = None) -> Image.Image:
         """``image`` as a square of side ``resolution`` under ``fit_policy`` (default: the target fit; a random
-        crop is centred here), without the bottleneck: the text-to-image target, the image-to-text image."""
+        crop is centred here), without the bottleneck: the text-to-image target, the image-to-text image. Under
+        ``"keep"`` not a square but the kept-aspect view (the target's bounds, or the condition's when
+        ``fit_policy`` is given)."""
+        bounds = self.target_keep if fit_policy is None else self.condition_keep
         fit_policy = fit_policy or self.target_fit
+        if fit_policy == "keep":
+            return keep(image, resolution, bounds)
         if fit_policy in CROP_FITS:
             return fit(center_square(image), resolution)
         if fit_policy == "stretch":
@@ -283,6 +332,11 @@ class ViewSpec:
     def largest_side(self) -> int:
         """The largest view side: what an image needs to be decoded at (see :func:`load_image`'s ``draft``)."""
         return max(self.condition_resolution, self.generation_resolution)
+
+    @property
+    def keeps_aspect(self) -> bool:
+        """Whether some view keeps the aspect ratio (``"keep"``), so that views of one batch differ in size."""
+        return self.target_fit == "keep" or (self.condition_fit == "keep" and self.target_fit not in CROP_FITS)
 
     @property
     def uses_random_crop(self) -> bool:
@@ -314,6 +368,12 @@ class ViewSpec:
             condition_square = center_square(image, _position(condition_fit, crop_position))
         stretch_target, stretch_condition = target_fit == "stretch", condition_fit == "stretch"
         resolution_c, resolution_g = self.condition_resolution, self.generation_resolution
+        if self.keeps_aspect:  # each view resized once from its source, as BAGEL's authors make theirs
+            target = self._view(target_square, resolution_g, target_fit, self.target_keep)
+            if self.condition_source == "target":
+                return self.condition_from_target(target), target
+            condition = self._view(condition_square, resolution_c, condition_fit, self.condition_keep)
+            return (blur(condition, self.blur_factor) if self.bottleneck == "blur" else condition), target
         if self.condition_source == "target":  # the target as the authors make it, then the condition from it
             target = _pad(_resized(target_square, resolution_g, stretch_target), resolution_g, self.background)
             return self.condition_from_target(target), target
@@ -331,15 +391,28 @@ class ViewSpec:
             condition = blur(condition, self.blur_factor)
         return condition, _pad(target, resolution_g, self.background)
 
+    def _view(self, image: Image.Image, resolution: int, fit_policy: str, bounds: KeepBounds) -> Image.Image:
+        """One view of ``image`` (already cut to its square under a crop fit) under ``fit_policy``."""
+        if fit_policy == "keep":
+            return keep(image, resolution, bounds)
+        return _pad(_resized(image, resolution, fit_policy == "stretch"), resolution, self.background)
+
     def condition_from_target(self, target: Image.Image | torch.Tensor) -> torch.Tensor:
         """A ``"target"`` condition: the target view's float tensor (0..1, not re-quantised) resampled to the
-        condition resolution at :attr:`condition_interpolation`, or under ``"blur"`` down to ``condition_resolution
-        // blur_factor`` and back up; the tensor itself where the sizes agree. Returns ``(3, H, W)``."""
+        condition resolution at :attr:`condition_interpolation` (under a ``"keep"`` condition fit, to the
+        :func:`keep_size` of the target's size), or under ``"blur"`` down to ``1 / blur_factor`` of that and back
+        up; the tensor itself where the sizes agree. Returns ``(3, H, W)``."""
         pixels = target if isinstance(target, torch.Tensor) else to_tensor([target], (0.0,) * 3, (1.0,) * 3)[0]
         side = self.condition_resolution
+        if self.condition_fit == "keep" and self.target_fit not in CROP_FITS:
+            width, height = keep_size(pixels.shape[-1], pixels.shape[-2], side, self.condition_keep)
+            size = (height, width)
+        else:
+            size = (side, side)
         if self.bottleneck == "blur":
-            pixels = resample(pixels, max(1, side // self.blur_factor), self.condition_interpolation)
-        return resample(pixels, side, self.condition_interpolation)
+            small = tuple(max(1, n // self.blur_factor) for n in size)
+            pixels = resample(pixels, small, self.condition_interpolation)
+        return resample(pixels, size, self.condition_interpolation)
 
 
 def _position(fit_policy: str, crop_position: float | None) -> float:
@@ -355,15 +428,17 @@ def _resized(image: Image.Image, resolution: int, stretch: bool) -> Image.Image:
     return image if image.size == size else image.resize(size, Image.Resampling.BICUBIC)
 
 
-def resample(pixels: torch.Tensor, side: int, interpolation: str) -> torch.Tensor:
-    """``pixels`` ``(3, H, W)`` or ``(B, 3, H, W)`` resized to a ``side`` square by ``torch.nn.functional.interpolate``
-    (``interpolation``: one of :data:`INTERPOLATIONS`); the tensor itself when it already has that size."""
-    if tuple(pixels.shape[-2:]) == (side, side):
+def resample(pixels: torch.Tensor, side: int | tuple[int, int], interpolation: str) -> torch.Tensor:
+    """``pixels`` ``(3, H, W)`` or ``(B, 3, H, W)`` resized to a ``side`` square (or to ``side = (H, W)``) by
+    ``torch.nn.functional.interpolate`` (``interpolation``: one of :data:`INTERPOLATIONS`); the tensor itself when it
+    already has that size."""
+    size = tuple(side) if isinstance(side, tuple) else (side, side)
+    if tuple(pixels.shape[-2:]) == size:
         return pixels
     mode, _, antialias = interpolation.partition("_")
     batch = pixels if pixels.dim() == 4 else pixels[None]
     corners = False if mode in ("bilinear", "bicubic") else None  # the default, said aloud (no warning)
-    out = F.interpolate(batch.float(), size=(side, side), mode=mode, align_corners=corners, antialias=bool(antialias))
+    out = F.interpolate(batch.float(), size=size, mode=mode, align_corners=corners, antialias=bool(antialias))
     return out if pixels.dim() == 4 else out[0]
 
 
@@ -392,6 +467,11 @@ def to_tensor(images: list[Image.Image | torch.Tensor], mean, std) -> torch.Tens
         return pixels.mul_(1.0 / std).add_(bias)
     pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2).contiguous()
     return pixels.float().mul_(1.0 / (255.0 * std)).add_(bias)  # in place: one float pass after the cast
+
+
+def to_tensors(images: list[Image.Image | torch.Tensor], mean, std) -> list[torch.Tensor]:
+    """:func:`to_tensor` one view at a time: ``(3, H, W)`` each, for views of different sizes (the ``keep`` fit)."""
+    return [to_tensor([image], mean, std)[0] for image in images]
 
 
 def _unit_pixels(image: Image.Image | torch.Tensor) -> torch.Tensor:
@@ -515,10 +595,31 @@ def resolve_views(
         adapter.target_fit if target_fit == AUTO else target_fit,
         adapter.condition_fit if condition_fit == AUTO else condition_fit,
     )
+    errors = keep_errors(adapter, *fits)
+    if errors:
+        raise ValueError("\n".join(errors))
     source = resolve_condition_source(adapter, condition_source, condition_interpolation)
-    views = ViewSpec(condition, generation, bottleneck, blur_factor, adapter.background_color, *fits, *source)
+    views = ViewSpec(
+        condition, generation, bottleneck, blur_factor, adapter.background_color, *fits, *source,
+        target_keep=adapter.target_keep, condition_keep=adapter.condition_keep,
+    )  # fmt: skip
     check_shortcut(adapter, views, allow_shortcut)
     return views
+
+
+def keep_errors(adapter, target_fit: str = AUTO, condition_fit: str = AUTO) -> list[str]:
+    """The fits set to ``"keep"`` (``"auto"`` resolved by the adapter) that an adapter stacking its views (not
+    ``variable_size``) cannot take, each naming its field."""
+    errors = []
+    for name, fit_policy in (("target_fit", target_fit), ("condition_fit", condition_fit)):
+        resolved = getattr(adapter, name) if fit_policy == AUTO else fit_policy
+        if resolved == "keep" and not adapter.variable_size:
+            errors.append(
+                f"{name}='keep': the {adapter.name} architecture adapter batches views of one size (its prepare "
+                "stacks them), and 'keep' gives every image its own size; choose 'center_crop', 'random_crop', "
+                "'pad' or 'stretch' (or leave it 'auto')."
+            )
+    return errors
 
 
 def views_from_config(adapter, args) -> ViewSpec:

@@ -1,5 +1,5 @@
-"""Per-task metering of a RecA run: task losses, sample counts, skipped bad images, the global caption-token share,
-and FLOPs with the model FLOPs utilisation.
+"""Per-task metering of a RecA run: task losses, sample counts, skipped bad images, the global token shares (captions,
+and token-weighted reconstruction losses), and FLOPs with the model FLOPs utilisation.
 
 A mixin of :class:`~reca_hf.RecATrainer`. Losses and counts stay on the device and the host during steps and are
 gathered over the processes at log and checkpoint time (:meth:`TaskMeteringMixin._flush_task_losses`), so a step
@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 
+from .adapters.base import UMMAdapter
 from .adapters.helpers import IGNORE_INDEX, unwrap_model
 from .callbacks import RunTotals
 from .flops import FlopCounter, resolve_peak_flops
-from .tasks import IMAGE_TO_TEXT, TASKS, EvalTasksDataset
+from .tasks import IMAGE_TO_TEXT, RECONSTRUCTION, TASKS, EvalTasksDataset
 
 
 class TaskMeteringMixin:
@@ -99,7 +100,26 @@ class TaskMeteringMixin:
             if labels is not None
             else torch.zeros((), device=device)
         )
-        local = torch.stack([torch.tensor(float(samples), device=device), tokens])
+        return self._token_share(samples, tokens)
+
+    def _loss_token_share(self, batches, mode: str) -> tuple[torch.Tensor, torch.Tensor | float] | None:
+        """The same for a reconstruction loss that is a mean over items rather than samples (an adapter whose
+        :meth:`~reca_hf.adapters.UMMAdapter.loss_tokens` says how many: BAGEL's VAE tokens), so that a
+        multi-process step's loss is the mean over all processes' items, as BAGEL's authors divide by the global
+        token count. None in a single process or for a per-sample loss; else every process gathers every step."""
+        adapter = self.adapter
+        if self.accelerator.num_processes == 1 or type(adapter).loss_tokens is UMMAdapter.loss_tokens:
+            return None
+        batch = batches.get(RECONSTRUCTION)
+        samples = adapter.batch_size(batch) if batch else 0
+        tokens = float(adapter.loss_tokens(batch)) if batch else 0.0
+        return self._token_share(samples, torch.tensor(tokens, device=self.accelerator.device))
+
+    def _token_share(self, samples: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float] | None:
+        """``(share, factor)`` of a loss that is a mean over this process's ``tokens`` (see
+        :meth:`_caption_token_share`); gathers the counts of every process."""
+        device = self.accelerator.device
+        local = torch.stack([torch.tensor(float(samples), device=device), tokens.float()])
         all_samples, all_tokens = self.accelerator.gather(local[None]).sum(0).unbind()
         if not samples:
             return None

@@ -18,6 +18,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from .adapters import adapter_class_for, get_adapter, unwrap_model
+from .buckets import AspectGroupedSampler, aspect_ratios
 from .callbacks import CollapseDetector, PromptEpochCallback, ReconstructionGridCallback, StreamPosition
 from .cards import PAPER_ID, PAPER_TITLE
 from .checks import bf16_without_accelerator, check_run, check_understanding_data
@@ -267,6 +268,19 @@ class RecATrainer(
             return names
         return [n for n in names if not matches(n.removeprefix("base_model.model."), self.adapter.no_weight_decay)]
 
+    def _get_train_sampler(self, train_dataset=None):
+        """Under ``group_by_aspect``, batches of similar aspect ratio (:class:`~reca_hf.buckets.AspectGroupedSampler`)."""
+        if not self.args.group_by_aspect:
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+            raise ValueError(
+                "group_by_aspect: true needs a map-style train dataset (it reads every image's size first); a streamed "
+                "one is read in its own order: set group_by_aspect or dataset_streaming to false"
+            )
+        aspects = aspect_ratios(dataset, self.args.image_columns, self.args.image_column)
+        return AspectGroupedSampler(aspects, self.args.train_batch_size, seed=self.args.seed)
+
     def _get_dataloader(self, dataset, *args, **kwargs):
         return super()._get_dataloader(indexed(dataset), *args, **kwargs)  # also a dataset given to evaluate()
 
@@ -280,7 +294,10 @@ class RecATrainer(
         batches = {task: batch for task, batch in batches.items() if batch}
         base = unwrap_model(model)
         task_losses: dict[str, torch.Tensor] = {}
-        caption_share = self._caption_token_share(batches, "train" if model.training else "eval")
+        mode = "train" if model.training else "eval"
+        # Losses that are means over tokens, made means over every process's tokens (None: one process, or not so)
+        shares = {IMAGE_TO_TEXT: self._caption_token_share(batches, mode),
+                  RECONSTRUCTION: self._loss_token_share(batches, mode)}  # fmt: skip
 
         def forward(**batches):  # one forward call of the (possibly wrapped) model computes every task's loss
             for task, batch in batches.items():
@@ -288,11 +305,13 @@ class RecATrainer(
                 flops = self.flop_counter.pop()  # this task's forward and the backward it will cause
                 self.task_flos[task] += flops
                 self._step_flos += flops
-            if caption_share is not None and IMAGE_TO_TEXT in task_losses:
-                share, factor = caption_share
-                task_losses[IMAGE_TO_TEXT] = task_losses[IMAGE_TO_TEXT] * share
-                return self._combine({**task_losses, IMAGE_TO_TEXT: task_losses[IMAGE_TO_TEXT] * factor}, batches)
-            return self._combine(task_losses, batches)
+            trained = dict(task_losses)
+            for task, shared in shares.items():
+                if shared is not None and task in task_losses:
+                    share, factor = shared
+                    task_losses[task] = task_losses[task] * share  # what is logged
+                    trained[task] = task_losses[task] * factor
+            return self._combine(trained, batches)
 
         if model.training:
             self.flop_counter.start()

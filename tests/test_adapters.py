@@ -35,7 +35,11 @@ ARCHS = sorted(tiny_builders())  # every architecture registered with a tiny bui
 
 
 def _tensors(batch):
-    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    """The model inputs of a collated batch: its tensors, and its lists of tensors or token ids (views of different
+    sizes, BAGEL's prompts); not the instruction strings."""
+    return {
+        k: v for k, v in batch.items() if isinstance(v, torch.Tensor) or (isinstance(v, list) and k != "instructions")
+    }
 
 
 def _batch(arch, shapes, n=4):
@@ -97,7 +101,10 @@ def test_reconstruct_returns_images_at_the_generation_resolution(arch, shapes):
     images = adapter.reconstruct([shapes[0]["image"], shapes[1]["image"]], seed=0)
     size = adapter.native_generation_resolution
     assert [im.size for im in images] == [(size, size)] * 2
-    low = adapter.reconstruct([shapes[0]["image"]], views=RecACollator(adapter, condition_resolution=16).views)
+    low_resolution = adapter.round_condition_resolution(16)  # a size the condition encoder takes
+    low = adapter.reconstruct(
+        [shapes[0]["image"]], views=RecACollator(adapter, condition_resolution=low_resolution).views
+    )
     assert low[0].size == (size, size)
 
 

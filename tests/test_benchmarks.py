@@ -44,6 +44,22 @@ def test_janus_pro_shapes_have_the_public_sizes():
     assert 1.8e9 < sizes["1b"] < 1.95e9 and 6.9e9 < sizes["7b"] < 7.1e9
 
 
+def test_harmon_shapes_have_the_published_sizes_and_train_at_512_px(tmp_path):
+    gpu_step = _load("gpu_step")
+    sizes = {}
+    for size in gpu_step.HARMON:
+        model, tokenizer = gpu_step.harmon_shape(size, device="meta")
+        sizes[size] = sum(p.numel() for p in model.parameters())
+        assert gpu_step.image_resolution(model) == 512  # 32 x 32 latent tokens
+        assert tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
+    # benchmarks/results/harmon_params.md: 771.4M and 2561.2M in all
+    assert round(sizes["harmon_0_5b"] / 1e5) == 7714 and round(sizes["harmon_1_5b"] / 1e5) == 25612
+    (result,) = gpu_step.main(
+        ["--tiny", "--tiny-arch", "harmon", "--steps", "1", "--warmup", "1", "--out", str(tmp_path)]
+    )
+    assert result["samples_per_second"] > 0 and result["trainable_parameters"] < result["parameters"]
+
+
 @pytest.mark.slow
 def test_trainer_overhead_runs(tmp_path):
     result = _load("trainer_overhead").main(["--steps", "1", "--out", str(tmp_path)])
@@ -52,5 +68,5 @@ def test_trainer_overhead_runs(tmp_path):
 
 def test_harmon_derived_runs_at_its_smallest():
     (row,) = _load("harmon_derived").main(["--steps", "2", "--train-images", "16", "--held-out", "2",
-                                           "--batch-size", "4", "--settings", "half_res"])  # fmt: skip
+                                           "--batch-size", "4", "--settings", "half_res", "--out", ""])  # fmt: skip
     assert row["condition px"] == 32 and math.isfinite(row["condition_gain"]) and row["last loss"] > 0

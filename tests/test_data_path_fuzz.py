@@ -123,7 +123,17 @@ def test_every_input_gives_a_batch_or_the_documented_error(arch, drawn):
         return
     counts = {task: sum(t == task for _, _, t in drawn) for task in TASKS}
     views = collator.views
-    if counts[RECONSTRUCTION]:
+    if counts[RECONSTRUCTION] and views.keeps_aspect:  # the keep fit: one tensor per view, each within its bounds
+        n = counts[RECONSTRUCTION]
+        for key, side, bounds in (("condition_pixel_values", views.condition_resolution, views.condition_keep),
+                                  ("target_pixel_values", views.generation_resolution, views.target_keep)):  # fmt: skip
+            assert len(batch[key]) == n
+            for view in batch[key]:
+                height, width = view.shape[-2:]
+                assert view.shape[0] == 3 and max(height, width) <= side
+                assert height % bounds.multiple == 0 and width % bounds.multiple == 0
+        assert adapter.batch_size(batch) == n and len(batch["instructions"]) == n
+    elif counts[RECONSTRUCTION]:
         n, c, g = counts[RECONSTRUCTION], views.condition_resolution, views.generation_resolution
         assert batch["condition_pixel_values"].shape == (n, 3, c, c)
         assert batch["target_pixel_values"].shape == (n, 3, g, g)
@@ -146,6 +156,8 @@ def _tensors(batch):
             yield from _tensors(value)
         elif isinstance(value, torch.Tensor):
             yield value
+        elif isinstance(value, list):
+            yield from (item for item in value if isinstance(item, torch.Tensor))
 
 
 @pytest.mark.parametrize("arch", ADAPTERS)
@@ -166,7 +178,7 @@ def test_skip_always_gives_a_whole_batch_with_its_own_captions(arch, drawn):
     batch = collator(examples) if examples else {}
     counts = {task: sum(t == task for _, _, t in drawn) for task in TASKS}
     if counts[RECONSTRUCTION]:
-        assert batch["condition_pixel_values"].shape[0] == counts[RECONSTRUCTION] == len(batch["instructions"])
+        assert len(batch["condition_pixel_values"]) == counts[RECONSTRUCTION] == len(batch["instructions"])
         assert batch["dataset_index"].tolist() == [i for i, (_, _, t) in enumerate(drawn) if t == RECONSTRUCTION]
     for task, key in ((IMAGE_TO_TEXT, "condition_pixel_values"), (TEXT_TO_IMAGE, "target_pixel_values")):
         if counts[task]:

@@ -23,6 +23,7 @@ from ..images import (
     CONDITION_SOURCES,
     FITS,
     INTERPOLATIONS,
+    KeepBounds,
     ViewSpec,
     auto_condition_resolution,
     check_shortcut,
@@ -82,6 +83,12 @@ class UMMAdapter(ABC):
     # prepare() then receives PIL images or float tensors as conditions: reca_hf.images.to_tensor takes both.
     condition_source: ClassVar[str] = "image"
     condition_interpolation: ClassVar[str] = "bilinear"
+    # Whether prepare() takes views of different sizes in one batch (the "keep" fit, which keeps each image's
+    # aspect ratio; refused for adapters that stack their views), and the bounds of a "keep" view (an instance may
+    # set its own from the model config: the strides its encoders need)
+    variable_size: ClassVar[bool] = False
+    target_keep: ClassVar[KeepBounds] = KeepBounds()
+    condition_keep: ClassVar[KeepBounds] = KeepBounds()
     # Frozen-tower cache: feature name -> patterns of the modules it comes from (needs frozen_features)
     frozen_feature_sources: ClassVar[dict[str, tuple[str, ...]]] = {}
     # LoRA (full-name regular expressions of Linear layers, see reca_hf.lora)
@@ -306,6 +313,11 @@ class UMMAdapter(ABC):
             "tokenizers": self.tokenizer_modules,
         }
 
+    def after_freeze(self, model, frozen: list[str]) -> None:
+        """Called by :func:`reca_hf.freeze.apply_freeze` with the names it froze: for a model whose forward depends
+        on what trains (BAGEL's ``freeze_und``). The default does nothing."""
+        return None
+
     # ---- the two faces -----------------------------------------------------------------------
 
     @abstractmethod
@@ -337,6 +349,14 @@ class UMMAdapter(ABC):
             if isinstance(value, list | tuple):
                 return len(value)
         raise ValueError(f"the {self.name} adapter cannot tell the batch size of a batch with keys {sorted(batch)}")
+
+    def loss_tokens(self, batch: dict[str, Any]) -> int | None:
+        """How many items the ``"mean"`` :meth:`loss` of a prepared batch averages over, for a loss that is a
+        mean over items (tokens) rather than over samples; read on the host, without the model. Where an adapter
+        overrides it (BAGEL: its VAE tokens), the trainer makes the loss of a multi-process step the mean over all
+        processes' items (the authors' global token count), not the mean of the processes' means. The default,
+        None, is a per-sample mean."""
+        return None
 
     @abstractmethod
     def loss(self, model, batch: dict[str, Any], *, reduction: str = "mean", noise=None) -> torch.Tensor:

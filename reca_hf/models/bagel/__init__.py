@@ -1,12 +1,16 @@
-"""BAGEL (a Qwen2 Mixture-of-Transformers with a SigLIP NaViT condition and flow matching on FLUX-VAE latents)."""
+"""BAGEL (a Qwen2 Mixture-of-Transformers with a SigLIP NaViT condition and flow matching on FLUX-VAE latents).
 
-from transformers import AutoConfig, AutoModel
+The config and model load on first use (``reca_hf.models.bagel.BagelModel``), so that registering the adapter
+(:mod:`.adapter`) imports no model code; importing them registers ``model_type: "bagel"`` with the Auto classes.
+"""
 
-from .configuration_bagel import BagelConfig
-from .modeling_bagel import BagelModel
+from importlib import import_module
 
-# So a saved folder's `model_type: "bagel"` resolves through the Auto classes once this package is imported.
-AutoConfig.register(BagelConfig.model_type, BagelConfig, exist_ok=True)
-AutoModel.register(BagelConfig, BagelModel, exist_ok=True)
+_EXPORTS = {"BagelConfig": "configuration_bagel", "BagelModel": "modeling_bagel"}
+__all__ = list(_EXPORTS)
 
-__all__ = ["BagelConfig", "BagelModel"]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -8,7 +8,7 @@ stored as the plain dict `diffusers.AutoencoderKL.from_config` reads, so the con
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig
+from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.qwen2 import Qwen2Config
 from transformers.models.siglip import SiglipVisionConfig
@@ -138,3 +138,7 @@ class BagelConfig(PreTrainedConfig):
     @property
     def latent_channels(self) -> int:
         return self.vae_config["latent_channels"]
+
+
+# So a saved folder's `model_type: "bagel"` resolves through the Auto classes once this module is imported.
+AutoConfig.register(BagelConfig.model_type, BagelConfig, exist_ok=True)

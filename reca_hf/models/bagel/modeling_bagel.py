@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel
+from transformers import AutoModel, DynamicCache, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -680,3 +680,6 @@ def _split_mask(splits: list[tuple[str, int]]) -> torch.Tensor:
             allowed[start : start + n, start : start + n] = True
         start += n
     return allowed
+
+
+AutoModel.register(BagelConfig, BagelModel, exist_ok=True)  # `AutoModel.from_pretrained` of a BAGEL folder
