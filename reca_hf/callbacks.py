@@ -19,7 +19,7 @@ from transformers.trainer_callback import ExportableState
 from .adapters.base import UMMAdapter
 from .adapters.helpers import cached_key, eval_mode
 from .adapters.targets import LossNoise
-from .config import COLLAPSE_ACTIONS, MAX_GRID_IMAGES
+from .config import COLLAPSE_ACTIONS, MAX_GRID_IMAGES, TINY_PREFIX
 from .data import synthetic_shapes, undecoded
 from .images import BadImageError, ViewSpec, decode_image, load_image, view_image
 from .sharding import from_rank_zero
@@ -29,10 +29,15 @@ ShardedForward = Callable[[Callable[[torch.nn.Module], Any]], Any]  # runs funct
 logger = logging.getLogger(__name__)
 
 GRID_FILE = "reconstructions.png"
+TEXT_TO_IMAGE_FILE = "text_to_image_before_after.png"  # the validation prompts' samples at the start and at the end
 SAMPLES_DIR = "samples"  # output_dir/samples/step-N.png: the grid and samples of each step they were made at
 DETECTOR_ACTIONS = tuple(action for action in COLLAPSE_ACTIONS if action != "off")  # "off" means no detector
 DERIVED_PROBE_FACTOR = 2  # a derived condition is probed this many times as often
 PROBE_SEED = 20250909  # synthetic probe images: a seed no training set of synthetic shapes uses by default
+# Text-to-image samples whose mean absolute pixel difference from the first prompt's stays below this share of the
+# pixel range are one image for every prompt: the model does not follow its prompts.
+SAME_IMAGE_TOLERANCE = 0.02
+SAME_FOR_EVERY_PROMPT = "the same image for every prompt: this model does not follow its prompts yet"
 
 
 class PromptEpochCallback(TrainerCallback):
@@ -162,7 +167,13 @@ class ReconstructionGridCallback(TrainerCallback):
     Each grid (columns: input | condition as the model saw it | image tokenizer round trip, the best any
     generator can do with these codes | reconstruction) and the prompts' samples go to every tracker of the
     run that takes images (:func:`log_images`) and to ``output_dir/samples/step-N.png``. At the end,
-    ``reconstructions.png`` sets the start and end reconstructions side by side.
+    ``reconstructions.png`` sets the start and end reconstructions side by side, and
+    ``text_to_image_before_after.png`` the prompts' samples at the start (the base model) and at the end (the
+    trained one), drawn with the same seed (also sent to the trackers, as ``reca/text_to_image_before_after``).
+
+    A text-to-image row that cannot mean anything yet has a caption saying so: ``text_caption`` when set (for a
+    tiny model with a random language model, :meth:`for_run` sets one), else when the row's images are one image
+    for every prompt (:func:`same_for_every_prompt`).
 
     Args:
         adapter, views, images: what is reconstructed (``views`` as the collator's).
@@ -171,6 +182,7 @@ class ReconstructionGridCallback(TrainerCallback):
         prompts: text-to-image prompts sampled beside each grid (None or empty: none).
         trackers: the run's callbacks (the trainer's ``callback_handler.callbacks``), searched for trackers.
         sample_kwargs: settings of those samples, passed to the adapter's text_to_image.
+        text_caption: a caption under every text-to-image row (None: only under rows of one image for every prompt).
         generation_kwargs: settings of the reconstructions, passed to the adapter's reconstruct.
 
     At most :data:`~reca_hf.config.MAX_GRID_IMAGES` (16) images; the seconds each grid took are logged and kept in
@@ -191,6 +203,7 @@ class ReconstructionGridCallback(TrainerCallback):
         prompts: list[str] | None = None,
         trackers: list | None = None,
         sample_kwargs: dict | None = None,
+        text_caption: str | None = None,
         **generation_kwargs,
     ):
         if len(images) > MAX_GRID_IMAGES:
@@ -206,9 +219,13 @@ class ReconstructionGridCallback(TrainerCallback):
         self.prompts = list(prompts or [])
         self.trackers = trackers if trackers is not None else []
         self.sample_kwargs = dict(sample_kwargs or {})
+        self.text_caption = text_caption
         self.generation_kwargs = {"seed": seed, **generation_kwargs}
         self.start: tuple[int, list[Image.Image]] | None = None
         self.latest: tuple[int, list[Image.Image]] | None = None
+        self.start_samples: tuple[int, list[Image.Image]] | None = None  # the prompts' samples at the start
+        self.latest_samples: tuple[int, list[Image.Image]] | None = None
+        self.before_after_step: int | None = None  # the step text_to_image_before_after.png was made at
         self.logged_steps: list[int] = []  # the steps whose images went out, in order
         self.seconds: dict[int, float] = {}  # step -> seconds its grid (and samples) took
         self._fixed_columns: dict[str, list[Image.Image]] | None = None
@@ -220,11 +237,14 @@ class ReconstructionGridCallback(TrainerCallback):
     ) -> ReconstructionGridCallback | None:
         """The grid a :class:`~reca_hf.RecAConfig` asks for: of the first ``num_reconstruction_images`` eval images
         when there is an eval set, else of the first training images, with ``validation_prompts`` sampled beside
-        it (None when there is nothing to show)."""
+        it (None when there is nothing to show). A ``tiny:`` model's text-to-image rows say that they show noise:
+        its language model is random."""
         prompts = list(args.validation_prompts or [])
         if prompts and not adapter.supports_text_to_image_sampling():
-            logger.warning(
-                "validation_prompts are not sampled: the %s architecture adapter has no text-to-image sampler.",
+            logger.info(
+                "validation_prompts are not sampled (no text-to-image samples, no %s): the %s architecture adapter "
+                "has no text-to-image sampler.",
+                TEXT_TO_IMAGE_FILE,
                 adapter.name,
             )
             prompts = []
@@ -249,11 +269,21 @@ class ReconstructionGridCallback(TrainerCallback):
             prompts=prompts,
             trackers=trackers,
             sample_kwargs=sampler if prompts else None,
+            text_caption=tiny_model_caption(args.model_name_or_path),
             **generation,
         )
 
     def _reconstruct(self, model) -> list[Image.Image]:
         return self.adapter.reconstruct(self.images, model=model, views=self.views, **self.generation_kwargs)
+
+    def _sample(self, model) -> list[Image.Image]:
+        return self.adapter.text_to_image(self.prompts, model=model, seed=self.seed, **self.sample_kwargs)
+
+    def _caption(self, *rows: list[Image.Image]) -> str | None:
+        """The caption under text-to-image rows: ``text_caption``, else whether every row is one image for all."""
+        if self.text_caption is not None:
+            return self.text_caption
+        return SAME_FOR_EVERY_PROMPT if rows and all(same_for_every_prompt(row) for row in rows) else None
 
     def _generate(self, function, model):
         """``function(model)``: through ``sharded_forward`` (every rank together) when the model is sharded."""
@@ -289,11 +319,8 @@ class ReconstructionGridCallback(TrainerCallback):
             self.latest = (step, reconstructions)
             columns = self._columns(model)
         if self.prompts:
-
-            def sample(model):
-                return self.adapter.text_to_image(self.prompts, model=model, seed=self.seed, **self.sample_kwargs)
-
-            samples = self._generate(sample, model)
+            samples = self._generate(self._sample, model)
+            self.latest_samples = (step, samples)
         if not state.is_world_process_zero:  # a sharded run's other ranks: they generated, rank 0 writes
             self.logged_steps.append(step)
             return
@@ -301,7 +328,7 @@ class ReconstructionGridCallback(TrainerCallback):
             images["reca/reconstructions"] = image_grid({**columns, f"step {step}": reconstructions})
         if samples is not None:
             images["reca/text_to_image"] = image_grid(
-                {prompt[:14]: [image] for prompt, image in zip(self.prompts, samples)}
+                {prompt[:14]: [image] for prompt, image in zip(self.prompts, samples)}, caption=self._caption(samples)
             )
         log_images(self.trackers, images, step)
         path = Path(args.output_dir) / SAMPLES_DIR / f"step-{step}.png"
@@ -318,16 +345,47 @@ class ReconstructionGridCallback(TrainerCallback):
         self._show(args, state, model)
         if self.latest is not None:
             self.start = self.latest
+        if self.latest_samples is not None:
+            self.start_samples = self.latest_samples
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         last = state.max_steps > 0 and state.global_step >= state.max_steps
         if last or (self.every_steps and state.global_step % self.every_steps == 0):
             self._show(args, state, model)
+        if last:  # here rather than at on_train_end, where the trackers may have closed their runs
+            self._show_before_after(args, state, model)
 
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         self._show(args, state, model)
 
+    def _show_before_after(self, args, state, model) -> None:
+        """The prompts' samples at the start beside those at this step, same prompts and seed:
+        ``text_to_image_before_after.png`` and the trackers (once per step)."""
+        if not self._takes_part(state) or model is None or self.start_samples is None:
+            return
+        step = state.global_step
+        if self.before_after_step == step:
+            return
+        if self.latest_samples is None or self.latest_samples[0] != step:
+            self.latest_samples = (step, self._generate(self._sample, model))
+        self.before_after_step = step
+        if not state.is_world_process_zero:
+            return
+        (start_step, before), after = self.start_samples, self.latest_samples[1]
+        start_label = f"base (step {start_step})" if start_step == 0 else f"step {start_step}"
+        image = image_grid(
+            {start_label: before, f"trained (step {step})": after},
+            row_labels=self.prompts,
+            caption=self._caption(before, after),
+        )
+        log_images(self.trackers, {"reca/text_to_image_before_after": image}, step)
+        path = Path(args.output_dir) / TEXT_TO_IMAGE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        logger.info("Saved the text-to-image samples before and after training to %s", path)
+
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._show_before_after(args, state, model)  # a run that stopped before max_steps
         if not self._takes_part(state) or self.start is None or not self.images:
             return
         start_step, start_images = self.start
@@ -344,6 +402,26 @@ class ReconstructionGridCallback(TrainerCallback):
         path.parent.mkdir(parents=True, exist_ok=True)
         image_grid(columns).save(path)
         logger.info("Saved the reconstruction grid to %s", path)
+
+
+def same_for_every_prompt(images: list[Image.Image]) -> bool:
+    """Whether text-to-image samples of two or more prompts are one image: each differs from the first by a mean
+    absolute pixel difference below :data:`SAME_IMAGE_TOLERANCE` of the pixel range."""
+    if len(images) < 2:
+        return False
+    first = np.asarray(images[0].convert("RGB"), dtype=np.float32)
+    return all(
+        np.abs(np.asarray(image.convert("RGB").resize(images[0].size), dtype=np.float32) - first).mean()
+        < SAME_IMAGE_TOLERANCE * 255
+        for image in images[1:]
+    )
+
+
+def tiny_model_caption(model_name_or_path: str | None) -> str | None:
+    """The caption under a ``tiny:`` model's text-to-image rows: its language model is random (None for others)."""
+    if not (model_name_or_path or "").startswith(TINY_PREFIX):
+        return None
+    return f"text-to-image of {model_name_or_path}, a tiny model whose language model started random: expect noise"
 
 
 def stack_vertically(images: list[Image.Image]) -> Image.Image:
@@ -458,20 +536,51 @@ def log_images(callbacks: list, images: dict[str, Image.Image], step: int) -> li
     return reached
 
 
-def image_grid(columns: dict[str, list[Image.Image]], cell: int = 96) -> Image.Image:
-    """Lay out equally long image lists as labelled columns; an image that is not square is letterboxed in its
+ROW_LABEL_WIDTH = 120  # pixels of the row labels' column
+LINE_HEIGHT = 12
+
+
+def _wrapped(draw: ImageDraw.ImageDraw, text: str, width: int) -> list[str]:
+    """``text`` in lines of at most ``width`` pixels (a longer word keeps its own line)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def image_grid(
+    columns: dict[str, list[Image.Image]],
+    cell: int = 96,
+    *,
+    row_labels: list[str] | None = None,
+    caption: str | None = None,
+) -> Image.Image:
+    """Lay out equally long image lists as labelled columns; ``row_labels`` (wrapped) in a column on the left and
+    ``caption`` (wrapped, in dark red) under the grid when given. An image that is not square is letterboxed in its
     cell (its longer side fills the cell, centred on white)."""
     rows = len(next(iter(columns.values())))
-    header = 14
-    grid = Image.new("RGB", (cell * len(columns), header + cell * rows), (255, 255, 255))
+    header, left = 14, ROW_LABEL_WIDTH if row_labels else 0
+    width = left + cell * len(columns)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    caption_lines = _wrapped(measure, caption, width - 6) if caption else []
+    height = header + cell * rows + (LINE_HEIGHT * len(caption_lines) + 6 if caption_lines else 0)
+    grid = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
+    for r, label in enumerate(row_labels or []):
+        for n, line in enumerate(_wrapped(draw, label, left - 6)[: cell // LINE_HEIGHT]):
+            draw.text((3, header + r * cell + 3 + n * LINE_HEIGHT), line, fill=(0, 0, 0))
     for c, (label, images) in enumerate(columns.items()):
-        draw.text((c * cell + 3, 1), label, fill=(0, 0, 0))
+        draw.text((left + c * cell + 3, 1), label, fill=(0, 0, 0))
         for r, image in enumerate(images):
-            width, height = image.size
-            size = (max(1, round(cell * width / max(width, height))), max(1, round(cell * height / max(width, height))))
-            left, top = c * cell + (cell - size[0]) // 2, header + r * cell + (cell - size[1]) // 2
-            grid.paste(image.convert("RGB").resize(size, Image.Resampling.NEAREST), (left, top))
+            longest = max(image.size)
+            size = (max(1, round(cell * image.width / longest)), max(1, round(cell * image.height / longest)))
+            x, y = left + c * cell + (cell - size[0]) // 2, header + r * cell + (cell - size[1]) // 2
+            grid.paste(image.convert("RGB").resize(size, Image.Resampling.NEAREST), (x, y))
+    for n, line in enumerate(caption_lines):
+        draw.text((3, header + cell * rows + 3 + n * LINE_HEIGHT), line, fill=(150, 0, 0))
     return grid
 
 
@@ -606,10 +715,11 @@ class CollapseDetector(TrainerCallback):
       at least ``gain_threshold``. A memorising model has nothing to copy on images it has never seen; a
       copying one copies them all.
 
-    Logged with the next training log: ``collapse_score`` (0 healthy .. 1 copying: the copy rate, or the
-    condition gain) and the probe's own readings (``swap_copy_rate`` and ``swap_target_rate``, or
-    ``condition_gain``, ``swap_own_loss`` and ``swap_other_loss``). On detection it logs a warning naming
-    the cause and the fix; with ``action="stop"`` it also saves a checkpoint and ends training.
+    Logged with the next training log: the token probe's ``collapse_score`` (0 healthy .. 1 copying: the copy
+    rate), ``swap_copy_rate`` and ``swap_target_rate``; the loss probe's ``condition_gain`` (how much the model
+    uses its condition, which RecA raises: no collapse score), ``swap_own_loss`` and ``swap_other_loss``. On
+    detection it logs a warning naming the cause and the fix; with ``action="stop"`` it also saves a checkpoint
+    and ends training.
 
     In a multi-process run rank 0 probes and every rank acts on its reading (they stop at the same step); under
     FSDP and DeepSpeed, where no rank holds the whole model, every rank runs the probe (forward passes only) on
@@ -721,7 +831,7 @@ class CollapseDetector(TrainerCallback):
         """Record a probe result; returns whether collapse is detected (both signals agree)."""
         if "condition_gain" in result:
             gain = float(result["condition_gain"])
-            metrics = {"collapse_score": max(gain, 0.0), **{k: float(v) for k, v in result.items()}}
+            metrics = {k: float(v) for k, v in result.items()}  # a gain, named as such: RecA raises it
             copying = gain >= self.gain_threshold
         else:
             copy_rate, target_rate = float(result["swap_copy_rate"]), float(result["swap_target_rate"])
@@ -735,16 +845,18 @@ class CollapseDetector(TrainerCallback):
         return detected
 
     def describe(self) -> dict[str, Any] | None:
-        """What the probe's readings are, for the probe plot and the card: the logged metric, the threshold at which
-        it reads as copying, and what it measures in words (None before the first probe)."""
+        """What the probe's readings are, for the probe plot and the card: the logged metric, its plot label, the
+        threshold at which it reads as copying, and what it measures in words (None before the first probe)."""
         if not self.history:
             return None
         if "condition_gain" in self.history[-1]:
-            return {"metric": "condition_gain", "threshold": self.gain_threshold, "fired_at_step": self.fired_at_step,
+            return {"metric": "condition_gain", "label": "condition_gain: use of the condition (RecA raises it)",
+                    "threshold": self.gain_threshold, "fired_at_step": self.fired_at_step,
                     "meaning": "condition_gain: how much lower the reconstruction loss is with each image's own "
                     "condition than with another image's. It rises as the model learns to use its condition, which "
                     "is what RecA trains; it signals copying only near 1 and together with a collapsing loss."}  # fmt: skip
-        return {"metric": "swap_copy_rate", "threshold": self.copy_threshold, "fired_at_step": self.fired_at_step,
+        return {"metric": "swap_copy_rate", "label": "swap_copy_rate: share copying a swapped-in condition",
+                "threshold": self.copy_threshold, "fired_at_step": self.fired_at_step,
                 "meaning": "swap_copy_rate: the share of the predicted image tokens that follow another image's "
                 "condition swapped in, instead of the image being reconstructed. A model that copies its condition "
                 "follows the swap; one that reconstructs from its understanding does not."}  # fmt: skip

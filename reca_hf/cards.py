@@ -137,6 +137,7 @@ def render_model_card(
     datasets: list[str] | None = None,
     parameter_table: dict[str, dict[str, int]] | None = None,
     grid_file: str | None = None,
+    text_to_image_file: str | None = None,
     template: str | Path | None = None,
     lora: dict[str, Any] | None = None,
     loss_plot: str | None = None,
@@ -151,9 +152,10 @@ def render_model_card(
 
     ``lora`` (``lora_target_modules`` and ``generation_scoped``) marks a LoRA adapter: the card then uses the adapter
     template, says ``library_name: peft`` and shows how to apply the adapter instead of how to load a full model.
-    ``loss_plot``, ``probe_plot`` (with ``probe_caption`` saying what it measures) and ``grid_file`` are PNG files
-    beside the card; ``local_path`` is the run folder the usage snippet loads when there is no ``repo_id`` yet
-    (the path the run was written to, so the snippet works from where the run was started); ``eval_results`` ({benchmark: score}) become
+    ``loss_plot``, ``probe_plot`` (with ``probe_caption`` saying what it measures), ``grid_file`` and
+    ``text_to_image_file`` (the validation prompts' samples before and after training) are PNG files beside the
+    card; ``local_path`` is the run folder the usage snippet loads when there is no ``repo_id`` yet (the path the
+    run was written to, so the snippet works from where the run was started); ``eval_results`` ({benchmark: score}) become
     ``model-index`` metadata and a table. ``pipeline_tag`` is the base model's (the architecture adapter's); the
     usage section generates an image with the architecture adapter's snippet.
     """
@@ -180,6 +182,7 @@ def render_model_card(
         settings=settings,
         parameter_table=parameter_table,
         grid_file=grid_file,
+        text_to_image_file=text_to_image_file,
         loss_plot=loss_plot,
         probe_plot=probe_plot,
         probe_caption=probe_caption,

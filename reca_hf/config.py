@@ -260,7 +260,7 @@ class RecAConfig(TrainingArguments):
             Run the condition-swap probe every this many steps (and at the first log where the loss signal
             appears). The probe pairs image j's condition with image i's teacher-forced target and measures
             whether the predictions follow j (copying) or i; it logs collapse_score, swap_copy_rate and
-            swap_target_rate.
+            swap_target_rate (continuous targets: condition_gain, the use of the condition, which RecA raises).
         collapse_probe_images (`int`, *optional*, defaults to `8`):
             Number of held-out images the probe uses: the first ones of eval_dataset when there is one, else
             synthetic shapes the model has never seen (0 disables the probe, and so the detector).
@@ -718,7 +718,8 @@ class RecAConfig(TrainingArguments):
             "help": "Run the condition-swap probe every this many steps (and at the first log where the loss "
             "signal appears). The probe pairs image j's condition with image i's teacher-forced target and "
             "measures whether the predictions follow j (copying) or i; it logs collapse_score, swap_copy_rate "
-            "and swap_target_rate."
+            "and swap_target_rate (continuous targets: condition_gain, the use of the condition, which RecA "
+            "raises)."
         },
     )
     collapse_probe_images: int = field(

@@ -30,7 +30,7 @@ from huggingface_hub import ModelCard
 from transformers.trainer_utils import HubStrategy
 
 from .adapters.targets import TOKEN_KINDS
-from .callbacks import GRID_FILE
+from .callbacks import GRID_FILE, TEXT_TO_IMAGE_FILE
 from .cards import EVAL_RESULTS_FOLDER, eval_result_files, render_model_card
 
 logger = logging.getLogger(__name__)
@@ -487,14 +487,16 @@ def write_loss_plot(
 
 def write_probe_plot(log_history: list[dict[str, Any]], path: str | Path, probe: dict[str, Any]) -> Path | None:
     """Draw the collapse probe's logged readings (``probe["metric"]``) against the step, with the threshold at
-    which they read as copying and the step the detector fired; None (and no file) when no reading was logged."""
+    which they read as copying and the step the detector fired, the line labelled with what it measures
+    (``probe["label"]``); None (and no file) when no reading was logged."""
     metric = probe["metric"]
+    label = probe.get("label") or metric  # a run recorded before labels: the metric's name
     points = [(entry["step"], float(entry[metric])) for entry in log_history if metric in entry and "step" in entry]
     if not points:
         return None
     steps, values = zip(*points, strict=True)
     with _step_plot(path, "Collapse probe", metric, 3.0) as axes:
-        axes.plot(steps, values, marker="o", markersize=3, linewidth=1.4, label=metric)
+        axes.plot(steps, values, marker="o", markersize=3, linewidth=1.4, label=label)
         axes.axhline(probe["threshold"], color="red", linestyle="--", linewidth=1.0,
                      label=f"copying at {probe['threshold']:g} (with a collapsing loss)")  # fmt: skip
         if probe.get("fired_at_step") is not None:
@@ -530,7 +532,7 @@ def read_run(output_dir: str | Path, **overrides: Any) -> dict[str, Any]:
 
 def render_run_card(output_dir: str | Path, **overrides: Any) -> ModelCard:
     """The card of the run saved in ``output_dir``, from its ``reca_run.json`` (``overrides`` replace its fields,
-    e.g. ``repo_id`` or ``eval_results``); the loss plot and the grid appear when their PNGs are in the folder."""
+    e.g. ``repo_id`` or ``eval_results``); the plots and the grids appear when their PNGs are in the folder."""
     return _render(Path(output_dir), read_run(output_dir, **overrides))
 
 
@@ -546,6 +548,7 @@ def _render(folder: Path, run: dict[str, Any]) -> ModelCard:
         datasets=run.get("datasets"),
         parameter_table=run.get("parameter_table"),
         grid_file=GRID_FILE if (folder / GRID_FILE).is_file() else None,
+        text_to_image_file=TEXT_TO_IMAGE_FILE if (folder / TEXT_TO_IMAGE_FILE).is_file() else None,
         loss_plot=LOSS_PLOT_FILE if (folder / LOSS_PLOT_FILE).is_file() else None,
         probe_plot=PROBE_PLOT_FILE if (folder / PROBE_PLOT_FILE).is_file() and run.get("collapse_probe") else None,
         probe_caption=(run.get("collapse_probe") or {}).get("meaning"),
@@ -626,7 +629,7 @@ def push_run(
     check_publishable(folder)
     allow = None
     if adapter_only:
-        allow = [*ADAPTER_FILES, RUN_FILE, CARD_FILE, LOSS_PLOT_FILE, PROBE_PLOT_FILE, GRID_FILE,
+        allow = [*ADAPTER_FILES, RUN_FILE, CARD_FILE, LOSS_PLOT_FILE, PROBE_PLOT_FILE, GRID_FILE, TEXT_TO_IMAGE_FILE,
                  f"{EVAL_RESULTS_FOLDER}/*"]  # fmt: skip
     with _restored_on_failure(folder, [RUN_FILE, CARD_FILE, LOSS_PLOT_FILE, PROBE_PLOT_FILE], EVAL_RESULTS_FOLDER):
         update_run_card(folder, repo_id=repo_id, eval_results=eval_results, license=license)

@@ -13,10 +13,12 @@ Two target modes come from the architecture adapter's declarations:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,19 @@ TARGET_MODES = LORA_TARGET_MODES  # the choices of lora_target_modules, defined 
 RECA_ADAPTER_FILE = "reca_adapter.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 _TARGETS_ATTR = "reca_lora_target_modules"  # set on a PeftModel: the lora_target_modules it was built from
+# PEFT's note at every save of an adapter whose base model's config it cannot read (offline, or a 'tiny:' spec).
+PEFT_BASE_CONFIG_NOTE = r"Could not find a config file in .* - will assume that the vocabulary was not modified"
+
+
+@contextlib.contextmanager
+def peft_base_config_note(shown: bool):
+    """Inside the block, PEFT's note that it cannot read the base model's config is silenced when it was ``shown``
+    already: a run says it at its first save, not at every checkpoint and again at the final save. (Python's
+    "once" filter cannot do it: any change to the filters, as every ``catch_warnings`` makes, forgets it.)"""
+    with warnings.catch_warnings():
+        if shown:
+            warnings.filterwarnings("ignore", message=PEFT_BASE_CONFIG_NOTE, category=UserWarning, module=r"peft\.")
+        yield
 
 
 # ---- target selection ---------------------------------------------------------------------------

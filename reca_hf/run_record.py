@@ -24,7 +24,7 @@ from .cards import known_base_model
 from .collator import resolve_dropout
 from .hub import write_run_card
 from .loading import is_hub_id, save_module_config
-from .lora import lora_record, write_reca_adapter_file
+from .lora import lora_record, peft_base_config_note, write_reca_adapter_file
 
 FREEZE_TABLE_FILE = "reca_parameters.json"
 
@@ -34,7 +34,9 @@ class RunRecordMixin:
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         self._check_finite_weights()
-        super().save_model(output_dir, _internal_call)
+        with peft_base_config_note(shown=getattr(self, "_saved_before", False)):  # PEFT's note at the first save only
+            super().save_model(output_dir, _internal_call)
+        self._saved_before = True
         if self.args.should_save:
             folder = Path(output_dir or self.args.output_dir)
             run = self.run_record()

@@ -1,5 +1,5 @@
 """Run by tests/test_distributed.py on 2 CPU processes (torchrun, gloo): the collapse probes and the reconstruction
-grid's generation on a model sharded with FSDP2 (``fully_shard``, as accelerate's fsdp2 config wraps it: each
+grid's generation (reconstructions and text-to-image samples) on a model sharded with FSDP2 (``fully_shard``, as accelerate's fsdp2 config wraps it: each
 ``_no_split_modules`` block, then the root), through :func:`reca_hf.sharding.forward_only` on every rank, and the
 probes on the same blocks wrapped with FSDP1 (FullyShardedDataParallel). Each rank
 writes what it read, next to the same readings of the unsharded model, to ``OUT/rank<N>.json``."""
@@ -64,6 +64,8 @@ def readings(arch: str, images: list) -> dict:
             result["token_probe"] = swap_probe(adapter, model, images, views)
             pictures = adapter.reconstruct(images[:2], model=model, views=views, seed=0)
             result["grid"] = [np.asarray(picture).astype(float).mean() for picture in pictures]
+            samples = adapter.text_to_image(["a red circle"], model=model, seed=0, do_sample=False)  # the before/after
+            result["text_to_image"] = [np.asarray(picture).astype(float).mean() for picture in samples]
         return result
 
     batch = adapter.prepare([views.condition_view(i) for i in images], [views.target_view(i) for i in images],

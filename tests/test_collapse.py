@@ -229,3 +229,32 @@ def test_the_detector_is_never_switched_off_silently(make_args, tiny_janus, shap
         detector.on_step_end(None, state, control, model=None)
     skipped = [r for r in caplog.records if r.getMessage().startswith("Collapse probe skipped at step 1")]
     assert len({id(record) for record in skipped}) == 1 and detector.history == []  # said once, at WARNING
+
+
+def test_a_loss_probe_reading_is_named_for_what_it_measures(tmp_path, monkeypatch):
+    """A flow or diffusion model's probe reading rises as RecA works (the model uses its condition): it is logged,
+    plotted and described as condition_gain, never as a collapse score that reads like an alarm."""
+    import contextlib
+
+    import reca_hf.hub as hub
+
+    detector = CollapseDetector(probe=lambda model: {}, uniform_loss=1.0)
+    healthy = {"condition_gain": 0.36, "swap_own_loss": 0.64, "swap_other_loss": 1.0}
+    assert not detector.observe_probe(200, healthy)
+    assert detector.pop_metrics() == healthy  # no collapse_score beside it
+    described = detector.describe()
+    assert described["metric"] == "condition_gain" and "use of the condition" in described["label"]
+    labels, plot = [], hub._step_plot
+
+    @contextlib.contextmanager
+    def recording(*args):
+        with plot(*args) as axes:
+            yield axes
+            labels.extend(axes.get_legend_handles_labels()[1])
+
+    monkeypatch.setattr(hub, "_step_plot", recording)
+    assert hub.write_probe_plot([{"step": 200, **healthy}], tmp_path / "probe.png", described).is_file()
+    assert labels[0] == "condition_gain: use of the condition (RecA raises it)"  # the line says what it measures
+    token = CollapseDetector(probe=lambda model: HEALTHY)
+    token.observe_probe(200, HEALTHY)
+    assert token.pop_metrics()["collapse_score"] == 0.03 and "copying" in token.describe()["label"]

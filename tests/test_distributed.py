@@ -244,7 +244,7 @@ def test_the_detector_fires_and_every_rank_stops_together_in_a_two_process_run(t
         assert [(r["fired_at_step"], r["global_step"]) for r in ranks] == [(2, 2), (2, 2)], mode
         assert ranks[0]["history"] == ranks[1]["history"]  # one reading on both ranks
         (logged,) = ranks[0]["logged"]  # the probe's readings ride on one regular log
-        assert logged["step"] == 2 and {"collapse_score", "swap_own_loss", "swap_other_loss"} <= set(logged)
+        assert logged["step"] == 2 and {"condition_gain", "swap_own_loss", "swap_other_loss"} <= set(logged)
 
 
 @pytest.mark.slow
@@ -265,7 +265,7 @@ def test_the_probes_and_the_grid_run_on_an_fsdp2_sharded_model_on_every_rank(tmp
         assert result["sharded"] == result["whole"], arch
         assert result["left_whole"] == [], arch
         assert result["losses"][1] == pytest.approx(result["losses"][0], rel=1e-6) and result["same_gradients"], arch
-    assert set(ranks[0]["janus"]["sharded"]) == {"loss_probe", "token_probe", "grid"}
+    assert set(ranks[0]["janus"]["sharded"]) == {"loss_probe", "token_probe", "grid", "text_to_image"}
 
 
 @pytest.mark.slow

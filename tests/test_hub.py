@@ -230,7 +230,8 @@ def test_the_token_is_in_no_file_and_no_log(hub, make_args, shapes, tmp_path, ca
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
 def test_reca_push_full_and_adapter_only(hub, make_args, shapes, tmp_path, capsys):
-    trainer = _trainer(make_args, shapes, push_to_hub=False, use_peft=True, base_model_id="org/base-model")
+    trainer = _trainer(make_args, shapes, push_to_hub=False, use_peft=True, base_model_id="org/base-model",
+                       validation_prompts=["a red circle", "a blue square"])  # fmt: skip
     trainer.train()
     trainer.save_model()
     trainer.save_state()
@@ -240,9 +241,8 @@ def test_reca_push_full_and_adapter_only(hub, make_args, shapes, tmp_path, capsy
     main(["push", str(out), "--repo-id", "loopback-user/full", "--private", "--eval-results", '{"DPGBench": 84.2}'])
     assert "Pushed" in capsys.readouterr().out and hub.repo("loopback-user/full").private
     full = hub.files("loopback-user/full")
-    assert {"adapter_model.safetensors", "processor_config.json", "training_args.bin", "trainer_state.json"} <= set(
-        full
-    )
+    assert {"adapter_model.safetensors", "processor_config.json", "training_args.bin", "trainer_state.json",
+            "text_to_image_before_after.png"} <= set(full)  # fmt: skip
     card = full["README.md"].decode()
     assert "| DPGBench | 84.2 |" in card and "loopback-user/full" in card and "library_name: peft" in card
     assert json.loads((out / "reca_run.json").read_text())["eval_results"] == {"DPGBench": 84.2}
@@ -250,7 +250,7 @@ def test_reca_push_full_and_adapter_only(hub, make_args, shapes, tmp_path, capsy
     main(["push", str(out), "--repo-id", "loopback-user/adapter", "--adapter-only"])
     assert set(hub.files("loopback-user/adapter")) == {
         ".gitattributes", "adapter_model.safetensors", "adapter_config.json", "reca_adapter.json", "reca_run.json",
-        "README.md", "training_loss.png",
+        "README.md", "training_loss.png", "text_to_image_before_after.png",
     }  # fmt: skip
 
     config = json.loads((out / "adapter_config.json").read_text())

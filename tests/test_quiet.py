@@ -1,5 +1,5 @@
-"""Quiet by default: reca_hf's log lines under its own name, no pin_memory warning on the CPU, and an error that
-starts on its own line even when a progress bar was running."""
+"""Quiet by default: reca_hf's log lines under its own name, no pin_memory warning on the CPU, PEFT's note on a base
+config it cannot read once per run, and an error that starts on its own line even when a progress bar was running."""
 
 import logging
 import warnings
@@ -42,3 +42,16 @@ def test_an_error_closes_the_progress_bars_first():
         main(["train", "--model_name_or_path", "tiny:nosuch", "--dataset_name", "synthetic_shapes", "--report_to",
               "none", "--output_dir", "/tmp/reca-quiet-test"])  # fmt: skip
     assert bar.disable or bar not in getattr(tqdm, "_instances", ())
+
+
+def test_peft_says_it_cannot_read_the_base_config_once_per_run(make_args, shapes):
+    """PEFT notes at every save of an adapter whose base config it cannot read (here a 'tiny:' spec) that it
+    assumes an unchanged vocabulary: two checkpoints and the final save said it three times, now once."""
+    args = make_args(collapse_action="off", max_steps=4, use_peft=True, save_strategy="steps", save_steps=2)
+    trainer = RecATrainer("tiny:janus", args=args, train_dataset=shapes)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+        trainer.save_model()
+    notes = [w for w in caught if "Could not find a config file in tiny:janus" in str(w.message)]
+    assert len(notes) == 1

@@ -1,6 +1,6 @@
 """The reconstruction grid and validation samples while training: in TensorBoard (read back from its event
 file) and in output_dir/samples/step-N.png, at the start, every reconstruction_steps, at evaluations and at the
-end; the dispatcher to the other trackers."""
+end, with the prompts' samples before and after training at the end; the dispatcher to the other trackers."""
 
 import struct
 from pathlib import Path
@@ -61,9 +61,11 @@ def test_tensorboard_gets_the_grid_and_samples_at_every_expected_step(make_args,
     run = Path(args.output_dir)
     expected = [0, 4, 5, 6]  # the start, reconstruction_steps, the evaluation at step 5, the last step
     images = read_images(run)
-    assert sorted(images) == ["reca/reconstructions", "reca/text_to_image"]
+    assert sorted(images) == ["reca/reconstructions", "reca/text_to_image", "reca/text_to_image_before_after"]
     assert sorted(images["reca/reconstructions"]) == expected
     assert sorted(images["reca/text_to_image"]) == expected
+    assert sorted(images["reca/text_to_image_before_after"]) == [6]  # the last step: the prompts at step 0 and 6
+    assert Image.open(run / "text_to_image_before_after.png").size == images["reca/text_to_image_before_after"][6].size
     grid = images["reca/reconstructions"][4]
     assert grid.size == (4 * 96, 14 + 3 * 96)  # input | condition | tokenizer | step 4, one row per eval image
     input_cell = np.asarray(grid.crop((0, 14, 96, 110)).resize((32, 32), Image.Resampling.NEAREST))
@@ -71,7 +73,8 @@ def test_tensorboard_gets_the_grid_and_samples_at_every_expected_step(make_args,
     assert images["reca/text_to_image"][0].size == (2 * 96, 14 + 96)  # one column per prompt
     files = sorted(p.name for p in (run / "samples").iterdir())
     assert files == [f"step-{step}.png" for step in expected]
-    assert Image.open(run / "samples" / "step-4.png").height == grid.height + 14 + 96
+    samples = images["reca/text_to_image"][4]  # 14 + 96 high, and a caption's lines when one image came for both
+    assert Image.open(run / "samples" / "step-4.png").height == grid.height + samples.height
     assert (run / "reconstructions.png").is_file()
 
 
