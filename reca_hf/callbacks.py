@@ -717,7 +717,8 @@ class CollapseDetector(TrainerCallback):
 
     Logged with the next training log: the token probe's ``collapse_score`` (0 healthy .. 1 copying: the copy
     rate), ``swap_copy_rate`` and ``swap_target_rate``; the loss probe's ``condition_gain`` (how much the model
-    uses its condition, which RecA raises: no collapse score), ``swap_own_loss`` and ``swap_other_loss``. On
+    uses its condition, which RecA raises; also logged as ``collapse_score``, its older name, for dashboards that
+    read it), ``swap_own_loss`` and ``swap_other_loss``. On
     detection it logs a warning naming the cause and the fix; with ``action="stop"`` it also saves a checkpoint
     and ends training.
 
@@ -831,7 +832,9 @@ class CollapseDetector(TrainerCallback):
         """Record a probe result; returns whether collapse is detected (both signals agree)."""
         if "condition_gain" in result:
             gain = float(result["condition_gain"])
-            metrics = {k: float(v) for k, v in result.items()}  # a gain, named as such: RecA raises it
+            # Named for what it measures (RecA raises it); collapse_score, its 0.x name (max(gain, 0)), is still logged
+            # for the dashboards and scripts that read it, but the plot and the card show condition_gain.
+            metrics = {"collapse_score": max(gain, 0.0), **{k: float(v) for k, v in result.items()}}
             copying = gain >= self.gain_threshold
         else:
             copy_rate, target_rate = float(result["swap_copy_rate"]), float(result["swap_target_rate"])

@@ -244,7 +244,7 @@ def test_the_detector_fires_and_every_rank_stops_together_in_a_two_process_run(t
         assert [(r["fired_at_step"], r["global_step"]) for r in ranks] == [(2, 2), (2, 2)], mode
         assert ranks[0]["history"] == ranks[1]["history"]  # one reading on both ranks
         (logged,) = ranks[0]["logged"]  # the probe's readings ride on one regular log
-        assert logged["step"] == 2 and {"condition_gain", "swap_own_loss", "swap_other_loss"} <= set(logged)
+        assert logged["step"] == 2 and {"collapse_score", "condition_gain", "swap_own_loss", "swap_other_loss"} <= set(logged)
 
 
 @pytest.mark.slow
