@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
+
+from .images import BadImageError, decode_image
+
+logger = logging.getLogger(__name__)
 
 SYNTHETIC = "synthetic_shapes"
 SOURCE_KEY = "__reca_source__"  # the name of the dataset a row comes from: train, i2t, t2i or eval
@@ -306,3 +311,29 @@ def find_bad_images(dataset, image_column: str = "image", max_pixels: int | None
             file = source_file(value)
             problems.append(f"row {row}{f' (file {file})' if file else ''}: {type(error).__name__}: {error}")
     return problems
+
+
+def first_good_images(dataset, column: str, count: int, name: str, args) -> list[Image.Image]:
+    """The first ``count`` images of ``dataset`` (map-style or a stream), decoded as the collator decodes them:
+    a bad one stops with the dataset, row and file named (``bad_image_policy: error``) or is passed over with a
+    warning (``skip``), so the grid and the probe never meet an undecodable image later."""
+    dataset = undecoded(dataset, column)  # decoded here, not by datasets (whose errors name no row)
+    rows = iter(dataset) if isinstance(dataset, IterableDataset) else (
+        dataset[i] for i in range(len(dataset))
+    )  # fmt: skip
+    images = []
+    for number, row in enumerate(rows):
+        if len(images) == count:
+            break
+        try:
+            images.append(decode_image(row[column], f"{name} dataset row {number}", column, args.max_image_pixels))
+        except BadImageError as error:
+            if args.bad_image_policy != "skip":
+                raise
+            logger.warning("Skipped a bad image for the reconstruction grid and the probe: %s", error)
+    return images
+
+
+def has_rows(dataset) -> bool:
+    """A dataset with a length and at least one row (iterable datasets have no rows to pick)."""
+    return dataset is not None and hasattr(dataset, "__len__") and len(dataset) > 0

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+ShardedForward = Callable[[Callable[[torch.nn.Module], Any]], Any]  # runs function(model) on every rank together
+
 
 @contextmanager
 def whole_parameters(model: torch.nn.Module) -> Iterator[None]:

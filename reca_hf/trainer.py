@@ -419,11 +419,6 @@ def _plain_config_tolerated(model: torch.nn.Module):
         transformers.trainer.align_special_tokens = align
 
 
-def _has_rows(dataset) -> bool:
-    """A dataset with a length and at least one row (iterable datasets have no rows to pick)."""
-    return dataset is not None and hasattr(dataset, "__len__") and len(dataset) > 0
-
-
 LOG_HANDLER = "reca_hf"  # the name of the stderr handler reca_hf's log lines go through
 
 
